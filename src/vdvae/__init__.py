@@ -1,0 +1,5 @@
+"""vdvae: Very Deep VAEs (Child 2020) with PyTorch Lightning and Hydra."""
+
+from vdvae.model import ELBO, VAE
+
+__all__ = ["ELBO", "VAE"]
