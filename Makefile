@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch and torchvision are pinned to a pair that installs together; override TORCH for another build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint
+.PHONY: install test lint train fashion-mnist
 
 install: $(VENV)/.installed
 
@@ -19,3 +19,15 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests *.py
+
+# The quick start: a small VDVAE on Fashion-MNIST (~15 minutes on 2 CPU cores).
+train: install fashion-mnist
+	$(PY) train.py
+
+# Debian's dataset-fashion-mnist package, where apt is available and we are root; otherwise the
+# data module finds the files in data/ or downloads them.
+fashion-mnist:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) \
+			|| echo "could not install dataset-fashion-mnist; the data module will look in data/fashion_mnist"; \
+	fi

@@ -5,21 +5,29 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from vdvae import VAE
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def model_config(name: str, *overrides: str):
-    """The model preset `name` composed from conf/model, with `key=value` overrides."""
+def compose_config(*overrides: str, config_name: str | None = None):
+    """A config composed from conf/ (train.yaml if `config_name="train"`) with Hydra overrides."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose(config_name=None, overrides=[f"+model={name}", *[f"model.{o}" for o in overrides]]).model
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=config_name is not None)
 
 
-def build_model(name: str, *overrides: str):
-    return instantiate(model_config(name, *overrides))
+def model_config(name: str, *overrides: str):
+    """The model preset `name` (a VDVAEModule config), with `key=value` overrides of its `vae` values."""
+    return compose_config(f"+model={name}", *[f"model.vae.{o}" for o in overrides]).model
+
+
+def build_model(name: str, *overrides: str) -> VAE:
+    """The VAE of preset `name`."""
+    return VAE(**OmegaConf.to_container(model_config(name, *overrides).vae))
 
 
 def perturb_(model, scale=0.05, seed=0):

@@ -3,12 +3,14 @@ independent Monte-Carlo computation, gradients, training, sampling, encode/decod
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from tests.conftest import DATA, build_model, model_config, perturb_, random_batch
-from vdvae import VAE
+from vdvae import VAE, VDVAEModule
 from vdvae.original import convert_state_dict, load_original
 
 LAYOUT = json.loads((DATA / "original_layout.json").read_text())
@@ -219,12 +221,11 @@ def test_bernoulli_model():
     assert set(model.sample(3).unique().tolist()) <= {0, 255}
 
 
-def test_every_model_preset_composes():
-    from pathlib import Path
-
+def test_every_model_preset_instantiates_as_a_lightning_module():
     names = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "model").glob("*.yaml"))
-    assert {"cifar10", "ffhq1024", "tiny", "vae"} <= set(names)
+    assert {"cifar10", "ffhq1024", "tiny", "vae", "vdvae"} <= set(names)
     for name in names:
-        cfg = model_config(name)
         with torch.device("meta"):
-            assert isinstance(build_model(name), VAE), cfg
+            module = instantiate(model_config(name))
+        assert isinstance(module, VDVAEModule) and isinstance(module.vae, VAE), name
+        assert isinstance(module.hparams.vae, dict)  # plain values: loadable without Hydra

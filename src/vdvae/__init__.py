@@ -1,5 +1,6 @@
 """vdvae: Very Deep VAEs (Child 2020) with PyTorch Lightning and Hydra."""
 
+from vdvae.lit_module import VDVAEModule
 from vdvae.model import ELBO, VAE
 
-__all__ = ["ELBO", "VAE"]
+__all__ = ["ELBO", "VAE", "VDVAEModule"]

@@ -66,4 +66,3 @@ def load_original(model: VAE, original: dict) -> VAE:
     """Load an original state dict into `model` in place and return it."""
     model.load_state_dict(convert_state_dict(original, model))
     return model
-

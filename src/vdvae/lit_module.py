@@ -1,0 +1,190 @@
+"""The LightningModule: a VAE trained on its ELBO with the VDVAE recipe.
+
+AdamW with linear warm-up; the global gradient norm (after the multi-device average, before
+clipping) decides whether an update is skipped: on a non-finite loss on any rank, or a norm at or
+above `skip_threshold`, neither the weights nor the EMA move. Skips are counted and logged, and a
+run that keeps skipping warns and then stops with a message instead of stalling silently.
+Validation, test and sampling use the EMA weights.
+"""
+
+import copy
+import logging
+import random
+
+import numpy as np
+import torch
+from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+
+from vdvae.metrics import ELBOMetric
+from vdvae.model import VAE
+
+log = logging.getLogger(__name__)
+
+
+class VDVAEModule(LightningModule):
+    def __init__(
+        self,
+        vae: dict,
+        lr: float = 2e-4,
+        betas: tuple = (0.9, 0.9),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        grad_clip: float = 200.0,
+        skip_threshold: float = 400.0,
+        ema_decay: float = 0.9999,
+        skip_warn_after: int = 20,
+        max_consecutive_skips: int = 200,
+        compile: bool = False,
+        eval_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # the skip decision sits between backward and step
+        self.vae = VAE(**vae)
+        self.ema = copy.deepcopy(self.vae).requires_grad_(False)
+        self.register_buffer("attempted_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("consecutive_skips", torch.zeros((), dtype=torch.long))
+        self.val_elbo = ELBOMetric(self.vae.n_groups)
+        self.test_elbo = ELBOMetric(self.vae.n_groups)
+        self.stall_message = None
+        self._restored_rng = None
+        self.last_kl_per_group = {}  # stage -> (groups,) nats per image, for plots
+
+    def configure_model(self):
+        if self.hparams.compile:
+            self.vae.compile()
+
+    def configure_optimizers(self):
+        h = self.hparams
+        optimizer = torch.optim.AdamW(
+            self.vae.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay
+        )
+        warmup = max(h.warmup_steps, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def training_step(self, batch, batch_idx):
+        x, target = batch
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        out = self.vae(x, target)
+        loss = out.loss.mean()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.hparams.grad_clip)
+        nonfinite = self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False)
+        skip = nonfinite or not torch.isfinite(grad_norm).item() or grad_norm.item() >= self.hparams.skip_threshold
+        self.attempted_steps += 1
+        if skip:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            self._check_stall(grad_norm.item())
+        else:
+            optimizer.step()
+            self.consecutive_skips.zero_()
+            self._update_ema()
+        schedule.step()
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/bpd": out.bpd.mean(),
+                "train/distortion": out.distortion.mean(),
+                "train/rate": out.rate.mean(),
+                "train/grad_norm": grad_norm,
+                "train/skipped": float(skip),
+                "train/skipped_total": self.skipped_steps.float(),
+                "train/skip_rate": self.skipped_steps.float() / self.attempted_steps,
+            },
+            prog_bar=False,
+            on_step=True,
+            on_epoch=False,
+        )
+        self.log("train/bpd_avg", out.bpd.mean(), prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    @torch.no_grad()
+    def _update_ema(self):
+        ema, online = list(self.ema.parameters()), list(self.vae.parameters())
+        torch._foreach_lerp_(ema, online, 1.0 - self.hparams.ema_decay)
+
+    def _check_stall(self, grad_norm):
+        n, h = int(self.consecutive_skips), self.hparams
+        if n == h.skip_warn_after:
+            rank_zero_warn(
+                f"{n} consecutive updates skipped (grad norm {grad_norm:.1f} vs model.skip_threshold="
+                f"{h.skip_threshold}); training makes no progress while this lasts"
+            )
+        if n >= h.max_consecutive_skips:
+            self.stall_message = (
+                f"stopped: {n} consecutive updates were skipped (last grad norm {grad_norm:.1f}, "
+                f"model.skip_threshold={h.skip_threshold}). Raise model.skip_threshold, lower model.lr, or resume "
+                f"from an earlier checkpoint; model.max_consecutive_skips={h.max_consecutive_skips} sets this limit."
+            )
+            log.error(self.stall_message)
+            self.trainer.should_stop = True
+
+    def _evaluate(self, batch, batch_idx, metric):
+        x, target = batch
+        # Evaluation noise is fixed per batch and does not disturb the training RNG stream.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.hparams.eval_seed + batch_idx)
+            metric.update(self.ema(x, target))
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, batch_idx, self.val_elbo)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, batch_idx, self.test_elbo)
+
+    def _log_epoch(self, stage, metric):
+        values = metric.compute()
+        metric.reset()
+        kl = values.pop("kl_per_group").reshape(-1)  # torchmetrics squeezes a one-group vector
+        self.last_kl_per_group[stage] = kl.float().cpu()
+        self.log(f"{stage}/bpd", values.pop("bpd").float(), prog_bar=True)
+        scalars = {f"{stage}/{k}": v.float() for k, v in values.items()}
+        scalars.update({f"{stage}/kl/group_{t:02d}": v.float() for t, v in enumerate(kl)})
+        self.log_dict(scalars)
+
+    def on_validation_epoch_end(self):
+        self._log_epoch("val", self.val_elbo)
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test", self.test_elbo)
+
+    # Exact resume: the RNG state of every rank travels with the checkpoint.
+    def on_save_checkpoint(self, checkpoint):
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)  # weights-only safe
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": numpy_state,
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, checkpoint):
+        self._restored_rng = checkpoint.get("rng_states")
+
+    def on_train_start(self):
+        states = self._restored_rng
+        if states and len(states) == self.trainer.world_size:
+            state = states[self.global_rank]
+            torch.set_rng_state(state["torch"])
+            name, keys, pos, has_gauss, gauss = state["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(state["python"])
+            if state["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+        elif self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)  # distinct noise on every rank
+        self._restored_rng = None

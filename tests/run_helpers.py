@@ -1,0 +1,47 @@
+"""Run train.py's recipe in-process (composed with Hydra's compose API) or as a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from tests.conftest import ROOT, compose_config
+from vdvae.train import train
+
+# A tiny model on scikit-learn's digits: seconds per run.
+TINY_RUN = [
+    "model=tiny",
+    "data=digits",
+    "trainer=cpu",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "data.batch_size=50",
+    "model.warmup_steps=5",
+    "model.lr=3e-3",
+    "model.ema_decay=0.9",
+]
+
+
+def run_in_process(out: Path, *overrides: str):
+    """Compose train.yaml with `overrides`, with the run directory `out`, and run the recipe."""
+    cfg = compose_config(*overrides, f"hydra.run.dir={out}", config_name="train")
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.job.name = "train"
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as under @hydra.main, the job's config has no hydra node
+    out.mkdir(parents=True, exist_ok=True)
+    return train(cfg), cfg
+
+
+def run_script(*args: str, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """python train.py *args, from the repository root, W&B offline."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )

@@ -1,0 +1,110 @@
+"""Every config option composes, and instantiates (big models on the meta device)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF, compose_config
+from vdvae import VDVAEModule
+from vdvae.data import ImageDataModule
+
+OUT = ["hydra.run.dir=/tmp/unused", "hydra.runtime.output_dir=/tmp/unused"]
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose(*overrides):
+    cfg = compose_config(*overrides, config_name="train")
+    cfg.hydra.runtime.output_dir = "/tmp/unused"
+    cfg.hydra.runtime.cwd = str(Path.cwd())
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_default_is_the_quick_start():
+    cfg = compose()
+    assert cfg.model.vae.image_size == cfg.data.image_size == 28 and cfg.data._target_.endswith(
+        "FashionMNISTDataModule"
+    )
+    assert cfg.trainer.max_steps == 2000 and "wandb" in cfg.logger
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiments_compose_consistently(name):
+    from vdvae.train import check_config
+
+    cfg = compose(f"experiment={name}")
+    check_config(cfg)
+    with torch.device("meta"):
+        assert isinstance(instantiate(cfg.model), VDVAEModule)
+    assert isinstance(instantiate(cfg.data), ImageDataModule)
+
+
+def test_paper_run_uses_the_paper_hyperparameters():
+    cfg = compose("model=vdvae", "data=cifar10")
+    assert (cfg.model.lr, cfg.model.ema_decay, cfg.model.grad_clip, cfg.model.skip_threshold) == (
+        2e-4,
+        0.9999,
+        200,
+        400,
+    )
+    assert tuple(cfg.model.betas) == (0.9, 0.9) and cfg.model.weight_decay == 0.01 and cfg.model.warmup_steps == 100
+    assert cfg.data.batch_size == 16 and cfg.data.shift == -120.63838 and cfg.trainer.max_steps == 1100000
+    assert cfg.model.vae.width == 384
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_options_instantiate(name):
+    assert isinstance(instantiate(compose(f"data={name}").data), ImageDataModule)
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_options(name):
+    cfg = compose(f"trainer={name}")
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        assert get_class(cfg.trainer._target_) and cfg.trainer.strategy in ("auto", "ddp")
+        return
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.num_devices >= 1
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_logger_options(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose(f"logger={name}", f"hydra.runtime.output_dir={tmp_path}")
+    cfg.paths.output_dir = str(tmp_path)
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    assert loggers
+
+
+@pytest.mark.parametrize("name", options("callbacks"))
+def test_callback_options(name):
+    cfg = compose(f"callbacks={name}")
+    for c in (cfg.get("callbacks") or {}).values():
+        instantiate(c)
+
+
+@pytest.mark.parametrize("name", options("debug"))
+def test_debug_options(name):
+    instantiate(compose(f"debug={name}").trainer, logger=False)
+
+
+@pytest.mark.parametrize("launcher,target", [("local", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
+def test_sweep_launchers(launcher, target):
+    cfg = compose(f"hydra/launcher={launcher}", "trainer=ddp", "trainer.devices=4")
+    assert cfg.hydra.launcher._target_.endswith(target)
+    get_class(cfg.hydra.launcher._target_)
+    if launcher == "slurm":
+        assert OmegaConf.select(cfg, "hydra.launcher.tasks_per_node") == 4
+
+
+def test_unknown_option_names_it():
+    with pytest.raises(Exception, match="nonsense"):
+        compose("model.nonsense=1")

@@ -1,0 +1,115 @@
+"""train.py as a user runs it (subprocesses): 2-process CPU DDP, a 2-job multirun with W&B, the
+config errors that must stop before any output, and SIGTERM saving a checkpoint."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.run_helpers import TINY_RUN, run_script
+
+
+def test_two_process_ddp_keeps_ranks_identical_and_tests_every_image_once(tmp_path):
+    probe = f"+callbacks.probe._target_=tests.ddp_probe.RankProbe +callbacks.probe.dirpath={tmp_path / 'probe'}"
+    result = run_script(
+        *TINY_RUN,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=2",
+        "data.batch_size=25",
+        *probe.split(),
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2 and ranks[0]["steps"] > 0
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"] and ranks[0]["ema_sum"] == ranks[1]["ema_sum"]
+    # 297 test images: 149 + 148, none padded or dropped, and the metric counts each once.
+    assert sorted(r["test_images_seen"] for r in ranks) == [148, 149]
+    assert ranks[0]["test_n_images"] == 297
+
+
+def test_multirun_makes_one_run_dir_and_one_wandb_run_per_job(tmp_path):
+    result = run_script(
+        "-m",
+        *[o for o in TINY_RUN if not o.startswith("logger=")],
+        "logger=wandb",
+        "seed=1,2",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=1",
+        "test=false",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0", "1"]
+    runs = [list((tmp_path / j / "wandb").glob("offline-run-*")) for j in jobs]
+    assert [len(r) for r in runs] == [1, 1] and runs[0][0].name != runs[1][0].name
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["model.vae.nonsense=3"], "nonsense"),
+        (["model=tiny", "data=fashion_mnist"], "model.vae.image_size=8 does not match data.image_size=28"),
+        (
+            ["model=tiny", "data=digits", "data.binarize=true"],
+            "data.binarize=True needs model.vae.likelihood=bernoulli",
+        ),
+        (
+            [
+                "model=tiny",
+                "data=cifar10",
+                "model.vae.image_size=32",
+                "model.vae.image_channels=3",
+                "model.vae.enc_blocks='32x1,32d4,8d8,1x1'",
+                "model.vae.dec_blocks='1x1,8m1,32m8'",
+                "data.download=false",
+                "data.root=/nonexistent",
+            ],
+            "cifar10: no data found",
+        ),
+    ],
+)
+def test_config_and_data_errors_are_clear_and_leave_nothing(tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    result = run_script(*args, "logger=csv", f"hydra.run.dir={run_dir}")
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not run_dir.exists()
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            *TINY_RUN,
+            "trainer.max_epochs=1000",
+            "test=false",
+            "trainer.check_val_every_n_epoch=1000",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (run_dir / "csv").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # well into training
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file(), stderr[-2000:]
+    import torch
+
+    assert torch.load(last, weights_only=False)["global_step"] > 0
+    assert not list((run_dir / "checkpoints").glob(".*tmp*"))

@@ -1,0 +1,177 @@
+"""Training end to end: a short run improves, resume is exact, bad updates are skipped and counted,
+a run that skips forever stops with a message, options (bf16, debug presets) run."""
+
+import math
+
+import pytest
+import torch
+from lightning import Trainer
+from torch.utils.data import DataLoader
+
+from tests.conftest import build_model
+from tests.run_helpers import TINY_RUN, run_in_process
+from vdvae import VDVAEModule
+
+TINY_VAE = dict(
+    image_size=8,
+    image_channels=1,
+    width=16,
+    zdim=4,
+    enc_blocks="8x1,8d2,4x1,4d4,1x1",
+    dec_blocks="1x1,4m1,4x1,8m4,8x1",
+    num_mixtures=3,
+)
+
+
+def val_bpd(run_dir):
+    import csv
+
+    rows = list(csv.DictReader(open(next(run_dir.glob("csv/version_*/metrics.csv")))))
+    return [float(r["val/bpd"]) for r in rows if r.get("val/bpd")]
+
+
+def test_short_run_reduces_val_bpd_and_writes_outputs(tmp_path):
+    metric, _ = run_in_process(tmp_path, *TINY_RUN, "trainer.max_epochs=4")
+    bpd = val_bpd(tmp_path)
+    assert len(bpd) == 4  # one per epoch
+    assert bpd[-1] < bpd[0] - 0.3, bpd
+    assert metric == pytest.approx(bpd[-1], rel=1e-5)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    images = {p.name.split("_step")[0] for p in (tmp_path / "images").glob("*.png")}
+    assert {"test_samples_t1", "test_samples_t0", "test_reconstructions", "test_rate_per_group"} <= images
+
+
+def test_resume_is_exact(tmp_path):
+    run_in_process(tmp_path / "full", *TINY_RUN, "trainer.max_epochs=3", "test=false")
+    run_in_process(tmp_path / "part", *TINY_RUN, "trainer.max_epochs=1", "test=false")
+    run_in_process(
+        tmp_path / "resumed",
+        *TINY_RUN,
+        "trainer.max_epochs=3",
+        "test=false",
+        f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}",
+    )
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert full["global_step"] == resumed["global_step"] > 0
+    for key, value in full["state_dict"].items():  # weights, EMA and counters
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    for a, b in zip(
+        full["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values(), strict=True
+    ):
+        assert torch.equal(a["exp_avg"], b["exp_avg"])
+    assert full["lr_schedulers"] == resumed["lr_schedulers"]
+    assert val_bpd(tmp_path / "full")[-1] == val_bpd(tmp_path / "resumed")[-1]
+
+
+class Snapshots:
+    """Copies of the weights and EMA before every training step."""
+
+    def __init__(self):
+        self.before = []
+
+    def __call__(self, module):
+        self.before.append(
+            (
+                [p.detach().clone() for p in module.vae.parameters()],
+                [p.detach().clone() for p in module.ema.parameters()],
+            )
+        )
+
+
+def fit_on_batches(module, batches, **trainer_kwargs):
+    snapshots = Snapshots()
+    module.on_train_batch_start = lambda batch, idx: snapshots(module)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    snapshots(module)
+    return snapshots.before
+
+
+def test_nan_and_huge_gradient_batches_are_skipped_and_counted():
+    torch.manual_seed(0)
+    module = VDVAEModule(TINY_VAE, warmup_steps=1, lr=1e-3, skip_threshold=1e4, ema_decay=0.5)
+    x = torch.randint(0, 256, (4, 1, 8, 8)).float()
+    good = ((x - 127.5) / 127.5, (x - 127.5) / 127.5)
+    nan = (good[0].clone().fill_(float("nan")), good[1])
+    huge = (good[0] * 1e6, good[1])  # inputs a million times too large: a gradient far above the threshold
+    states = fit_on_batches(module, [good, nan, good, huge, good])
+    assert int(module.skipped_steps) == 2 and int(module.attempted_steps) == 5
+    moved = [not all(torch.equal(a, b) for a, b in zip(states[i][0], states[i + 1][0], strict=True)) for i in range(5)]
+    ema_moved = [
+        not all(torch.equal(a, b) for a, b in zip(states[i][1], states[i + 1][1], strict=True)) for i in range(5)
+    ]
+    # Step 0 has lr 0 (warm-up) but the EMA still moves towards the (unchanged) weights only once they differ.
+    assert moved[1:] == [False, True, False, True]
+    assert ema_moved[1] is False and ema_moved[3] is False and ema_moved[2] and ema_moved[4]
+
+
+def test_a_run_that_skips_every_update_stops_with_a_message(tmp_path):
+    with pytest.warns(UserWarning, match="3 consecutive updates skipped"):
+        with pytest.raises(RuntimeError, match="consecutive updates were skipped.*model.skip_threshold"):
+            run_in_process(
+                tmp_path,
+                *TINY_RUN,
+                "model.skip_threshold=1e-9",
+                "model.skip_warn_after=3",
+                "model.max_consecutive_skips=6",
+                "trainer.max_epochs=5",
+            )
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()  # the work so far is kept
+
+
+def test_bf16_autocast_step_is_close_to_fp32():
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    x = torch.randint(0, 256, (8, 1, 8, 8)).float()
+    inputs, target = (x - 127.5) / 127.5, (x - 127.5) / 127.5
+    torch.manual_seed(1)
+    fp32 = model(inputs, target).loss.mean()
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(inputs, target).loss.mean()
+    assert bf16.dtype == torch.float32 and math.isfinite(bf16.item())
+    assert abs(bf16.item() - fp32.item()) < 0.02 * abs(fp32.item())
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["debug=fdr"],
+        ["debug=limit", "trainer.precision=bf16-mixed"],
+        ["model=vae", "debug=fdr"],
+        ["debug=overfit", "trainer.max_epochs=2"],
+    ],
+)
+def test_debug_presets_and_bf16_run_on_mnist_files(tmp_path, extra):
+    from tests.fixtures import make_mnist
+
+    make_mnist(tmp_path / "mnist")
+    model = (
+        []
+        if "model=vae" in extra
+        else [
+            "model.vae.image_size=28",
+            "model.vae.enc_blocks='28x1,28d4,7d7,1x1'",
+            "model.vae.dec_blocks='1x1,7m1,28m7'",
+        ]
+    )
+    run_in_process(
+        tmp_path / "run",
+        *TINY_RUN,
+        "data=mnist",
+        *model,
+        *extra,
+        f"data.root={tmp_path / 'mnist'}",
+        "data.val_size=10",
+        "data.batch_size=10",
+        "data.download=false",
+    )
