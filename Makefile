@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch and torchvision are pinned to a pair that installs together; override TORCH for another build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint train fashion-mnist
+.PHONY: install test lint train fashion-mnist bench
 
 install: $(VENV)/.installed
 
@@ -31,3 +31,9 @@ fashion-mnist:
 		apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) \
 			|| echo "could not install dataset-fashion-mnist; the data module will look in data/fashion_mnist"; \
 	fi
+
+# Benchmark (README table): our training step in fp32, channels_last and bf16, and with activation
+# checkpointing, on the cifar10 preset at batch 8. Set ORIGINAL=/path/to/openai-vdvae to add the original.
+bench: install
+	$(PY) -m vdvae.bench --preset cifar10 --batch 8 --configs fp32 fp32-cl bf16-cl fp32-ckpt bf16-ckpt \
+		$(if $(ORIGINAL),--original $(ORIGINAL)) --out bench.json

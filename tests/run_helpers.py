@@ -23,6 +23,7 @@ TINY_RUN = [
     "model.warmup_steps=5",
     "model.lr=3e-3",
     "model.ema_decay=0.9",
+    "callbacks.image_grids.n_samples=4",
 ]
 
 

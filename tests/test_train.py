@@ -175,3 +175,77 @@ def test_debug_presets_and_bf16_run_on_mnist_files(tmp_path, extra):
         "data.batch_size=10",
         "data.download=false",
     )
+
+
+def _fixture(kind, root):
+    from tests import fixtures
+
+    if kind == "cifar10":
+        return fixtures.make_cifar10(root)
+    if kind in ("mnist", "fashion_mnist", "binarized_mnist"):
+        return fixtures.make_mnist(root)
+    if kind.startswith("imagenet"):
+        form = kind.split("-")[1]
+        return fixtures.make_imagenet(root, form, size=32 if kind.startswith("imagenet32") else 64)
+    if kind == "ffhq256":
+        fixtures.write_pngs(root, 8, 256)
+        return root
+    if kind == "ffhq1024":
+        fixtures.write_pngs(root / "train", 2, 1024)
+        fixtures.write_pngs(root / "valid", 1, 1024)
+        return root
+    fixtures.write_pngs(root, 8, 20)  # image_folder: resized to 16
+    return root
+
+
+def _tiny_architecture(size, channels):
+    """A minimal model for square images of `size` (a power of 2 times 7 or of 2)."""
+    resolutions = [size]
+    while resolutions[-1] > 4 and resolutions[-1] % 4 == 0:
+        resolutions.append(resolutions[-1] // 4)
+    enc = (
+        ",".join(f"{r}d{r // resolutions[i + 1]}" for i, r in enumerate(resolutions[:-1]))
+        + f",{resolutions[-1]}d{resolutions[-1]},1x1"
+    )
+    dec = "1x1," + ",".join(
+        f"{r}m{q}" for r, q in zip(reversed(resolutions), [1, *reversed(resolutions[1:])], strict=True)
+    )
+    return [
+        f"model.vae.image_size={size}",
+        f"model.vae.image_channels={channels}",
+        "model.vae.width=8",
+        f"model.vae.enc_blocks='{enc}'",
+        f"model.vae.dec_blocks='{dec}'",
+    ]
+
+
+@pytest.mark.parametrize(
+    "data,kind,size,channels,extra",
+    [
+        ("cifar10", "cifar10", 32, 3, ["data.download=false"]),
+        ("fashion_mnist", "fashion_mnist", 28, 1, ["data.download=false"]),
+        ("binarized_mnist", "binarized_mnist", 28, 1, ["data.download=false", "model.vae.likelihood=bernoulli"]),
+        ("imagenet32", "imagenet32-npy", 32, 3, []),
+        ("imagenet32", "imagenet32-npz", 32, 3, []),
+        ("imagenet64", "imagenet64-png", 64, 3, []),
+        ("ffhq256", "ffhq256", 256, 3, ["model.vae.bits=5"]),
+        ("ffhq1024", "ffhq1024", 1024, 3, ["data.val_size=1", "callbacks.image_grids.n_recon=1"]),
+        ("image_folder", "image_folder", 16, 3, ["data.image_size=16"]),
+        ("digits", "digits", 8, 1, []),
+    ],
+)
+def test_fast_dev_run_on_every_data_module(tmp_path, data, kind, size, channels, extra):
+    root = _fixture(kind, tmp_path / "data")
+    run_in_process(
+        tmp_path / "run",
+        *TINY_RUN,
+        f"data={data}",
+        f"data.root={root}",
+        "data.val_size=3",
+        "data.batch_size=2",
+        "data.eval_batch_size=2",
+        "data.num_workers=0",
+        "debug=fdr",
+        *_tiny_architecture(size, channels),
+        *extra,
+    )

@@ -16,7 +16,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E4
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from PIL import Image  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
+
+from vdvae import sampling  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +52,22 @@ class ImageGrids(Callback):
 
     @rank_zero_only
     def write(self, trainer, module, dataset, stage):
-        self.dirpath.mkdir(parents=True, exist_ok=True)
         vae, step = module.ema, trainer.global_step
         with torch.random.fork_rng(devices=[module.device] if module.device.type == "cuda" else []):
             torch.manual_seed(0)
-            for t in self.temperatures:
-                images = vae.sample(self.n_samples, t)
-                path = self.dirpath / f"{stage}_samples_t{t:g}_step{step:07d}.png"
-                save_image(make_grid(images.float() / 255, nrow=int(self.n_samples**0.5), pad_value=1), path)
-                log_image(trainer, f"{stage}/samples_t{t:g}", path)
+            paths = sampling.sample_grids(vae, self.n_samples, self.temperatures, self.dirpath / "tmp")
+            for t, path in zip(self.temperatures, paths, strict=True):
+                target = self.dirpath / f"{stage}_samples_t{t:g}_step{step:07d}.png"
+                path.replace(target)
+                log_image(trainer, f"{stage}/samples_t{t:g}", target)
             originals = torch.stack([dataset[i] for i in range(min(self.n_recon, len(dataset)))]).to(module.device)
             x, _ = trainer.datamodule.preprocess(originals)
             ks = sorted({0, 1, vae.n_groups // 4, vae.n_groups // 2, vae.n_groups})
-            rows = [originals.cpu()] + [vae.reconstruct(x, k=k, temperature=0.1 if k else 1.0).cpu() for k in ks]
-            path = self.dirpath / f"{stage}_reconstructions_step{step:07d}.png"
-            save_image(make_grid(torch.cat(rows).float() / 255, nrow=len(originals), pad_value=1), path)
-            log_image(trainer, f"{stage}/reconstructions", path)
+            path = sampling.reconstruction_grid(vae, originals, x, ks, 0.1, self.dirpath / "tmp")
+            target = self.dirpath / f"{stage}_reconstructions_step{step:07d}.png"
+            path.replace(target)
+            (self.dirpath / "tmp").rmdir()
+            log_image(trainer, f"{stage}/reconstructions", target)
             log.info("%s image grids (rows: data, then k = %s posterior groups kept) in %s", stage, ks, self.dirpath)
 
 
@@ -110,3 +111,39 @@ class CheckpointOnSigterm(Callback):
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.path)
             log.warning("SIGTERM: saved %s; resume with ckpt_path=%s", self.path, self.path)
+
+
+class BpdCurve(Callback):
+    """Validation (and running training) bits/dim against the step, plotted after every validation."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath, self.steps, self.val, self.train = Path(dirpath), [], [], []
+
+    def on_validation_end(self, trainer, module):
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or "val/bpd" not in metrics:
+            return
+        self.steps.append(trainer.global_step)
+        self.val.append(float(metrics["val/bpd"]))
+        self.train.append(float(metrics.get("train/bpd", float("nan"))))
+        self.write(trainer)
+
+    @rank_zero_only
+    def write(self, trainer):
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(self.steps, self.train, "o-", label="train (last step, online weights)")
+        ax.plot(self.steps, self.val, "o-", label="validation (EMA weights)")
+        ax.set(xlabel="step", ylabel="bits per dim (negative ELBO)")
+        ax.legend()
+        fig.tight_layout()
+        path = self.dirpath / "bpd_curve.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        log_image(trainer, "val/bpd_curve", path)
+
+    def state_dict(self):
+        return {"steps": self.steps, "val": self.val, "train": self.train}
+
+    def load_state_dict(self, state):
+        self.steps, self.val, self.train = state["steps"], state["val"], state["train"]

@@ -9,6 +9,7 @@ Validation, test and sampling use the EMA weights.
 
 import copy
 import logging
+import math
 import random
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 
+from vdvae.evaluation import ActiveUnits, IWMetric, iw_bound, posterior_means
 from vdvae.metrics import ELBOMetric
 from vdvae.model import VAE
 
@@ -49,6 +51,8 @@ class VDVAEModule(LightningModule):
         self.register_buffer("consecutive_skips", torch.zeros((), dtype=torch.long))
         self.val_elbo = ELBOMetric(self.vae.n_groups)
         self.test_elbo = ELBOMetric(self.vae.n_groups)
+        self.iw_samples, self.iw_chunk, self.test_iw, self.test_active_units = 0, 64, None, None
+        self.data_config = None  # stored in checkpoints, so that evaluation can find the data
         self.stall_message = None
         self._restored_rng = None
         self.last_kl_per_group = {}  # stage -> (groups,) nats per image, for plots
@@ -133,11 +137,27 @@ class VDVAEModule(LightningModule):
             torch.manual_seed(self.hparams.eval_seed + batch_idx)
             metric.update(self.ema(x, target))
 
+    def enable_evaluation(self, iw_samples: int = 0, iw_chunk: int = 64, active_units: bool = True):
+        """Also compute, on the test set, the K-sample importance-weighted bound and active units."""
+        self.iw_samples, self.iw_chunk = iw_samples, iw_chunk
+        self.test_iw = IWMetric() if iw_samples else None
+        sizes = [self.vae.decoder.blocks[0].zdim * b.resolution**2 for b in self.vae.decoder.blocks if b.latent]
+        self.test_active_units = ActiveUnits(sizes) if active_units else None
+        return self
+
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, batch_idx, self.val_elbo)
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, batch_idx, self.test_elbo)
+        x, target = batch
+        if self.test_iw is not None:
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.hparams.eval_seed + 7919 * (batch_idx + 1))
+                self.test_iw.update(iw_bound(self.ema, x, target, self.iw_samples, self.iw_chunk))
+        if self.test_active_units is not None:
+            self.test_active_units.update(posterior_means(self.ema, x))
 
     def _log_epoch(self, stage, metric):
         values = metric.compute()
@@ -154,6 +174,23 @@ class VDVAEModule(LightningModule):
 
     def on_test_epoch_end(self):
         self._log_epoch("test", self.test_elbo)
+        ndims = self.vae.image_channels * self.vae.image_size**2
+        if self.test_iw is not None:
+            bound, stderr = self.test_iw.compute()
+            self.test_iw.reset()
+            self.log_dict(
+                {
+                    "test/iw_nats_per_image": -bound.float(),
+                    "test/iw_stderr_nats": stderr.float(),
+                    "test/iw_bpd": (-bound / ndims / math.log(2)).float(),
+                    "test/iw_samples": self.iw_samples,
+                }
+            )
+        if self.test_active_units is not None:
+            active = self.test_active_units.compute()
+            self.test_active_units.reset()
+            self.log_dict({f"test/active_units/group_{t:02d}": a.float() for t, a in enumerate(active)})
+            self.log("test/active_units_total", active.sum().float())
 
     # Exact resume: the RNG state of every rank travels with the checkpoint.
     def on_save_checkpoint(self, checkpoint):
@@ -171,6 +208,8 @@ class VDVAEModule(LightningModule):
         else:
             states = [state]
         checkpoint["rng_states"] = states
+        if self.data_config is not None:
+            checkpoint["data_config"] = self.data_config
 
     def on_load_checkpoint(self, checkpoint):
         self._restored_rng = checkpoint.get("rng_states")

@@ -13,7 +13,7 @@ class ELBOMetric(Metric):
 
     def __init__(self, n_groups: int, **kwargs):
         super().__init__(**kwargs)
-        for name in ("loss", "distortion", "rate"):
+        for name in ("loss", "distortion", "rate", "nats_per_image"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("kl", torch.zeros(n_groups, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
@@ -22,6 +22,7 @@ class ELBOMetric(Metric):
         self.loss += out.loss.detach().double().sum()
         self.distortion += out.distortion.detach().double().sum()
         self.rate += out.rate.detach().double().sum()
+        self.nats_per_image += out.loss.detach().double().sum() * out.ndims
         self.kl += out.kl.detach().double().sum(0)
         self.count += out.loss.shape[0]
 
@@ -32,6 +33,7 @@ class ELBOMetric(Metric):
             "bpd": self.loss / n / math.log(2),
             "distortion": self.distortion / n,
             "rate": self.rate / n,
+            "nats_per_image": self.nats_per_image / n,  # the negative ELBO per image (binarized MNIST's unit)
             "kl_per_group": self.kl / n,
             "n_images": self.count,
         }

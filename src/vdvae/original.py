@@ -6,6 +6,8 @@ The original stores `torch.save(vae.state_dict())` (files from multi-GPU runs pr
 
 import re
 
+import torch
+
 from vdvae.model import VAE
 
 _BLOCK_CONVS = {"c1": "conv_in", "c2": "conv_mid1", "c3": "conv_mid2", "c4": "conv_out"}
@@ -66,3 +68,42 @@ def load_original(model: VAE, original: dict) -> VAE:
     """Load an original state dict into `model` in place and return it."""
     model.load_state_dict(convert_state_dict(original, model))
     return model
+
+
+def read_original(path) -> dict:
+    """A state dict saved by the original code (model.th or model-ema.th), loaded safely."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch.load raises many types on a damaged file
+        raise ValueError(
+            f"{path} is not a readable PyTorch file (truncated or corrupt?): {str(error)[:200]}"
+        ) from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict (a dict of tensors) as the original code saves")
+    return state
+
+
+def import_checkpoint(module_hparams: dict, model_file, ema_file=None, data_config: dict | None = None) -> dict:
+    """A vdvae checkpoint from the original's model (and EMA) state dicts; raises before returning on any
+    missing or extra key or shape mismatch. Without an EMA file, the EMA is a copy of the weights."""
+    from vdvae.lit_module import VDVAEModule
+
+    with torch.device("meta"):
+        module = VDVAEModule(**module_hparams)
+    model_state = read_original(model_file)
+    ema_state = read_original(ema_file) if ema_file else model_state
+    checkpoint = {"state_dict": {}, "hyper_parameters": module_hparams, "imported_from": str(model_file)}
+    for prefix, state in (("vae", model_state), ("ema", ema_state)):
+        try:
+            converted = convert_state_dict(state, getattr(module, prefix))
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{prefix} weights in {model_file if prefix == 'vae' else ema_file}: {error}") from error
+        checkpoint["state_dict"].update({f"{prefix}.{k}": v for k, v in converted.items()})
+    for name, buffer in module.named_buffers():
+        if not name.startswith(("vae.", "ema.")):
+            checkpoint["state_dict"][name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
+    if data_config is not None:
+        checkpoint["data_config"] = data_config
+    return checkpoint

@@ -56,6 +56,7 @@ def train(cfg: DictConfig) -> float | None:
             datamodule.prepare_data()
         datamodule.setup("fit")  # missing or corrupt data fails here, before any output is written
         module = instantiate(cfg.model)
+        module.data_config = OmegaConf.to_container(cfg.data, resolve=True)
     except Exception:
         remove_empty_run_dir()
         raise

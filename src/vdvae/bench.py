@@ -1,0 +1,329 @@
+"""Benchmark: training, evaluation and sampling throughput, peak memory, FLOPs per image and the
+fraction of the device's measured peak, for a model preset; optionally side by side with the
+original VDVAE code from a local copy (never part of this package).
+
+    python -m vdvae.bench --preset cifar10 --batch 8 --device cpu --configs fp32 fp32-cl bf16-cl --out bench.json
+    python -m vdvae.bench ... --original /path/to/openai-vdvae     # adds the "original" config
+
+A training step is the real one: Lightning, the data pipeline (uint8 to the device, preprocessing
+there), forward, backward, clipping, the skip decision, AdamW and the EMA. Every config runs in its
+own process, so that peak memory (CUDA: allocator peak; CPU: peak resident set above the memory
+in use before the model is built) is its own.
+Times are medians over `--steps` after `--warmup` steps; compare configs of one run only.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+# name -> (precision, channels_last, compile, checkpointing)
+CONFIGS = {
+    "fp32": ("32-true", False, False, False),
+    "fp32-cl": ("32-true", True, False, False),
+    "fp32-cl-compile": ("32-true", True, True, False),
+    "fp32-ckpt": ("32-true", True, False, True),
+    "bf16": ("bf16-mixed", False, False, False),
+    "bf16-cl": ("bf16-mixed", True, False, False),
+    "bf16-cl-compile": ("bf16-mixed", True, True, False),
+    "bf16-ckpt": ("bf16-mixed", True, False, True),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+BASELINE_MB = 0.0  # resident memory before the model exists (CPU), subtracted from the peak
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of the run: CUDA allocator peak, or the CPU peak resident set above the baseline."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - BASELINE_MB  # ru_maxrss: KiB on Linux
+
+
+def peak_flops(device, dtype) -> float:
+    """Measured matmul FLOP/s of the device at `dtype` (the best of a few 2048^3 products)."""
+    n = 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def model_hparams(preset: str, overrides=()):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose(config_name=None, overrides=[f"+model={preset}", *overrides])
+    hparams = OmegaConf.to_container(cfg.model)
+    hparams.pop("_target_"), hparams.pop("_convert_")
+    return hparams
+
+
+def synthetic_data(vae_hparams, batch, n_batches):
+    from vdvae.data.base import ImageDataModule, TensorImages
+
+    class Synthetic(ImageDataModule):
+        name = "synthetic"
+
+        def load(self):
+            s, c = vae_hparams["image_size"], vae_hparams["image_channels"]
+            images = TensorImages(torch.randint(0, 256, (batch * n_batches, c, s, s), dtype=torch.uint8))
+            return images, images, images
+
+    return Synthetic(
+        root=".",
+        image_size=vae_hparams["image_size"],
+        channels=vae_hparams["image_channels"],
+        batch_size=batch,
+        bits=vae_hparams["bits"],
+        shift=-127.5,
+        scale=1 / 127.5,
+    )
+
+
+class StepTimer:
+    """Wall time of every training batch (Lightning's whole step), synchronized with the device."""
+
+    def __init__(self, device):
+        self.device, self.times, self._start = device, [], None
+
+    def on_train_batch_start(self, *args):
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args):
+        sync(self.device)
+        self.times.append(time.perf_counter() - self._start)
+
+
+def flops_per_image(vae, x, target) -> tuple[float, float]:
+    """FLOPs of one forward and of one forward + backward, per image (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as forward:
+        loss = vae(x, target).loss.mean()
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    n = x.shape[0]
+    return forward.get_total_flops() / n, (forward.get_total_flops() + backward.get_total_flops()) / n
+
+
+def timed(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def run_ours(args, name, device):
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from vdvae.lit_module import VDVAEModule
+
+    precision, channels_last, compile_, checkpointing = CONFIGS[name]
+    hparams = model_hparams(
+        args.preset,
+        [
+            f"model.vae.channels_last={channels_last}",
+            f"model.vae.checkpointing={checkpointing}",
+            f"model.compile={compile_}",
+        ],
+    )
+    torch.manual_seed(0)
+    module = VDVAEModule(**hparams)
+    data = synthetic_data(hparams["vae"], args.batch, args.warmup + args.steps)
+    timer = StepTimer(device)
+    callback = type(
+        "Timer",
+        (Callback,),
+        {"on_train_batch_start": timer.on_train_batch_start, "on_train_batch_end": timer.on_train_batch_end},
+    )()
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision=precision,
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule=data)
+    step = statistics.median(timer.times[args.warmup :])
+    result = {
+        "train_images_per_s": args.batch / step,
+        "train_step_s": step,
+        "skipped": int(module.skipped_steps),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    vae = module.ema.to(device)
+    x, target = data.preprocess(
+        torch.randint(0, 256, (args.batch, *data.train_set[0].shape), dtype=torch.uint8).to(device)
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    with torch.no_grad(), autocast:
+        result["eval_images_per_s"] = args.batch / timed(lambda: vae(x, target), device, 3)
+        result["sample_images_per_s"] = args.batch / timed(lambda: vae.sample(args.batch), device, 3)
+    fwd, fwd_bwd = flops_per_image(module.vae.to(device), x, target)
+    result.update(gflop_per_image_forward=fwd / 1e9, gflop_per_image_train=fwd_bwd / 1e9)
+    return result
+
+
+def run_original(args, device):
+    """The original code's training step (its model; AdamW from torch, as apex is CUDA-only), timed alike."""
+    sys.path.insert(0, str(Path(args.original).resolve()))
+    from vae import VAE as OriginalVAE  # the local copy given by --original
+
+    hparams = model_hparams(args.preset)
+    v = hparams["vae"]
+    H = SimpleNamespace(
+        width=v["width"],
+        custom_width_str=v["custom_widths"] or "",
+        zdim=v["zdim"],
+        enc_blocks=v["enc_blocks"],
+        dec_blocks=v["dec_blocks"],
+        bottleneck_multiple=v["bottleneck_ratio"],
+        num_mixtures=v["num_mixtures"],
+        no_bias_above=v["no_bias_above"],
+        image_size=v["image_size"],
+        image_channels=v["image_channels"],
+        dataset="cifar10",
+    )
+    torch.manual_seed(0)
+    vae, ema = OriginalVAE(H).to(device), OriginalVAE(H).to(device)
+    ema.load_state_dict(vae.state_dict())
+    ema.requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        vae.parameters(), lr=hparams["lr"], weight_decay=hparams["weight_decay"], betas=tuple(hparams["betas"])
+    )
+    images = torch.randint(
+        0, 256, (args.batch, v["image_size"], v["image_size"], v["image_channels"]), device=device
+    ).float()
+    x, target = (images - 127.5) / 127.5, (images - 127.5) / 127.5
+
+    def step():
+        vae.zero_grad()
+        stats = vae(x, target)
+        stats["elbo"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), hparams["grad_clip"]).item()
+        if not torch.isnan(stats["distortion"]).any() and grad_norm < hparams["skip_threshold"]:
+            optimizer.step()
+            with torch.no_grad():
+                for p, q in zip(vae.parameters(), ema.parameters(), strict=True):
+                    q.mul_(hparams["ema_decay"]).add_(p * (1 - hparams["ema_decay"]))
+
+    times = []
+    for _ in range(args.warmup + args.steps):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    s = statistics.median(times[args.warmup :])
+    return {"train_images_per_s": args.batch / s, "train_step_s": s, "peak_memory_mb": peak_memory_mb(device)}
+
+
+def run_one(args):
+    global BASELINE_MB
+    import lightning  # noqa: F401  (imported before the baseline is taken)
+
+    device = torch.device(args.device)
+    BASELINE_MB = resident_mb()
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+    result = run_original(args, device) if args.single == "original" else run_ours(args, args.single, device)
+    dtype = torch.bfloat16 if args.single.startswith("bf16") else torch.float32
+    peak = peak_flops(device, dtype)
+    result["device_peak_gflops"] = peak / 1e9
+    if "gflop_per_image_train" in result:
+        result["fraction_of_peak"] = result["gflop_per_image_train"] * 1e9 * result["train_images_per_s"] / peak
+    print(json.dumps(result))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--configs", nargs="+", default=["fp32", "fp32-cl", "bf16-cl", "fp32-ckpt"], help=f"any of {', '.join(CONFIGS)}"
+    )
+    parser.add_argument("--original", help="a local copy of openai/vdvae: adds the 'original' config")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one config in this process
+    args = parser.parse_args(argv)
+    if args.single:
+        return run_one(args)
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    names = (["original"] if args.original else []) + args.configs
+    results = {}
+    for name in names:
+        passed = sys.argv[1:] if argv is None else argv
+        cmd = [sys.executable, "-m", "vdvae.bench", "--single", name, *passed]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if proc.returncode:
+            sys.exit(f"bench config {name} failed:\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(
+            f"{name:>16}: {results[name]['train_images_per_s']:8.2f} train img/s, "
+            f"peak {results[name]['peak_memory_mb']:8.0f} MB",
+            flush=True,
+        )
+    base_name = names[0]  # the original when given, else the first config
+    for r in results.values():
+        r[f"speedup_vs_{base_name}"] = r["train_images_per_s"] / results[base_name]["train_images_per_s"]
+        r[f"memory_vs_{base_name}"] = r["peak_memory_mb"] / results[base_name]["peak_memory_mb"]
+    report = {
+        "preset": args.preset,
+        "batch": args.batch,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "results": results,
+    }
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Evaluation (IW bound, active units, exact counts), sampling modes, the import of the original's
+checkpoints, bad checkpoints, and the notebook, on a tiny model trained by the tests."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import DATA, ROOT, build_model, perturb_, random_batch
+from tests.run_helpers import TINY_RUN, run_in_process
+from vdvae.checkpoints import CheckpointError, load_module
+from vdvae.evaluation import iw_bound, log_weights
+
+EXPECTED = json.loads((DATA / "expected.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    run_in_process(out, *TINY_RUN, "trainer.max_epochs=3", "test=false")
+    return out / "checkpoints" / "last.ckpt"
+
+
+def run(script, *args, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_iw_with_one_sample_is_the_single_sample_elbo():
+    model = perturb_(build_model("tiny"), scale=0.1)
+    x, target = random_batch(model, n=3)
+    torch.manual_seed(5)
+    iw1 = iw_bound(model, x, target, k=1)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        mc = log_weights(model, x, target)
+    torch.testing.assert_close(iw1, mc)
+
+
+def test_iw_bound_is_above_the_elbo_and_grows_with_k():
+    torch.manual_seed(0)
+    model = perturb_(build_model("tiny"), scale=0.1)
+    x, target = random_batch(model, n=4)
+    reps = 500
+    with torch.no_grad():
+        elbo = model(x.repeat(reps, 1, 1, 1), target.repeat(reps, 1, 1, 1)).elbo.mean()  # analytic KL
+        single = log_weights(model, x.repeat(reps, 1, 1, 1), target.repeat(reps, 1, 1, 1))  # IW_1 draws
+    assert abs(single.mean() - elbo) < 4 * single.std() / math.sqrt(single.numel())  # E[IW_1] = ELBO
+    bounds = {}
+    for k in (1, 8, 64, 512):
+        torch.manual_seed(1)
+        bounds[k] = torch.stack([iw_bound(model, x, target, k) for _ in range(4)]).mean()
+    assert bounds[1] < bounds[8] < bounds[64] < bounds[512]
+    assert bounds[512] > elbo + 1.0
+
+
+def test_eval_script_scores_every_test_image_once(trained):
+    result = run(
+        "eval.py",
+        f"ckpt_path={trained}",
+        "iw_samples=4",
+        "trainer=cpu",
+        "hydra.run.dir=" + str(trained.parent.parent / "eval"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((trained.parent.parent / "eval" / "eval.json").read_text())
+    m = report["metrics"]
+    assert m["test/n_images"] == 297
+    assert m["test/bpd"] == pytest.approx(m["test/nats_per_dim"] / math.log(2), rel=1e-5)
+    assert m["test/iw_nats_per_image"] <= m["test/nats_per_image"] + 3 * m["test/iw_stderr_nats"]
+    assert len(report["kl_per_group_nats"]) == len(report["active_units_per_group"]) == 5
+    assert "test/bpd" in result.stdout  # the table
+
+
+@pytest.mark.parametrize(
+    "mode,outputs",
+    [
+        ("samples", ["samples_t1.png", "samples_t0.png"]),
+        ("reconstruct", ["reconstructions.png"]),
+        ("interpolate", ["interpolations.png"]),
+    ],
+)
+def test_sample_script_modes(trained, tmp_path, mode, outputs):
+    result = run(
+        "sample.py", f"ckpt_path={trained}", f"mode={mode}", "temperatures=[1.0,0.0]", f"hydra.run.dir={tmp_path}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in outputs:
+        assert (tmp_path / name).stat().st_size > 100
+
+
+def test_encode_then_decode(trained, tmp_path):
+    result = run("sample.py", f"ckpt_path={trained}", "mode=encode", f"hydra.run.dir={tmp_path / 'enc'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = torch.load(tmp_path / "enc" / "latents.pt", weights_only=True)
+    assert [z.shape[-1] for z in record["latents"]] == record["resolutions"] == [1, 4, 4, 8, 8]
+    result = run(
+        "sample.py",
+        f"ckpt_path={trained}",
+        "mode=decode",
+        f"latents={tmp_path / 'enc' / 'latents.pt'}",
+        "temperatures=[0.0]",
+        f"hydra.run.dir={tmp_path / 'dec'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "dec" / "decoded.png").is_file()
+    # The saved latents are those of the first 8 test images: decoding them is their reconstruction.
+    module, checkpoint = load_module(trained)
+    from hydra.utils import instantiate
+
+    data = instantiate(checkpoint["data_config"])
+    data.setup("test")
+    inputs, _ = data.preprocess(torch.stack([data.test_set[i] for i in range(8)]))
+    torch.testing.assert_close(module.ema.encode(inputs), record["latents"])
+    assert torch.equal(module.ema.decode(record["latents"], mode=True), module.ema.reconstruct(inputs, mode=True))
+
+
+def test_generation_needs_no_data(trained, tmp_path):
+    checkpoint = torch.load(trained, weights_only=True)
+    checkpoint["data_config"]["root"] = "/nonexistent"
+    moved = tmp_path / "moved.ckpt"
+    torch.save(checkpoint, moved)
+    result = run("sample.py", f"ckpt_path={moved}", "mode=samples", "n=4", f"hydra.run.dir={tmp_path / 's'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("script", ["eval.py", "sample.py"])
+def test_truncated_or_corrupt_checkpoints_give_a_clear_error(trained, tmp_path, script):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(trained.read_bytes()[:5000])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    for path in (truncated, garbage):
+        result = run(script, f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'out'}")
+        assert result.returncode != 0 and "is not a readable checkpoint" in result.stderr, result.stderr[-2000:]
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_module(tmp_path / "missing.ckpt")
+
+
+def reference_overrides(h):
+    return [
+        "model.vae.image_size=32",
+        "model.vae.image_channels=3",
+        f"model.vae.width={h['width']}",
+        f"model.vae.zdim={h['zdim']}",
+        f"model.vae.enc_blocks='{h['enc_blocks']}'",
+        f"model.vae.dec_blocks='{h['dec_blocks']}'",
+        f"model.vae.num_mixtures={h['num_mixtures']}",
+        f"model.vae.custom_widths={repr(h['custom_width']) if h['custom_width'] else 'null'}",
+    ]
+
+
+def import_original(*args):
+    """import_original.py in-process: its exit message, or None on success."""
+    import import_original as script
+
+    try:
+        script.main([str(a) for a in args])
+    except SystemExit as error:
+        return str(error.code)
+    return None
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_custom_width"])
+def test_import_reproduces_the_original_figures(tmp_path, name):
+    h = EXPECTED["models"][name]
+    out = tmp_path / f"{name}.ckpt"
+    error = import_original("--preset", "cifar10", "--model", DATA / h["file"], "--out", out, *reference_overrides(h))
+    assert error is None, error
+    module, checkpoint = load_module(out)  # weights only
+    x = torch.load(DATA / "batch.pt", weights_only=True)["x"].permute(0, 3, 1, 2).float()
+    for vae in (module.vae, module.ema):
+        with torch.no_grad():
+            got = vae((x - 120.63838) / 64.16736, (x - 127.5) / 127.5, use_mean=True)
+        torch.testing.assert_close(got.loss, torch.tensor(h["elbo"]), rtol=1e-5, atol=0)
+        torch.testing.assert_close(got.kl, torch.tensor(h["kl_per_group"]), rtol=1e-4, atol=1e-6)
+    assert checkpoint["data_config"]["_target_"].endswith("CIFAR10DataModule")
+
+
+def test_import_refuses_bad_files_and_writes_nothing(tmp_path):
+    h = EXPECTED["models"]["tiny"]
+    state = torch.load(DATA / h["file"], weights_only=True)
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != "decoder.gain"}, "lacks 1"),
+        "extra": ({**state, "decoder.surplus": torch.zeros(1)}, "no counterpart"),
+        "shape": ({**state, "decoder.gain": torch.zeros(1, 3, 1, 1)}, "shape (1, 3, 1, 1)"),
+        "prefixed": ({f"module.{k}": v for k, v in state.items()}, None),  # multi-GPU saves load as well
+    }
+    for case, (bad, message) in cases.items():
+        torch.save(bad, tmp_path / f"{case}.th")
+        out = tmp_path / f"{case}.ckpt"
+        error = import_original(
+            "--preset", "cifar10", "--model", tmp_path / f"{case}.th", "--out", out, *reference_overrides(h)
+        )
+        if message is None:
+            assert error is None and out.is_file()
+        else:
+            assert message in error and not out.exists(), error
+    (tmp_path / "text.th").write_text("hello")
+    error = import_original(
+        "--preset", "cifar10", "--model", tmp_path / "text.th", "--out", tmp_path / "t.ckpt", *reference_overrides(h)
+    )
+    assert "not a readable PyTorch file" in error and not (tmp_path / "t.ckpt").exists()
+    error = import_original("--preset", "ffhq1024", "--model", tmp_path / "missing.ckpt", "--out", tmp_path / "f.ckpt")
+    assert "openai/vdvae issue #3" in error
+
+
+def test_notebook_runs(trained):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / "explore.ipynb", as_version=4)
+    os.environ["VDVAE_CKPT"] = str(trained)
+    try:
+        NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    finally:
+        del os.environ["VDVAE_CKPT"]
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6
+    assert not [o for o in outputs if o.output_type == "error"]
