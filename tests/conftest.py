@@ -9,6 +9,16 @@ from omegaconf import OmegaConf
 
 from vdvae import VAE
 
+# A tiny VDVAE for 8x8 grayscale images, as plain arguments.
+TINY_VAE = dict(
+    image_size=8,
+    image_channels=1,
+    width=16,
+    zdim=4,
+    enc_blocks="8x1,8d2,4x1,4d4,1x1",
+    dec_blocks="1x1,4m1,4x1,8m4,8x1",
+    num_mixtures=3,
+)
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 DATA = Path(__file__).resolve().parent / "data"

@@ -3,18 +3,9 @@
 import pytest
 import torch
 
+from tests.conftest import TINY_VAE
 from vdvae import VAE
 from vdvae.model.blocks import BlockSpec, parse_block_string, widths_by_resolution
-
-TINY = dict(
-    image_size=8,
-    image_channels=1,
-    width=16,
-    zdim=4,
-    enc_blocks="8x1,8d2,4x1,4d4,1x1",
-    dec_blocks="1x1,4m1,4x1,8m4,8x1",
-    num_mixtures=2,
-)
 
 
 def test_parse_expands_tokens():
@@ -71,10 +62,10 @@ def test_widths():
 )
 def test_bad_architectures_fail_at_construction(change, message):
     with pytest.raises(ValueError, match=message):
-        VAE(**{**TINY, **change})
+        VAE(**{**TINY_VAE, **change})
 
 
 def test_wrong_input_shape_names_expected_shape():
-    model = VAE(**TINY)
+    model = VAE(**TINY_VAE)
     with pytest.raises(ValueError, match=r"expected images of shape \(N, 1, 8, 8\)"):
         model(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))

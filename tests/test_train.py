@@ -8,19 +8,9 @@ import torch
 from lightning import Trainer
 from torch.utils.data import DataLoader
 
-from tests.conftest import build_model
+from tests.conftest import TINY_VAE, build_model
 from tests.run_helpers import TINY_RUN, run_in_process
 from vdvae import VDVAEModule
-
-TINY_VAE = dict(
-    image_size=8,
-    image_channels=1,
-    width=16,
-    zdim=4,
-    enc_blocks="8x1,8d2,4x1,4d4,1x1",
-    dec_blocks="1x1,4m1,4x1,8m4,8x1",
-    num_mixtures=3,
-)
 
 
 def val_bpd(run_dir):

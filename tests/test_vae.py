@@ -11,25 +11,14 @@ from hydra.utils import instantiate
 
 from tests.conftest import DATA, build_model, model_config, perturb_, random_batch
 from vdvae import VAE, VDVAEModule
-from vdvae.original import convert_state_dict, load_original
+from vdvae.original import convert_state_dict, from_original_hparams, load_original
 
 LAYOUT = json.loads((DATA / "original_layout.json").read_text())
 EXPECTED = json.loads((DATA / "expected.json").read_text())
 
 
 def reference_model(h):
-    return VAE(
-        image_size=h["image_size"],
-        image_channels=3,
-        width=h["width"],
-        custom_widths=h["custom_width"] or None,
-        zdim=h["zdim"],
-        enc_blocks=h["enc_blocks"],
-        dec_blocks=h["dec_blocks"],
-        bottleneck_ratio=h["bottleneck_multiple"],
-        num_mixtures=h["num_mixtures"],
-        no_bias_above=h["no_bias_above"],
-    )
+    return VAE(**from_original_hparams(h))
 
 
 @pytest.mark.parametrize("preset", ["cifar10", "imagenet32", "imagenet64", "ffhq256", "ffhq1024"])

@@ -25,6 +25,8 @@ from types import SimpleNamespace
 
 import torch
 
+from vdvae.original import to_original_hparams
+
 # name -> (precision, channels_last, compile, checkpointing)
 CONFIGS = {
     "fp32": ("32-true", False, False, False),
@@ -210,19 +212,7 @@ def run_original(args, device):
 
     hparams = model_hparams(args.preset)
     v = hparams["vae"]
-    H = SimpleNamespace(
-        width=v["width"],
-        custom_width_str=v["custom_widths"] or "",
-        zdim=v["zdim"],
-        enc_blocks=v["enc_blocks"],
-        dec_blocks=v["dec_blocks"],
-        bottleneck_multiple=v["bottleneck_ratio"],
-        num_mixtures=v["num_mixtures"],
-        no_bias_above=v["no_bias_above"],
-        image_size=v["image_size"],
-        image_channels=v["image_channels"],
-        dataset="cifar10",
-    )
+    H = SimpleNamespace(**to_original_hparams(v), dataset="cifar10")
     torch.manual_seed(0)
     vae, ema = OriginalVAE(H).to(device), OriginalVAE(H).to(device)
     ema.load_state_dict(vae.state_dict())

@@ -107,3 +107,33 @@ def import_checkpoint(module_hparams: dict, model_file, ema_file=None, data_conf
     if data_config is not None:
         checkpoint["data_config"] = data_config
     return checkpoint
+
+
+# Our VAE's argument -> the original's hyperparameter of the same meaning.
+_HPARAMS = {
+    "image_size": "image_size",
+    "image_channels": "image_channels",
+    "width": "width",
+    "custom_widths": "custom_width_str",
+    "zdim": "zdim",
+    "enc_blocks": "enc_blocks",
+    "dec_blocks": "dec_blocks",
+    "bottleneck_ratio": "bottleneck_multiple",
+    "num_mixtures": "num_mixtures",
+    "no_bias_above": "no_bias_above",
+}
+
+
+def to_original_hparams(vae_kwargs: dict) -> dict:
+    """The original's hyperparameters (its `H`) for a VAE configured with `vae_kwargs`."""
+    h = {theirs: vae_kwargs[ours] for ours, theirs in _HPARAMS.items()}
+    h["custom_width_str"] = h["custom_width_str"] or ""
+    return h
+
+
+def from_original_hparams(h: dict) -> dict:
+    """VAE arguments from the original's hyperparameters (`custom_width` is accepted for `custom_width_str`)."""
+    h = {"custom_width_str": h.get("custom_width", ""), "image_channels": 3, **h}
+    kwargs = {ours: h[theirs] for ours, theirs in _HPARAMS.items()}
+    kwargs["custom_widths"] = kwargs["custom_widths"] or None
+    return kwargs
