@@ -84,6 +84,26 @@ def test_config_and_data_errors_are_clear_and_leave_nothing(tmp_path, args, mess
     assert not run_dir.exists()
 
 
+def test_corrupt_data_file_is_named_and_leaves_nothing(tmp_path):
+    from tests.fixtures import make_mnist
+
+    make_mnist(tmp_path / "mnist", gz=False)
+    (tmp_path / "mnist" / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03garbage")
+    run_dir = tmp_path / "run"
+    result = run_script(
+        "model=small",
+        "data=mnist",
+        f"data.root={tmp_path / 'mnist'}",
+        "data.download=false",
+        "data.val_size=5",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode != 0
+    assert "t10k-images-idx3-ubyte is not an idx3-ubyte image file (bad header)" in result.stderr
+    assert not run_dir.exists()
+
+
 def test_sigterm_saves_a_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
