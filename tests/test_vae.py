@@ -190,16 +190,22 @@ def test_options_keep_the_numerics(option):
     plain = perturb_(build_model("tiny"))
     torch.manual_seed(0)
     other = perturb_(build_model("tiny", option))
-    x, target = random_batch(plain)
+    assert_same_step(plain, other, grad_rtol=1e-4)
+
+
+def assert_same_step(reference, other, grad_rtol, grad_atol=1e-6, loss_tol=None):
+    """The same loss and gradients from both models on one batch with the same noise."""
+    x, target = random_batch(reference)
     losses = []
-    for model in (plain, other):
+    for model in (reference, other):
         torch.manual_seed(3)
         loss = model(x, target).loss.mean()
         loss.backward()
         losses.append(loss)
-    torch.testing.assert_close(losses[0], losses[1])
-    for (name, a), b in zip(plain.named_parameters(), other.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    tolerance = {} if loss_tol is None else {"rtol": loss_tol, "atol": loss_tol}  # None: float32 defaults
+    torch.testing.assert_close(losses[1], losses[0], **tolerance)
+    for (name, a), b in zip(reference.named_parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=grad_rtol, atol=grad_atol, msg=name)
 
 
 def test_bernoulli_model():
@@ -230,13 +236,4 @@ def test_compiled_model_matches_eager(monkeypatch):
     compiled = build_model("tiny", "channels_last=true")
     compiled.load_state_dict(eager.state_dict())
     compiled.compile()
-    x, target = random_batch(eager)
-    losses = []
-    for model in (eager, compiled):
-        torch.manual_seed(3)
-        loss = model(x, target).loss.mean()
-        loss.backward()
-        losses.append(loss)
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
-    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_step(eager, compiled, grad_rtol=1e-3, grad_atol=1e-5, loss_tol=1e-5)
