@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E40
 from PIL import Image  # noqa: E402
 
 from vdvae import sampling  # noqa: E402
+from vdvae.lit_module import seeded  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,7 @@ class ImageGrids(Callback):
     @rank_zero_only
     def write(self, trainer, module, dataset, stage):
         vae, step = module.ema, trainer.global_step
-        with torch.random.fork_rng(devices=[module.device] if module.device.type == "cuda" else []):
-            torch.manual_seed(0)
+        with seeded(module.device, 0):
             paths = sampling.sample_grids(vae, self.n_samples, self.temperatures, self.dirpath / "tmp")
             for t, path in zip(self.temperatures, paths, strict=True):
                 target = self.dirpath / f"{stage}_samples_t{t:g}_step{step:07d}.png"

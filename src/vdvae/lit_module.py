@@ -7,6 +7,7 @@ run that keeps skipping warns and then stops with a message instead of stalling 
 Validation, test and sampling use the EMA weights.
 """
 
+import contextlib
 import copy
 import logging
 import math
@@ -22,6 +23,14 @@ from vdvae.metrics import ELBOMetric
 from vdvae.model import VAE
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int):
+    """Run a block with the global RNG (and the device's) seeded, restoring the previous state afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 class VDVAEModule(LightningModule):
@@ -132,9 +141,7 @@ class VDVAEModule(LightningModule):
     def _evaluate(self, batch, batch_idx, metric):
         x, target = batch
         # Evaluation noise is fixed per batch and does not disturb the training RNG stream.
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.hparams.eval_seed + batch_idx)
+        with seeded(self.device, self.hparams.eval_seed + batch_idx):
             metric.update(self.ema(x, target))
 
     def enable_evaluation(self, iw_samples: int = 0, iw_chunk: int = 64, active_units: bool = True):
@@ -152,9 +159,7 @@ class VDVAEModule(LightningModule):
         self._evaluate(batch, batch_idx, self.test_elbo)
         x, target = batch
         if self.test_iw is not None:
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.hparams.eval_seed + 7919 * (batch_idx + 1))
+            with seeded(self.device, self.hparams.eval_seed + 7919 * (batch_idx + 1)):
                 self.test_iw.update(iw_bound(self.ema, x, target, self.iw_samples, self.iw_chunk))
         if self.test_active_units is not None:
             self.test_active_units.update(posterior_means(self.ema, x))

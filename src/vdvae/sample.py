@@ -27,16 +27,14 @@ MODES = ("samples", "reconstruct", "interpolate", "encode", "decode")
 
 def input_images(cfg, vae, checkpoint, device):
     """uint8 images and model inputs: from `inputs`, else the first `n_images` of the test set."""
-    data = data_config(cfg, checkpoint)
-    preprocess = instantiate(data).preprocess
+    datamodule = instantiate(data_config(cfg, checkpoint))
     if cfg.inputs:
         images = sampling.read_images(list(cfg.inputs), vae.image_size, vae.image_channels)[: cfg.n_images]
     else:
-        datamodule = instantiate(data)
         datamodule.setup("test")
         images = torch.stack([datamodule.test_set[i] for i in range(min(cfg.n_images, len(datamodule.test_set)))])
     images = images.to(device)
-    return images, preprocess(images)[0]
+    return images, datamodule.preprocess(images)[0]
 
 
 def sample(cfg: DictConfig) -> list[Path]:

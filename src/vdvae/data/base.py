@@ -69,8 +69,7 @@ class TensorImages(Dataset):
         return image.permute(2, 0, 1).contiguous() if self.channels_last else image
 
     def subset(self, indices):
-        base = self.indices if self.indices is not None else None
-        chosen = [int(base[i]) for i in indices] if base is not None else [int(i) for i in indices]
+        chosen = [int(i if self.indices is None else self.indices[i]) for i in indices]
         return TensorImages(self.images, self.channels_last, chosen)
 
 
