@@ -47,12 +47,6 @@ def iw_bound(vae: VAE, x, target, k: int, chunk: int = 64):
     return torch.logsumexp(weights, dim=0) - math.log(k)
 
 
-@torch.no_grad()
-def posterior_means(vae: VAE, x):
-    """The posterior mean of every group (each group given the means of the groups above it)."""
-    return vae.encode(x, use_mean=True)
-
-
 class ActiveUnits(Metric):
     """Per group: how many latent dimensions have Var_x[E_q z] above `threshold` (sums: exact over devices)."""
 

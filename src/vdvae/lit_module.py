@@ -18,7 +18,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 
-from vdvae.evaluation import ActiveUnits, IWMetric, iw_bound, posterior_means
+from vdvae.evaluation import ActiveUnits, IWMetric, iw_bound
 from vdvae.metrics import ELBOMetric
 from vdvae.model import VAE
 
@@ -162,7 +162,7 @@ class VDVAEModule(LightningModule):
             with seeded(self.device, self.hparams.eval_seed + 7919 * (batch_idx + 1)):
                 self.test_iw.update(iw_bound(self.ema, x, target, self.iw_samples, self.iw_chunk))
         if self.test_active_units is not None:
-            self.test_active_units.update(posterior_means(self.ema, x))
+            self.test_active_units.update(self.ema.encode(x, use_mean=True))
 
     def _log_epoch(self, stage, metric):
         values = metric.compute()
