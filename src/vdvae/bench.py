@@ -19,6 +19,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -146,7 +147,7 @@ def timed(fn, device, repeats):
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
-def run_ours(args, name, device):
+def run_ours(args, name, device, train_only=False):
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -192,6 +193,8 @@ def run_ours(args, name, device):
         "skipped": int(module.skipped_steps),
         "peak_memory_mb": peak_memory_mb(device),
     }
+    if train_only:
+        return result
     vae = module.ema.to(device)
     x, target = data.preprocess(
         torch.randint(0, 256, (args.batch, *data.train_set[0].shape), dtype=torch.uint8).to(device)
@@ -247,6 +250,21 @@ def run_original(args, device):
     return {"train_images_per_s": args.batch / s, "train_step_s": s, "peak_memory_mb": peak_memory_mb(device)}
 
 
+def allocated_peak_mb(run) -> float:
+    """Peak of live tensor memory on the CPU while `run()` builds a model and trains it: what the
+    CUDA allocator's peak measures on a GPU, free of the C allocator's caching and fragmentation.
+    Read from the profiler's memory events, which count only what is allocated while it runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]") / 2**20
+
+
 def run_one(args):
     global BASELINE_MB
     import lightning  # noqa: F401  (imported before the baseline is taken)
@@ -255,6 +273,15 @@ def run_one(args):
     BASELINE_MB = resident_mb()
     if device.type == "cpu":
         torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.allocated_memory:  # a second process per config: the profiler would distort the timings
+        args.steps, args.warmup = 2, 0  # the second step runs with the optimizer state in place
+        run = (
+            (lambda: run_original(args, device))
+            if args.single == "original"
+            else lambda: run_ours(args, args.single, device, train_only=True)
+        )
+        print(json.dumps({"allocated_peak_mb": allocated_peak_mb(run)}))
+        return
     result = run_original(args, device) if args.single == "original" else run_ours(args, args.single, device)
     dtype = torch.bfloat16 if args.single.startswith("bf16") else torch.float32
     peak = peak_flops(device, dtype)
@@ -262,6 +289,15 @@ def run_one(args):
     if "gflop_per_image_train" in result:
         result["fraction_of_peak"] = result["gflop_per_image_train"] * 1e9 * result["train_images_per_s"] / peak
     print(json.dumps(result))
+
+
+def run_config(name, passed) -> dict:
+    """One config in a fresh process; its JSON result."""
+    cmd = [sys.executable, "-m", "vdvae.bench", "--single", name, *passed]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode:
+        sys.exit(f"bench config {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -276,6 +312,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--allocated-memory",
+        action="store_true",
+        help="CPU: also measure the peak of live tensor memory (one more profiled step per config)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one config in this process
     args = parser.parse_args(argv)
@@ -285,23 +326,25 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
     names = (["original"] if args.original else []) + args.configs
+    passed = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--allocated-memory"]
     results = {}
     for name in names:
-        passed = sys.argv[1:] if argv is None else argv
-        cmd = [sys.executable, "-m", "vdvae.bench", "--single", name, *passed]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        if proc.returncode:
-            sys.exit(f"bench config {name} failed:\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[name] = run_config(name, passed)
+        if args.allocated_memory:
+            results[name].update(run_config(name, [*passed, "--allocated-memory"]))
+        allocated = results[name].get("allocated_peak_mb")
         print(
             f"{name:>16}: {results[name]['train_images_per_s']:8.2f} train img/s, "
-            f"peak {results[name]['peak_memory_mb']:8.0f} MB",
+            f"peak {results[name]['peak_memory_mb']:8.0f} MB"
+            + (f", allocated peak {allocated:8.0f} MB" if allocated else ""),
             flush=True,
         )
-    base_name = names[0]  # the original when given, else the first config
+    base_name, base = names[0], results[names[0]]  # the original when given, else the first config
     for r in results.values():
-        r[f"speedup_vs_{base_name}"] = r["train_images_per_s"] / results[base_name]["train_images_per_s"]
-        r[f"memory_vs_{base_name}"] = r["peak_memory_mb"] / results[base_name]["peak_memory_mb"]
+        r[f"speedup_vs_{base_name}"] = r["train_images_per_s"] / base["train_images_per_s"]
+        r[f"memory_vs_{base_name}"] = r["peak_memory_mb"] / base["peak_memory_mb"]
+        if args.allocated_memory:
+            r[f"allocated_memory_vs_{base_name}"] = r["allocated_peak_mb"] / base["allocated_peak_mb"]
     report = {
         "preset": args.preset,
         "batch": args.batch,

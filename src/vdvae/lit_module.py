@@ -62,7 +62,7 @@ class VDVAEModule(LightningModule):
         self.test_elbo = ELBOMetric(self.vae.n_groups)
         self.iw_samples, self.iw_chunk, self.test_iw, self.test_active_units = 0, 64, None, None
         self.data_config = None  # stored in checkpoints, so that evaluation can find the data
-        self.stall_message = None
+        self.stall_message, self._stall_warned = None, False
         self._restored_rng = None
         self.last_kl_per_group = {}  # stage -> (groups,) nats per image, for plots
 
@@ -72,8 +72,10 @@ class VDVAEModule(LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
+        # Fused: one kernel for all parameters, and it honours `found_inf`, so a skipped update
+        # needs no decision on the host.
         optimizer = torch.optim.AdamW(
-            self.vae.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay
+            self.vae.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay, fused=True
         )
         warmup = max(h.warmup_steps, 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup))
@@ -87,18 +89,20 @@ class VDVAEModule(LightningModule):
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.hparams.grad_clip)
-        nonfinite = self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False)
-        skip = nonfinite or not torch.isfinite(grad_norm).item() or grad_norm.item() >= self.hparams.skip_threshold
-        self.attempted_steps += 1
-        if skip:
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            self._check_stall(grad_norm.item())
-        else:
-            optimizer.step()
-            self.consecutive_skips.zero_()
-            self._update_ema()
+        # The skip decision stays on the device (no host sync): 1.0 on a non-finite loss on any
+        # rank, or a non-finite or too large norm (the same on every rank after the all-reduce).
+        bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm) | (grad_norm >= self.hparams.skip_threshold)
+        skip = self.trainer.strategy.reduce(bad.float(), reduce_op="max")
+        optimizer.optimizer.found_inf = skip  # the fused AdamW kernel does nothing when it is 1
+        optimizer.step()
+        self._update_ema(weight=(1.0 - self.hparams.ema_decay) * (1.0 - skip))
         schedule.step()
+        self.attempted_steps += 1
+        self.skipped_steps += skip.long()
+        self.consecutive_skips.add_(1).mul_(skip.long())
+        # Reading the counter syncs an accelerator with the host: there, look only every 10 steps.
+        if self.device.type == "cpu" or batch_idx % 10 == 0:
+            self._check_stall(grad_norm)
         self.log_dict(
             {
                 "train/loss": loss,
@@ -106,7 +110,7 @@ class VDVAEModule(LightningModule):
                 "train/distortion": out.distortion.mean(),
                 "train/rate": out.rate.mean(),
                 "train/grad_norm": grad_norm,
-                "train/skipped": float(skip),
+                "train/skipped": skip,
                 "train/skipped_total": self.skipped_steps.float(),
                 "train/skip_rate": self.skipped_steps.float() / self.attempted_steps,
             },
@@ -118,20 +122,23 @@ class VDVAEModule(LightningModule):
         return loss
 
     @torch.no_grad()
-    def _update_ema(self):
-        ema, online = list(self.ema.parameters()), list(self.vae.parameters())
-        torch._foreach_lerp_(ema, online, 1.0 - self.hparams.ema_decay)
+    def _update_ema(self, weight):
+        """ema += weight * (online - ema); a zero weight (a skipped update) leaves it exactly as it was."""
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.vae.parameters()), weight)
 
     def _check_stall(self, grad_norm):
         n, h = int(self.consecutive_skips), self.hparams
-        if n == h.skip_warn_after:
+        if n < h.skip_warn_after:
+            self._stall_warned = False
+        elif not self._stall_warned:
+            self._stall_warned = True
             rank_zero_warn(
-                f"{n} consecutive updates skipped (grad norm {grad_norm:.1f} vs model.skip_threshold="
+                f"{n} consecutive updates skipped (grad norm {float(grad_norm):.1f} vs model.skip_threshold="
                 f"{h.skip_threshold}); training makes no progress while this lasts"
             )
         if n >= h.max_consecutive_skips:
             self.stall_message = (
-                f"stopped: {n} consecutive updates were skipped (last grad norm {grad_norm:.1f}, "
+                f"stopped: {n} consecutive updates were skipped (last grad norm {float(grad_norm):.1f}, "
                 f"model.skip_threshold={h.skip_threshold}). Raise model.skip_threshold, lower model.lr, or resume "
                 f"from an earlier checkpoint; model.max_consecutive_skips={h.max_consecutive_skips} sets this limit."
             )

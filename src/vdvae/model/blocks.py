@@ -117,8 +117,9 @@ class ResBlock(nn.Module):
         self.residual = residual
         self.down_rate = down_rate
 
-    def forward(self, x):
-        h = self.conv_in(F.gelu(x))
+    def forward(self, x, gelu_x=None):
+        """`gelu_x`: F.gelu(x) when the caller already has it (blocks that read one input share it)."""
+        h = self.conv_in(F.gelu(x) if gelu_x is None else gelu_x)
         h = self.conv_mid1(F.gelu(h))
         h = self.conv_mid2(F.gelu(h))
         h = self.conv_out(F.gelu(h))

@@ -64,7 +64,7 @@ class GroupOutput:
     """What one decoder block did: its latent, posterior and prior parameters, and the KL map."""
 
     z: torch.Tensor
-    prior: tuple
+    prior: tuple | None
     posterior: tuple | None = None
     kl: torch.Tensor | None = None
 
@@ -122,19 +122,21 @@ class DecoderBlock(nn.Module):
         self.resnet.scale_last(depth_scale(n_blocks))
 
     def forward(self, x, activation=None, z=None, temperature=1.0, use_mean=False):
-        """x: decoder state (N, W, R, R). With `activation` the latent comes from the posterior
-        (its mean if `use_mean`), else `z` if given, else the prior at `temperature`."""
+        """x: decoder state (N, W, R, R). With `activation` (the encoder's, passed through GELU)
+        the latent comes from the posterior (its mean if `use_mean`), else `z` if given, else the
+        prior at `temperature`."""
         if not self.latent:
             return self.resnet(x), None
-        features = self.prior(x)
-        p_mean, p_logstd, residual = (
-            features[:, : self.zdim],
-            features[:, self.zdim : 2 * self.zdim],
-            features[:, 2 * self.zdim :],
-        )
+        # Prior and posterior both open with GELU of the state: compute it once. The posterior's
+        # GELU(cat[x, a]) is cat[GELU(x), GELU(a)], and GELU(a) is shared by all blocks at R.
+        gelu_x = F.gelu(x)
+        p_mean, p_logstd, residual = self.prior(x, gelu_x).split([self.zdim, self.zdim, x.shape[1]], dim=1)
+        # Latents and KL in fp32 also under autocast, like the likelihood (no-ops in fp32).
+        p_mean, p_logstd = p_mean.float(), p_logstd.float()
         out = GroupOutput(z=None, prior=(p_mean, p_logstd))
         if activation is not None:
-            q_mean, q_logstd = self.posterior(torch.cat([x, activation], dim=1)).chunk(2, dim=1)
+            posterior = self.posterior(None, torch.cat([gelu_x, activation], dim=1)).float()
+            q_mean, q_logstd = posterior.chunk(2, dim=1)
             out.posterior = (q_mean, q_logstd)
             out.kl = gaussian_kl(q_mean, q_logstd, p_mean, p_logstd)
             out.z = q_mean if use_mean else gaussian_sample(q_mean, q_logstd)
@@ -172,14 +174,26 @@ class Decoder(nn.Module):
     def n_groups(self):
         return sum(block.latent for block in self.blocks)
 
-    def forward(self, n, activations=None, latents=(), temperature=1.0, use_mean=False, checkpointing=False):
+    def forward(
+        self,
+        n,
+        activations=None,
+        latents=(),
+        temperature=1.0,
+        use_mean=False,
+        checkpointing=False,
+        keep_distributions=True,
+    ):
         """Run the blocks top-down. Groups take the posterior when `activations` is given, else
-        `latents[t]` while there are given latents, else the prior at temperature(s)."""
+        `latents[t]` while there are given latents, else the prior at temperature(s).
+
+        Without `keep_distributions` the groups keep only z and the KL map, so that (with
+        checkpointing) the prior's and posterior's outputs are freed block by block."""
         temps = list(temperature) if isinstance(temperature, Sequence) else [temperature] * self.n_groups
         if len(temps) != self.n_groups:
             raise ValueError(f"got {len(temps)} temperatures for {self.n_groups} latent groups")
         ref = self.out_gain
-        states, groups = {}, []
+        states, groups, gelu_activations = {}, [], {}
         for block in self.blocks:
             r, w = block.resolution, self.widths[block.resolution]
             if r in states:
@@ -191,8 +205,10 @@ class Decoder(nn.Module):
             if block.mixin is not None:
                 x = x + F.interpolate(states[block.mixin][:, :w], scale_factor=r // block.mixin, mode="nearest")
             t = len(groups)
+            if activations is not None and block.latent and r not in gelu_activations:
+                gelu_activations[r] = F.gelu(activations[r])
             kwargs = dict(
-                activation=None if activations is None else activations[r],
+                activation=gelu_activations.get(r),
                 z=latents[t] if block.latent and t < len(latents) else None,
                 temperature=temps[t] if block.latent else 1.0,
                 use_mean=use_mean,
@@ -203,7 +219,7 @@ class Decoder(nn.Module):
                 x, out = block(x, **kwargs)
             states[r] = x
             if out is not None:
-                groups.append(out)
+                groups.append(out if keep_distributions else GroupOutput(z=out.z, prior=None, kl=out.kl))
         return states[self.image_size] * self.out_gain + self.out_bias, groups
 
 
@@ -279,7 +295,9 @@ class VAE(nn.Module):
         """
         x = self._check_input(x)
         activations = self.encoder(x, self.checkpointing)
-        h, groups = self.decoder(x.shape[0], activations, use_mean=use_mean, checkpointing=self.checkpointing)
+        h, groups = self.decoder(
+            x.shape[0], activations, use_mean=use_mean, checkpointing=self.checkpointing, keep_distributions=False
+        )
         log_px_z = self.likelihood.log_prob(self.likelihood(h), target)
         kl = torch.stack([g.kl.float().sum(dim=(1, 2, 3)) for g in groups], dim=1)
         return ELBO(log_px_z=log_px_z, kl=kl, ndims=target[0].numel())
