@@ -3,6 +3,7 @@
 import json
 
 from vdvae import bench
+from vdvae.model import VAE
 
 
 def test_bench_writes_every_figure(tmp_path):
@@ -23,11 +24,14 @@ def test_bench_writes_every_figure(tmp_path):
             "2",
             "--warmup",
             "1",
+            "--allocated-memory",
             "--out",
             str(out),
         ]
     )
     report = json.loads(out.read_text())
+    hparams = bench.model_hparams("tiny")
+    n_params = sum(p.numel() for p in VAE(**hparams["vae"]).parameters())
     assert set(report["results"]) == {"fp32", "bf16-cl", "fp32-ckpt"}
     for result in report["results"].values():
         for key in (
@@ -42,3 +46,5 @@ def test_bench_writes_every_figure(tmp_path):
             assert result[key] > 0 or key == "peak_memory_mb", key
         assert result["gflop_per_image_train"] > 2 * result["gflop_per_image_forward"]
         assert result["skipped"] == 0
+        # Live tensors at the peak hold at least the weights, gradients, both Adam moments and the EMA.
+        assert result["allocated_peak_mb"] * 2**20 >= 5 * 4 * n_params

@@ -62,17 +62,19 @@ def peak_memory_mb(device) -> float:
 
 
 def peak_flops(device, dtype) -> float:
-    """Measured matmul FLOP/s of the device at `dtype` (the best of a few 2048^3 products)."""
-    n = 2048
+    """Measured FLOP/s of the device at `dtype`: the best of a large matrix product and a large
+    3x3 convolution (channels_last), each the fastest of a few runs."""
+    import torch.nn.functional as F
+
+    n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(4):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    x = torch.randn(16, 256, 32, 32, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    kernels = [(lambda: a @ b, 2 * n**3), (lambda: F.conv2d(x, w, padding=1), 2 * x.numel() * 256 * 9)]
+    best = 0.0
+    for run, flops in kernels:
+        best = max(best, flops / timed(run, device, repeats=5, reduce=min))
+    return best
 
 
 def model_hparams(preset: str, overrides=()):
@@ -136,7 +138,8 @@ def flops_per_image(vae, x, target) -> tuple[float, float]:
     return forward.get_total_flops() / n, (forward.get_total_flops() + backward.get_total_flops()) / n
 
 
-def timed(fn, device, repeats):
+def timed(fn, device, repeats, reduce=statistics.median):
+    """Seconds per call of fn: `reduce` (median) of the calls after the first."""
     times = []
     for _ in range(repeats):
         sync(device)
@@ -144,7 +147,7 @@ def timed(fn, device, repeats):
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:] if len(times) > 1 else times)
+    return reduce(times[1:] if len(times) > 1 else times)
 
 
 def run_ours(args, name, device, train_only=False):

@@ -69,6 +69,13 @@ class GroupOutput:
     kl: torch.Tensor | None = None
 
 
+def _as_conv_input(t):
+    """`t` in the dtype autocast runs convolutions in (itself without autocast): a tensor that feeds
+    several convolutions is then cast once, not once per convolution."""
+    device = t.device.type
+    return t.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else t
+
+
 class Encoder(nn.Module):
     """Bottom-up ResNet; returns the last activation at every resolution (zero-padded to its width)."""
 
@@ -129,7 +136,7 @@ class DecoderBlock(nn.Module):
             return self.resnet(x), None
         # Prior and posterior both open with GELU of the state: compute it once. The posterior's
         # GELU(cat[x, a]) is cat[GELU(x), GELU(a)], and GELU(a) is shared by all blocks at R.
-        gelu_x = F.gelu(x)
+        gelu_x = _as_conv_input(F.gelu(x))
         p_mean, p_logstd, residual = self.prior(x, gelu_x).split([self.zdim, self.zdim, x.shape[1]], dim=1)
         # Latents and KL in fp32 also under autocast, like the likelihood (no-ops in fp32).
         p_mean, p_logstd = p_mean.float(), p_logstd.float()
@@ -206,7 +213,7 @@ class Decoder(nn.Module):
                 x = x + F.interpolate(states[block.mixin][:, :w], scale_factor=r // block.mixin, mode="nearest")
             t = len(groups)
             if activations is not None and block.latent and r not in gelu_activations:
-                gelu_activations[r] = F.gelu(activations[r])
+                gelu_activations[r] = _as_conv_input(F.gelu(activations[r]))
             kwargs = dict(
                 activation=gelu_activations.get(r),
                 z=latents[t] if block.latent and t < len(latents) else None,
