@@ -8,8 +8,10 @@ original VDVAE code from a local copy (never part of this package).
 A training step is the real one: Lightning, the data pipeline (uint8 to the device, preprocessing
 there), forward, backward, clipping, the skip decision, AdamW and the EMA. Every config runs in its
 own process, so that peak memory (CUDA: allocator peak; CPU: peak resident set above the memory
-in use before the model is built) is its own.
-Times are medians over `--steps` after `--warmup` steps; compare configs of one run only.
+in use before the model is built) is its own; `--allocated-memory` adds, on the CPU, the peak of
+live tensor memory (what the CUDA figure measures), free of the C allocator's fragmentation.
+Times are medians over `--steps` after `--warmup` steps, and over `--repeats` rounds through all
+configs; compare configs of one run only.
 """
 
 import argparse
@@ -315,6 +317,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all configs; figures are medians")
     parser.add_argument(
         "--allocated-memory",
         action="store_true",
@@ -330,9 +333,20 @@ def main(argv=None):
         parser.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
     names = (["original"] if args.original else []) + args.configs
     passed = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--allocated-memory"]
+    # Rounds over all configs, the original included: a drift in the machine's speed then hits
+    # every config alike, and each figure is the median of its rounds.
+    rounds = {name: [] for name in names}
+    for i in range(args.repeats):
+        for name in names:
+            rounds[name].append(run_config(name, passed))
+            print(
+                f"round {i + 1}/{args.repeats} {name:>16}: {rounds[name][-1]['train_images_per_s']:6.2f} img/s",
+                flush=True,
+            )
     results = {}
-    for name in names:
-        results[name] = run_config(name, passed)
+    for name, runs in rounds.items():
+        results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        results[name]["train_images_per_s_rounds"] = [r["train_images_per_s"] for r in runs]
         if args.allocated_memory:
             results[name].update(run_config(name, [*passed, "--allocated-memory"]))
         allocated = results[name].get("allocated_peak_mb")
