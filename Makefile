@@ -36,4 +36,5 @@ fashion-mnist:
 # checkpointing, on the cifar10 preset at batch 8. Set ORIGINAL=/path/to/openai-vdvae to add the original.
 bench: install
 	$(PY) -m vdvae.bench --preset cifar10 --batch 8 --configs fp32 fp32-cl bf16-cl fp32-ckpt bf16-ckpt --allocated-memory \
+		--repeats 3 --steps 3 --warmup 1 \
 		$(if $(ORIGINAL),--original $(ORIGINAL)) --out bench.json

@@ -61,6 +61,7 @@ def test_multirun_makes_one_run_dir_and_one_wandb_run_per_job(tmp_path):
             ["model=tiny", "data=digits", "data.binarize=true"],
             "data.binarize=True needs model.vae.likelihood=bernoulli",
         ),
+        (["model=tiny", "data=digits", "trainer.precision=16-mixed"], "use trainer.precision=bf16-mixed"),
         (
             [
                 "model=tiny",

@@ -29,6 +29,12 @@ def check_config(cfg: DictConfig):
                 f"model.vae.{model_key}={vae[model_key]} does not match data.{data_key}={data[data_key]}: "
                 f"pick a model preset made for this data, or override one of the two"
             )
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
+    if precision.startswith("16") or precision == "transformer-engine":
+        raise ConfigError(
+            f"trainer.precision={precision} is not supported: fp16 loss scaling would take over the skip decision "
+            f"of the fused optimizer; use trainer.precision=bf16-mixed (or 32-true)"
+        )
     if bool(data.binarize) != (vae.likelihood == "bernoulli"):
         raise ConfigError(
             f"data.binarize={data.binarize} needs model.vae.likelihood={'bernoulli' if data.binarize else 'dmol'} "
