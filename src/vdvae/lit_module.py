@@ -225,6 +225,10 @@ class VDVAEModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self._restored_rng = checkpoint.get("rng_states")
+        # Checkpoints from before the fused optimizer resume with it (the skip decision needs it).
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                group.update(fused=True, foreach=None)
 
     def on_train_start(self):
         states = self._restored_rng
