@@ -140,8 +140,8 @@ def flops_per_image(vae, x, target) -> tuple[float, float]:
     return forward.get_total_flops() / n, (forward.get_total_flops() + backward.get_total_flops()) / n
 
 
-def timed(fn, device, repeats, reduce=statistics.median):
-    """Seconds per call of fn: `reduce` (median) of the calls after the first."""
+def timed(fn, device, repeats, warmup=1, reduce=statistics.median):
+    """Seconds per call of fn over `repeats` calls: `reduce` (median) of those after the first `warmup`."""
     times = []
     for _ in range(repeats):
         sync(device)
@@ -149,7 +149,7 @@ def timed(fn, device, repeats, reduce=statistics.median):
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return reduce(times[1:] if len(times) > 1 else times)
+    return reduce(times[warmup:] or times)
 
 
 def run_ours(args, name, device, train_only=False):
@@ -244,14 +244,7 @@ def run_original(args, device):
                 for p, q in zip(vae.parameters(), ema.parameters(), strict=True):
                     q.mul_(hparams["ema_decay"]).add_(p * (1 - hparams["ema_decay"]))
 
-    times = []
-    for _ in range(args.warmup + args.steps):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    s = statistics.median(times[args.warmup :])
+    s = timed(step, device, args.warmup + args.steps, warmup=args.warmup)
     return {"train_images_per_s": args.batch / s, "train_step_s": s, "peak_memory_mb": peak_memory_mb(device)}
 
 
