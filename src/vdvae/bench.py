@@ -324,6 +324,8 @@ def main(argv=None):
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    if args.original and model_hparams(args.preset)["vae"]["image_channels"] != 3:
+        parser.error(f"--original runs the original code, which models RGB images only; {args.preset} is not RGB")
     names = (["original"] if args.original else []) + args.configs
     passed = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--allocated-memory"]
     # Rounds over all configs, the original included: a drift in the machine's speed then hits
