@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from vdvae import bench
 from vdvae.model import VAE
 
@@ -42,9 +44,24 @@ def test_bench_writes_every_figure(tmp_path):
             "gflop_per_image_train",
             "fraction_of_peak",
             "speedup_vs_fp32",
+            "aten_ops_per_forward_backward",
         ):
             assert result[key] > 0 or key == "peak_memory_mb", key
         assert result["gflop_per_image_train"] > 2 * result["gflop_per_image_forward"]
         assert result["skipped"] == 0
         # Live tensors at the peak hold at least the weights, gradients, both Adam moments and the EMA.
         assert result["allocated_peak_mb"] * 2**20 >= 5 * 4 * n_params
+    # Autocast adds casts: every convolution's weight and bias, and their gradients back to float32.
+    results = report["results"]
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in VAE(**hparams["vae"]).modules())
+    assert results["bf16-cl"]["aten_ops_per_forward_backward"] >= (
+        results["fp32"]["aten_ops_per_forward_backward"] + 4 * n_convs
+    )
+
+
+def test_op_counter_counts_operators_but_not_views():
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    with bench.OpCounter() as ops:
+        y = (a + b).view(-1).t()  # one addition, two views
+        (y * 2).sum()  # two operators
+    assert ops.count == 3

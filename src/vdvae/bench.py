@@ -27,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vdvae.original import to_original_hparams
 
@@ -128,16 +129,38 @@ class StepTimer:
         self.times.append(time.perf_counter() - self._start)
 
 
-def flops_per_image(vae, x, target) -> tuple[float, float]:
-    """FLOPs of one forward and of one forward + backward, per image (torch's FLOP counter)."""
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched while active, views aside. Each costs the host its
+    dispatch and, on a GPU, mostly one kernel launch: the bound on an eager step whose kernels are
+    too small to keep the device busy."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def step_counts(vae, x, target, autocast) -> dict:
+    """FLOPs per image of one forward and of forward + backward (torch's FLOP counter), and the
+    operators one forward + backward dispatches (OpCounter), under `autocast`. Both are counted in
+    eager mode, for a compiled model too."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as forward:
-        loss = vae(x, target).loss.mean()
-    with FlopCounterMode(display=False) as backward:
-        loss.backward()
+    vae.zero_grad()  # as in a training step: no accumulation into earlier gradients
+    with torch.compiler.set_stance("force_eager"), OpCounter() as ops:
+        with FlopCounterMode(display=False) as forward, autocast:
+            loss = vae(x, target).loss.mean()
+        with FlopCounterMode(display=False) as backward:
+            loss.backward()
     n = x.shape[0]
-    return forward.get_total_flops() / n, (forward.get_total_flops() + backward.get_total_flops()) / n
+    return {
+        "gflop_per_image_forward": forward.get_total_flops() / n / 1e9,
+        "gflop_per_image_train": (forward.get_total_flops() + backward.get_total_flops()) / n / 1e9,
+        "aten_ops_per_forward_backward": ops.count,
+    }
 
 
 def timed(fn, device, repeats, warmup=1, reduce=statistics.median):
@@ -208,8 +231,7 @@ def run_ours(args, name, device, train_only=False):
     with torch.no_grad(), autocast:
         result["eval_images_per_s"] = args.batch / timed(lambda: vae(x, target), device, 3)
         result["sample_images_per_s"] = args.batch / timed(lambda: vae.sample(args.batch), device, 3)
-    fwd, fwd_bwd = flops_per_image(module.vae.to(device), x, target)
-    result.update(gflop_per_image_forward=fwd / 1e9, gflop_per_image_train=fwd_bwd / 1e9)
+    result.update(step_counts(module.vae.to(device), x, target, autocast))
     return result
 
 
@@ -245,7 +267,11 @@ def run_original(args, device):
                     q.mul_(hparams["ema_decay"]).add_(p * (1 - hparams["ema_decay"]))
 
     s = timed(step, device, args.warmup + args.steps, warmup=args.warmup)
-    return {"train_images_per_s": args.batch / s, "train_step_s": s, "peak_memory_mb": peak_memory_mb(device)}
+    result = {"train_images_per_s": args.batch / s, "train_step_s": s, "peak_memory_mb": peak_memory_mb(device)}
+    vae.zero_grad()
+    with OpCounter() as ops:
+        vae(x, target)["elbo"].backward()
+    return result | {"aten_ops_per_forward_backward": ops.count}
 
 
 def allocated_peak_mb(run) -> float:
