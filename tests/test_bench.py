@@ -33,7 +33,8 @@ def test_bench_writes_every_figure(tmp_path):
     )
     report = json.loads(out.read_text())
     hparams = bench.model_hparams("tiny")
-    n_params = sum(p.numel() for p in VAE(**hparams["vae"]).parameters())
+    model = VAE(**hparams["vae"])
+    n_params = sum(p.numel() for p in model.parameters())
     assert set(report["results"]) == {"fp32", "bf16-cl", "fp32-ckpt"}
     for result in report["results"].values():
         for key in (
@@ -53,7 +54,7 @@ def test_bench_writes_every_figure(tmp_path):
         assert result["allocated_peak_mb"] * 2**20 >= 5 * 4 * n_params
     # Autocast adds casts: every convolution's weight and bias, and their gradients back to float32.
     results = report["results"]
-    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in VAE(**hparams["vae"]).modules())
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     assert results["bf16-cl"]["aten_ops_per_forward_backward"] >= (
         results["fp32"]["aten_ops_per_forward_backward"] + 4 * n_convs
     )
