@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._inductor.config
 from hydra.utils import instantiate
 
 from tests.conftest import DATA, build_model, model_config, perturb_, random_batch
@@ -226,11 +227,9 @@ def test_every_model_preset_instantiates_as_a_lightning_module():
         assert isinstance(module.hparams.vae, dict)  # plain values: loadable without Hydra
 
 
-def test_compiled_model_matches_eager(monkeypatch):
+@torch._inductor.config.patch(fallback_random=True)  # (monkeypatch would delete the option on undo)
+def test_compiled_model_matches_eager():
     """torch.compile (inductor) gives the eager fp32 loss and gradients; eager RNG keeps the noise identical."""
-    import torch._inductor.config as inductor
-
-    monkeypatch.setattr(inductor, "fallback_random", True)
     torch.manual_seed(0)
     eager = perturb_(build_model("tiny", "channels_last=true"))
     compiled = build_model("tiny", "channels_last=true")

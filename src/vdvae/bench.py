@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from vdvae.model.cast_weights import call_with_cast_weights
 from vdvae.original import to_original_hparams
 
 # name -> (precision, channels_last, compile, checkpointing)
@@ -152,7 +153,7 @@ def step_counts(vae, x, target, autocast) -> dict:
     vae.zero_grad()  # as in a training step: no accumulation into earlier gradients
     with torch.compiler.set_stance("force_eager"), OpCounter() as ops:
         with FlopCounterMode(display=False) as forward, autocast:
-            loss = vae(x, target).loss.mean()
+            loss = call_with_cast_weights(vae, x, target).loss.mean()
         with FlopCounterMode(display=False) as backward:
             loss.backward()
     n = x.shape[0]
@@ -229,7 +230,7 @@ def run_ours(args, name, device, train_only=False):
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
     with torch.no_grad(), autocast:
-        result["eval_images_per_s"] = args.batch / timed(lambda: vae(x, target), device, 3)
+        result["eval_images_per_s"] = args.batch / timed(lambda: call_with_cast_weights(vae, x, target), device, 3)
         result["sample_images_per_s"] = args.batch / timed(lambda: vae.sample(args.batch), device, 3)
     result.update(step_counts(module.vae.to(device), x, target, autocast))
     return result
