@@ -1,14 +1,14 @@
 """Casting the convolution weights together gives autocast's step exactly, in fewer operators, and
 in fewer kernels when compiled."""
 
-import lightning as L
 import pytest
 import torch
 import torch._inductor.config
 
 from tests.conftest import build_model, perturb_, random_batch
+from tests.run_helpers import fit_on_batches
 from vdvae import VDVAEModule
-from vdvae.bench import OpCounter, model_hparams, synthetic_data
+from vdvae.bench import OpCounter, model_hparams
 from vdvae.model import cast_weights
 from vdvae.model.cast_weights import call_with_cast_weights, cast_conv_weights
 
@@ -87,20 +87,10 @@ def test_training_with_weights_cast_together_is_training_with_autocast(monkeypat
 
     def train(cast_per_weight_on):
         monkeypatch.setattr(cast_weights, "CAST_PER_WEIGHT_ON", cast_per_weight_on)
-        hparams = model_hparams("tiny", ["model.vae.channels_last=true", "model.warmup_steps=1"])
-        L.seed_everything(0)
-        module = VDVAEModule(**hparams)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            precision="bf16-mixed",
-            max_steps=3,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-        )
-        trainer.fit(module, datamodule=synthetic_data(hparams["vae"], batch=4, n_batches=3))
+        torch.manual_seed(0)
+        module = VDVAEModule(**model_hparams("tiny", ["model.vae.channels_last=true", "model.warmup_steps=1"]))
+        batches = [random_batch(module.vae, seed=i) for i in range(3)]
+        fit_on_batches(module, batches, precision="bf16-mixed")
         return module.state_dict()
 
     per_weight, together = train({"cpu"}), train(set())
