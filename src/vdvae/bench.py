@@ -29,23 +29,18 @@ from types import SimpleNamespace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vdvae.model import cast_weights
 from vdvae.original import to_original_hparams
 
-# name -> (precision, channels_last, compile, checkpointing, per-weight casts)
+# name -> (precision, channels_last, compile, checkpointing)
 CONFIGS = {
-    "fp32": ("32-true", False, False, False, False),
-    "fp32-cl": ("32-true", True, False, False, False),
-    "fp32-cl-compile": ("32-true", True, True, False, False),
-    "fp32-ckpt": ("32-true", True, False, True, False),
-    "bf16": ("bf16-mixed", False, False, False, False),
-    "bf16-cl": ("bf16-mixed", True, False, False, False),
-    "bf16-cl-compile": ("bf16-mixed", True, True, False, False),
-    "bf16-ckpt": ("bf16-mixed", True, False, True, False),
-    # Autocast's own per-weight casts on every device, as on the CPU: the baseline of casting the
-    # convolution weights together, which accelerators do (vdvae.model.cast_weights).
-    "bf16-cl-per-weight-casts": ("bf16-mixed", True, False, False, True),
-    "bf16-cl-compile-per-weight-casts": ("bf16-mixed", True, True, False, True),
+    "fp32": ("32-true", False, False, False),
+    "fp32-cl": ("32-true", True, False, False),
+    "fp32-cl-compile": ("32-true", True, True, False),
+    "fp32-ckpt": ("32-true", True, False, True),
+    "bf16": ("bf16-mixed", False, False, False),
+    "bf16-cl": ("bf16-mixed", True, False, False),
+    "bf16-cl-compile": ("bf16-mixed", True, True, False),
+    "bf16-ckpt": ("bf16-mixed", True, False, True),
 }
 
 
@@ -157,7 +152,7 @@ def step_counts(vae, x, target, autocast) -> dict:
     vae.zero_grad()  # as in a training step: no accumulation into earlier gradients
     with torch.compiler.set_stance("force_eager"), OpCounter() as ops:
         with FlopCounterMode(display=False) as forward, autocast:
-            loss = cast_weights.call_with_cast_weights(vae, x, target).loss.mean()
+            loss = vae(x, target).loss.mean()
         with FlopCounterMode(display=False) as backward:
             loss.backward()
     n = x.shape[0]
@@ -186,9 +181,7 @@ def run_ours(args, name, device, train_only=False):
 
     from vdvae.lit_module import VDVAEModule
 
-    precision, channels_last, compile_, checkpointing, per_weight_casts = CONFIGS[name]
-    if per_weight_casts:  # this process runs this config only
-        cast_weights.CAST_PER_WEIGHT_ON = cast_weights.CAST_PER_WEIGHT_ON | {device.type}
+    precision, channels_last, compile_, checkpointing = CONFIGS[name]
     hparams = model_hparams(
         args.preset,
         [
@@ -236,9 +229,7 @@ def run_ours(args, name, device, train_only=False):
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
     with torch.no_grad(), autocast:
-        result["eval_images_per_s"] = args.batch / timed(
-            lambda: cast_weights.call_with_cast_weights(vae, x, target), device, 3
-        )
+        result["eval_images_per_s"] = args.batch / timed(lambda: vae(x, target), device, 3)
         result["sample_images_per_s"] = args.batch / timed(lambda: vae.sample(args.batch), device, 3)
     result.update(step_counts(module.vae.to(device), x, target, autocast))
     return result

@@ -21,7 +21,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from vdvae.evaluation import ActiveUnits, IWMetric, iw_bound
 from vdvae.metrics import ELBOMetric
 from vdvae.model import VAE
-from vdvae.model.cast_weights import call_with_cast_weights
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ class VDVAEModule(LightningModule):
     def training_step(self, batch, batch_idx):
         x, target = batch
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
-        out = call_with_cast_weights(self.vae, x, target)  # under bf16 autocast: weights cast at once
+        out = self.vae(x, target)
         loss = out.loss.mean()
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
@@ -150,7 +149,7 @@ class VDVAEModule(LightningModule):
         x, target = batch
         # Evaluation noise is fixed per batch and does not disturb the training RNG stream.
         with seeded(self.device, self.hparams.eval_seed + batch_idx):
-            metric.update(call_with_cast_weights(self.ema, x, target))
+            metric.update(self.ema(x, target))
 
     def enable_evaluation(self, iw_samples: int = 0, iw_chunk: int = 64, active_units: bool = True):
         """Also compute, on the test set, the K-sample importance-weighted bound and active units."""
