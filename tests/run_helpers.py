@@ -1,5 +1,4 @@
-"""Run train.py's recipe in-process (composed with Hydra's compose API) or as a subprocess, or fit a
-module on given batches."""
+"""Run train.py's recipe in-process (composed with Hydra's compose API) or as a subprocess."""
 
 import os
 import subprocess
@@ -7,9 +6,7 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from lightning import Trainer
 from omegaconf import open_dict
-from torch.utils.data import DataLoader
 
 from tests.conftest import ROOT, compose_config
 from vdvae.train import train
@@ -49,36 +46,3 @@ def run_script(*args: str, timeout=600, env=None) -> subprocess.CompletedProcess
     return subprocess.run(
         [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
     )
-
-
-class Snapshots:
-    """Copies of the weights and EMA before every training step."""
-
-    def __init__(self):
-        self.before = []
-
-    def __call__(self, module):
-        self.before.append(
-            (
-                [p.detach().clone() for p in module.vae.parameters()],
-                [p.detach().clone() for p in module.ema.parameters()],
-            )
-        )
-
-
-def fit_on_batches(module, batches, **trainer_kwargs):
-    """One epoch over `batches` on the CPU; the weights and EMA before every step and after the last."""
-    snapshots = Snapshots()
-    module.on_train_batch_start = lambda batch, idx: snapshots(module)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_kwargs,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
-    snapshots(module)
-    return snapshots.before

@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
+from lightning import Trainer
+from torch.utils.data import DataLoader
 
 from tests.conftest import TINY_VAE, build_model
-from tests.run_helpers import TINY_RUN, fit_on_batches, run_in_process
+from tests.run_helpers import TINY_RUN, run_in_process
 from vdvae import VDVAEModule
 
 
@@ -55,6 +57,38 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a["exp_avg"], b["exp_avg"])
     assert full["lr_schedulers"] == resumed["lr_schedulers"]
     assert val_bpd(tmp_path / "full")[-1] == val_bpd(tmp_path / "resumed")[-1]
+
+
+class Snapshots:
+    """Copies of the weights and EMA before every training step."""
+
+    def __init__(self):
+        self.before = []
+
+    def __call__(self, module):
+        self.before.append(
+            (
+                [p.detach().clone() for p in module.vae.parameters()],
+                [p.detach().clone() for p in module.ema.parameters()],
+            )
+        )
+
+
+def fit_on_batches(module, batches, **trainer_kwargs):
+    snapshots = Snapshots()
+    module.on_train_batch_start = lambda batch, idx: snapshots(module)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    snapshots(module)
+    return snapshots.before
 
 
 def test_nan_and_huge_gradient_batches_are_skipped_and_counted():
