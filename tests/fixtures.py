@@ -19,7 +19,8 @@ def make_cifar10(root: Path, per_batch=12, n_test=10) -> Path:
     for name, n in [*[(f"data_batch_{i}", per_batch) for i in range(1, 6)], ("test_batch", n_test)]:
         data = rng(len(name)).integers(0, 256, (n, 3072), dtype=np.uint8)
         with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": [0] * n, b"batch_label": name.encode()}, f)
+            # protocol 2, as the real files (written by Python 2's cPickle)
+            pickle.dump({b"data": data, b"labels": [0] * n, b"batch_label": name.encode()}, f, protocol=2)
     return root
 
 

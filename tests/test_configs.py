@@ -38,7 +38,7 @@ def test_default_is_the_quick_start():
 
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiments_compose_consistently(name):
-    from vdvae.train import check_config
+    from vdvae.config import check_config
 
     cfg = compose(f"experiment={name}")
     check_config(cfg)

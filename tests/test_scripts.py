@@ -1,15 +1,10 @@
-"""train.py as a user runs it (subprocesses): 2-process CPU DDP, a 2-job multirun with W&B, the
-config errors that must stop before any output, and SIGTERM saving a checkpoint."""
+"""train.py as a user runs it (subprocesses): 2-process CPU DDP and the config errors that must stop
+before any output (sweeps, resume and signals: test_readme.py and test_reliability.py)."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.run_helpers import TINY_RUN, run_script
 
 
@@ -32,24 +27,6 @@ def test_two_process_ddp_keeps_ranks_identical_and_tests_every_image_once(tmp_pa
     # 297 test images: 149 + 148, none padded or dropped, and the metric counts each once.
     assert sorted(r["test_images_seen"] for r in ranks) == [148, 149]
     assert ranks[0]["test_n_images"] == 297
-
-
-def test_multirun_makes_one_run_dir_and_one_wandb_run_per_job(tmp_path):
-    result = run_script(
-        "-m",
-        *[o for o in TINY_RUN if not o.startswith("logger=")],
-        "logger=wandb",
-        "seed=1,2",
-        "trainer.max_steps=3",
-        "trainer.limit_val_batches=1",
-        "test=false",
-        f"hydra.sweep.dir={tmp_path}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert jobs == ["0", "1"]
-    runs = [list((tmp_path / j / "wandb").glob("offline-run-*")) for j in jobs]
-    assert [len(r) for r in runs] == [1, 1] and runs[0][0].name != runs[1][0].name
 
 
 @pytest.mark.parametrize(
@@ -103,34 +80,3 @@ def test_corrupt_data_file_is_named_and_leaves_nothing(tmp_path):
     assert result.returncode != 0
     assert "t10k-images-idx3-ubyte is not an idx3-ubyte image file (bad header)" in result.stderr
     assert not run_dir.exists()
-
-
-def test_sigterm_saves_a_checkpoint(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "train.py",
-            *TINY_RUN,
-            "trainer.max_epochs=1000",
-            "test=false",
-            "trainer.check_val_every_n_epoch=1000",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while not (run_dir / "csv").exists() and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)  # well into training
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    assert last.is_file(), stderr[-2000:]
-    import torch
-
-    assert torch.load(last, weights_only=False)["global_step"] > 0
-    assert not list((run_dir / "checkpoints").glob(".*tmp*"))

@@ -36,7 +36,7 @@ def test_resume_is_exact(tmp_path):
     run_in_process(tmp_path / "part", *TINY_RUN, "trainer.max_epochs=1", "test=false")
     # Written as by an unfused AdamW (older checkpoints): it resumes with the fused one, exactly.
     part = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(part, weights_only=False)
+    checkpoint = torch.load(part, weights_only=True)
     checkpoint["optimizer_states"][0]["param_groups"][0].update(fused=None)
     torch.save(checkpoint, part)
     run_in_process(
@@ -46,8 +46,8 @@ def test_resume_is_exact(tmp_path):
         "test=false",
         f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}",
     )
-    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
-    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert full["global_step"] == resumed["global_step"] > 0
     for key, value in full["state_dict"].items():  # weights, EMA and counters
         assert torch.equal(value, resumed["state_dict"][key]), key

@@ -1,8 +1,10 @@
-"""Optional training behaviour: sample and reconstruction grids, the rate-per-group plot, and a
-checkpoint on SIGTERM (SLURM pre-emption). Images are saved in the run directory and sent to the
-loggers that take images (W&B, TensorBoard)."""
+"""Optional training behaviour: sample and reconstruction grids, the rate-per-group plot, `last.ckpt`
+as the latest state (also on SIGTERM and crashes), and the W&B run id in checkpoints. Images are
+saved in the run directory and sent to the loggers that take images (W&B, TensorBoard)."""
 
 import logging
+import shutil
+import time
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +21,7 @@ from PIL import Image  # noqa: E402
 
 from vdvae import sampling  # noqa: E402
 from vdvae.lit_module import seeded  # noqa: E402
+from vdvae.model import NonFiniteOutputError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,13 @@ class ImageGrids(Callback):
 
     @rank_zero_only
     def write(self, trainer, module, dataset, stage):
+        try:
+            self.draw(trainer, module, dataset, stage)
+        except NonFiniteOutputError as error:  # the stall guard deals with the run; keep it going until then
+            log.warning("step %d: %s; no %s image grids", trainer.global_step, error, stage)
+            shutil.rmtree(self.dirpath / "tmp", ignore_errors=True)
+
+    def draw(self, trainer, module, dataset, stage):
         vae, step = module.ema, trainer.global_step
         with seeded(module.device, 0):
             paths = sampling.sample_grids(vae, self.n_samples, self.temperatures, self.dirpath / "tmp")
@@ -101,16 +111,60 @@ class RatePerGroupPlot(Callback):
         log_image(trainer, f"{stage}/rate_per_group", path)
 
 
-class CheckpointOnSigterm(Callback):
-    """On SIGTERM (SLURM pre-emption, `scancel`), save `last.ckpt` before the process exits."""
+class LastCheckpoint(Callback):
+    """`last.ckpt` is always the latest state: written every `every_n_train_steps` updates and every
+    `train_time_interval` seconds (what a kill -9 can lose), after every validation, at the end of
+    training (also when the stall guard stops it), and on SIGTERM or any exception in training.
+    Lightning's ModelCheckpoint writes `last` only at its own save events, so a run that ends between
+    them (max_steps mid-epoch, a stall) would leave its final state unsaved; the best weights are
+    ModelCheckpoint's job."""
 
-    def __init__(self, dirpath: str):
+    def __init__(self, dirpath: str, every_n_train_steps: int | None = None, train_time_interval: float | None = None):
         self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_train_steps, self.train_time_interval = every_n_train_steps, train_time_interval
+        self._saved_step, self._saved_time = -1, time.monotonic()
+
+    def save(self, trainer):
+        if trainer.global_step != self._saved_step:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self._saved_step, self._saved_time = trainer.global_step, time.monotonic()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        by_steps = self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0
+        by_time = bool(self.train_time_interval) and time.monotonic() - self._saved_time >= self.train_time_interval
+        if trainer.world_size > 1:  # every rank takes part in a save: rank 0's clock decides, every 50 steps
+            by_time = trainer.global_step % 50 == 0 and trainer.strategy.broadcast(by_time)
+        # The final step is saved here, not in on_train_end, where Lightning already counts the epoch as done:
+        # a run stopped mid-epoch (max_steps, the stall guard) resumes in that epoch.
+        last = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+        if by_steps or by_time or last:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer, module):
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.save(trainer)
+
+    def on_train_end(self, trainer, module):
+        self.save(trainer)
 
     def on_exception(self, trainer, module, exception):
-        if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
-            log.warning("SIGTERM: saved %s; resume with ckpt_path=%s", self.path, self.path)
+        if trainer.state.fn != "fit" or trainer.global_step == 0:
+            return
+        self._saved_step = -1
+        self.save(trainer)
+        what = "SIGTERM" if isinstance(exception, SIGTERMException) else type(exception).__name__
+        log.warning(
+            "%s at step %d: saved %s; resume with ckpt_path=%s", what, trainer.global_step, self.path, self.path
+        )
+
+
+class LoggerRunIds(Callback):
+    """Stores the W&B run id in every checkpoint, so that a resumed run continues the same W&B run."""
+
+    def on_save_checkpoint(self, trainer, module, checkpoint):
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                checkpoint["wandb_run_id"] = logger.version
 
 
 class BpdCurve(Callback):

@@ -1,5 +1,6 @@
-"""Loading checkpoints for evaluation and sampling: local files or W&B artifacts, with safe
-(weights-only) unpickling by default and clear errors for files that are not checkpoints."""
+"""Loading checkpoints for resuming, evaluation and sampling: local files or W&B artifacts, always
+unpickled weights-only (a checkpoint is data, never code), with clear errors for files that are not
+checkpoints or do not fit the model."""
 
 from pathlib import Path
 
@@ -33,11 +34,11 @@ def resolve(path: str) -> Path:
     return p
 
 
-def load_checkpoint(path, weights_only: bool = True) -> dict:
-    """torch.load a checkpoint on the CPU, explaining failures. `weights_only=False` only for trusted files."""
+def load_checkpoint(path) -> dict:
+    """torch.load a checkpoint on the CPU, weights-only (a checkpoint is data, never code), explaining failures."""
     p = resolve(path)
     try:
-        checkpoint = torch.load(p, map_location="cpu", weights_only=weights_only)
+        checkpoint = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types on a damaged file
         raise CheckpointError(
             f"{p} is not a readable checkpoint (truncated or corrupt?): {str(error)[:300]}"
@@ -50,14 +51,45 @@ def load_checkpoint(path, weights_only: bool = True) -> dict:
     return checkpoint
 
 
-def load_module(path, weights_only: bool = True) -> tuple[VDVAEModule, dict]:
+def state_mismatch(expected: dict, found: dict, limit: int = 5) -> str:
+    """The first few keys missing, unexpected or of another shape in `found`, or "" if it fits `expected`."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k} {tuple(found[k].shape)} (model: {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if keys:
+            more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+            parts.append(f"{len(keys)} {name}: {', '.join(keys[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def check_resume(path, module) -> dict:
+    """The checkpoint to resume `module`'s training from, read weights-only, after checking that it is one
+    and that its weights fit the model (the first few mismatched keys are named)."""
+    checkpoint = load_checkpoint(path)
+    mismatch = state_mismatch(module.state_dict(), checkpoint["state_dict"])
+    if mismatch:
+        raise CheckpointError(
+            f"{path} does not fit the configured model ({mismatch}). Resume with the model config it was "
+            f"trained with (its .hydra/config.yaml), or start a new run without ckpt_path"
+        )
+    return checkpoint
+
+
+def load_module(path) -> tuple[VDVAEModule, dict]:
     """The VDVAEModule stored in a checkpoint (in eval mode), and the checkpoint itself."""
-    checkpoint = load_checkpoint(path, weights_only)
+    checkpoint = load_checkpoint(path)
     try:
         module = VDVAEModule(**checkpoint["hyper_parameters"])
-        module.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as error:
-        raise CheckpointError(
-            f"{path}: its weights do not fit the model its hyperparameters describe: {error}"
-        ) from error
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path}: its hyperparameters do not describe a model: {str(error)[:300]}") from error
+    mismatch = state_mismatch(module.state_dict(), checkpoint["state_dict"])
+    if mismatch:
+        raise CheckpointError(f"{path}: its weights do not fit the model its hyperparameters describe ({mismatch})")
+    module.load_state_dict(checkpoint["state_dict"])
     return module.eval(), checkpoint

@@ -9,19 +9,27 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vdvae.checkpoints import load_module
-from vdvae.train import check_config, remove_empty_run_dir
+from vdvae.checkpoints import CheckpointError, load_module
+from vdvae.config import check_model_and_data, remove_empty_run_dir
+from vdvae.data import ImageDataModule, data_module_from_config
 
 log = logging.getLogger(__name__)
 
 
-def data_config(cfg: DictConfig, checkpoint: dict) -> DictConfig:
-    """The data of the config if given (data=...), else the one the checkpoint was trained on."""
+def data_module(cfg: DictConfig, checkpoint: dict, **overrides) -> tuple[ImageDataModule, dict]:
+    """The data module of the config if given (data=..., the user's own config), else the one the checkpoint
+    was trained on (plain values checked by `data_module_from_config`: a checkpoint never names code to run);
+    and its config as a plain dict."""
     if cfg.get("data") is not None:
-        return cfg.data
+        config = OmegaConf.to_container(cfg.data, resolve=True)
+        return instantiate(cfg.data, **overrides), config
     if "data_config" not in checkpoint:
         raise ValueError(f"{cfg.ckpt_path} does not say which data it was trained on: pass data=<name>")
-    return OmegaConf.create(checkpoint["data_config"])
+    config = checkpoint["data_config"]
+    try:
+        return data_module_from_config(config, **overrides), config
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{cfg.ckpt_path}: {error}") from error
 
 
 def format_table(metrics: dict) -> str:
@@ -32,13 +40,10 @@ def format_table(metrics: dict) -> str:
 
 def evaluate(cfg: DictConfig) -> dict:
     try:
-        module, checkpoint = load_module(cfg.ckpt_path, weights_only=cfg.weights_only)
-        data = data_config(cfg, checkpoint)
-        with_data = OmegaConf.create({"model": {"vae": module.hparams.vae}, "data": data})
-        check_config(with_data)
-        datamodule = instantiate(
-            data, batch_size=cfg.batch_size or data.batch_size, eval_batch_size=cfg.batch_size or data.eval_batch_size
-        )
+        module, checkpoint = load_module(cfg.ckpt_path)
+        sizes = {"batch_size": cfg.batch_size, "eval_batch_size": cfg.batch_size} if cfg.batch_size else {}
+        datamodule, data = data_module(cfg, checkpoint, **sizes)
+        check_model_and_data(module.hparams.vae, data)
         datamodule.setup("test")
     except Exception:
         remove_empty_run_dir()

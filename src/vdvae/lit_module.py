@@ -43,7 +43,7 @@ class VDVAEModule(LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
         grad_clip: float = 200.0,
-        skip_threshold: float = 400.0,
+        skip_threshold: float | None = 400.0,
         ema_decay: float = 0.9999,
         skip_warn_after: int = 20,
         max_consecutive_skips: int = 200,
@@ -52,6 +52,8 @@ class VDVAEModule(LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        # As in the original, -1 (or null) turns the norm-based skip off; non-finite updates are always skipped.
+        self.skips_on_norm = skip_threshold is not None and skip_threshold != -1
         self.automatic_optimization = False  # the skip decision sits between backward and step
         self.vae = VAE(**vae)
         self.ema = copy.deepcopy(self.vae).requires_grad_(False)
@@ -91,7 +93,9 @@ class VDVAEModule(LightningModule):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.hparams.grad_clip)
         # The skip decision stays on the device (no host sync): 1.0 on a non-finite loss on any
         # rank, or a non-finite or too large norm (the same on every rank after the all-reduce).
-        bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm) | (grad_norm >= self.hparams.skip_threshold)
+        bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+        if self.skips_on_norm:
+            bad = bad | (grad_norm >= self.hparams.skip_threshold)
         skip = self.trainer.strategy.reduce(bad.float(), reduce_op="max")
         optimizer.optimizer.found_inf = skip  # the fused AdamW kernel does nothing when it is 1
         optimizer.step()

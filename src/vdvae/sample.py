@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vdvae import sampling
 from vdvae.checkpoints import load_module
-from vdvae.eval import data_config
-from vdvae.train import remove_empty_run_dir
+from vdvae.config import remove_empty_run_dir
+from vdvae.eval import data_module
 
 log = logging.getLogger(__name__)
 MODES = ("samples", "reconstruct", "interpolate", "encode", "decode")
@@ -27,7 +26,7 @@ MODES = ("samples", "reconstruct", "interpolate", "encode", "decode")
 
 def input_images(cfg, vae, checkpoint, device):
     """uint8 images and model inputs: from `inputs`, else the first `n_images` of the test set."""
-    datamodule = instantiate(data_config(cfg, checkpoint))
+    datamodule, _ = data_module(cfg, checkpoint)
     if cfg.inputs:
         images = sampling.read_images(list(cfg.inputs), vae.image_size, vae.image_channels)[: cfg.n_images]
     else:
@@ -41,7 +40,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     if cfg.mode not in MODES:
         raise ValueError(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
     try:
-        module, checkpoint = load_module(cfg.ckpt_path, weights_only=cfg.weights_only)
+        module, checkpoint = load_module(cfg.ckpt_path)
     except Exception:
         remove_empty_run_dir()
         raise

@@ -3,57 +3,42 @@ trainer from the config, fit, test, and return the metric a sweep optimizes."""
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+
+from vdvae.checkpoints import check_resume
+from vdvae.config import check_config, remove_empty_run_dir
+from vdvae.loggers import loggers_from_config
+from vdvae.slurm import RequeueOnSignal
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-    """The composed config is inconsistent; the message names the options involved."""
+# The exit status of a run stopped by SIGTERM after saving (128 + 15, as the shell reports a kill by
+# SIGTERM), so that SLURM and wrapper scripts can tell a pre-empted run from a finished one.
+SIGTERM_EXIT_CODE = 143
 
 
-def check_config(cfg: DictConfig):
-    """Model and data must agree on the image shape, bit depth and likelihood, before any work starts."""
-    vae, data = cfg.model.vae, cfg.data
-    pairs = [("image_size", "image_size"), ("image_channels", "channels"), ("bits", "bits")]
-    for model_key, data_key in pairs:
-        if vae[model_key] != data[data_key] and not (model_key == "bits" and data.binarize):
-            raise ConfigError(
-                f"model.vae.{model_key}={vae[model_key]} does not match data.{data_key}={data[data_key]}: "
-                f"pick a model preset made for this data, or override one of the two"
-            )
-    precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
-    if precision.startswith("16") or precision == "transformer-engine":
-        raise ConfigError(
-            f"trainer.precision={precision} is not supported: fp16 loss scaling would take over the skip decision "
-            f"of the fused optimizer; use trainer.precision=bf16-mixed (or 32-true)"
-        )
-    if bool(data.binarize) != (vae.likelihood == "bernoulli"):
-        raise ConfigError(
-            f"data.binarize={data.binarize} needs model.vae.likelihood={'bernoulli' if data.binarize else 'dmol'} "
-            f"(got {vae.likelihood})"
-        )
-
-
-def remove_empty_run_dir():
-    """After a failure before training: delete what Hydra wrote for this run, if that is all there is."""
+def previous_last_checkpoint() -> str | None:
+    """`last.ckpt` of this job's run directory if it already has one: the job is a requeued one (a SLURM
+    job that submitit resubmits with its original overrides into the same directory), which resumes."""
     try:
-        out = Path(HydraConfig.get().runtime.output_dir)
+        last = Path(HydraConfig.get().runtime.output_dir) / "checkpoints" / "last.ckpt"
     except ValueError:  # not under Hydra
-        return
-    own = {".hydra", f"{HydraConfig.get().job.name}.log"}
-    if out.is_dir() and {p.name for p in out.iterdir()} <= own:
-        shutil.rmtree(out)
+        return None
+    return str(last) if last.is_file() else None
 
 
 def train(cfg: DictConfig) -> float | None:
+    ckpt_path = cfg.get("ckpt_path") or previous_last_checkpoint()
+    if ckpt_path and not cfg.get("ckpt_path"):
+        log.warning("this run directory already holds %s: resuming from it", ckpt_path)
     try:
         check_config(cfg)
         L.seed_everything(cfg.seed, workers=True)
@@ -63,11 +48,13 @@ def train(cfg: DictConfig) -> float | None:
         datamodule.setup("fit")  # missing or corrupt data fails here, before any output is written
         module = instantiate(cfg.model)
         module.data_config = OmegaConf.to_container(cfg.data, resolve=True)
+        resumed = check_resume(ckpt_path, module) if ckpt_path else None
     except Exception:
         remove_empty_run_dir()
         raise
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = loggers_from_config(cfg.get("logger"), resumed)
+    del resumed
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -80,13 +67,20 @@ def train(cfg: DictConfig) -> float | None:
         datamodule.name,
     )
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    requeue = RequeueOnSignal()  # SLURM pre-emption and time limits under submitit
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        if requeue.caught:
+            requeue.requeue()
+        log.error("stopped by SIGTERM; exit status %d", SIGTERM_EXIT_CODE)
+        raise SystemExit(SIGTERM_EXIT_CODE) from None
     if module.stall_message:
         raise RuntimeError(module.stall_message)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         if "test/bpd" in metrics:
             log.info(

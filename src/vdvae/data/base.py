@@ -100,6 +100,32 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler's order (fixed by seed and epoch), able to start its next epoch part-way through:
+    a run resumed mid-epoch skips the batches it has already trained on, so it sees the data in the order
+    the uninterrupted run would have."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0  # samples of this rank to skip in the next epoch only
+
+    def __iter__(self):
+        indices, self.skip = list(super().__iter__())[self.skip :], 0
+        return iter(indices)
+
+
+def batches_done_this_epoch(trainer) -> int:
+    """Batches of the current epoch that a restored checkpoint has trained on (0 unless resuming mid-epoch).
+
+    Read from Lightning's loop progress, which the checkpoint restores before the train dataloader is built;
+    `processed` counts the batches whose training step finished, wherever the checkpoint was saved.
+    """
+    fit_loop = getattr(trainer, "fit_loop", None)
+    if fit_loop is None or not fit_loop.restarting:
+        return 0
+    return fit_loop.epoch_loop.batch_progress.current.processed
+
+
 class ImageDataModule(LightningDataModule, abc.ABC):
     """Base DataModule: subclasses implement `load()` -> (train, val, test) datasets of uint8 images."""
 
@@ -181,9 +207,11 @@ class ImageDataModule(LightningDataModule, abc.ABC):
                 f"{self.name}: {len(self.train_set)} training images are fewer than one batch "
                 f"(data.batch_size={self.batch_size} x {world} devices)"
             )
-        sampler = DistributedSampler(
+        sampler = ResumableSampler(
             self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True
         )
+        done = batches_done_this_epoch(self.trainer)
+        sampler.skip = done * self.batch_size if done < len(sampler) // self.batch_size else 0  # 0: epoch over
         return self._loader(self.train_set, self.batch_size, sampler, drop_last=True)
 
     def val_dataloader(self):

@@ -9,15 +9,32 @@ from vdvae.data.base import ImageDataModule, TensorImages, hold_out, not_found
 
 _FOLDER = "cifar-10-batches-py"
 
+# What a CIFAR-10 batch pickle may name: numpy's array and dtype reconstructors (numpy 1 and 2 module
+# paths), and the bytes constructor that Python 3 writes into protocol-2 pickles.
+_ALLOWED_GLOBALS = {
+    (module, name)
+    for prefix in ("numpy.core", "numpy._core")
+    for module, name in ((f"{prefix}.multiarray", "_reconstruct"), (f"{prefix}.numeric", "_frombuffer"))
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a crafted batch file cannot name code to run."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR-10 batch holds only arrays and lists")
+        return super().find_class(module, name)
+
 
 def read_cifar_batch(path) -> np.ndarray:
     """One pickled CIFAR batch -> uint8 (N, 3, 32, 32)."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         return data.reshape(-1, 3, 32, 32)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as error:
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a CIFAR-10 python batch (truncated or corrupt?): {error!r}") from error
 
 

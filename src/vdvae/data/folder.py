@@ -22,6 +22,24 @@ def image_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def check_headers(files: list[Path], shown: int = 5):
+    """Every file must open as an image (its header is read, not the pixels): a bad file stops the run at
+    setup, named, instead of mid-epoch."""
+    bad = []
+    for path in files:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError) as error:
+            bad.append(f"{path} ({type(error).__name__})")
+    if bad:
+        more = f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise ValueError(
+            f"{len(bad)} of {len(files)} image files cannot be read (corrupt or not images); remove or replace "
+            f"them:\n  " + "\n  ".join(bad[:shown]) + more
+        )
+
+
 class FolderImages(torch.utils.data.Dataset):
     """Image files decoded on access to uint8 (C, image_size, image_size)."""
 
@@ -64,9 +82,8 @@ class ImageFolderDataModule(ImageDataModule):
         files = image_files(directory)
         if not files:
             raise not_found(self.name, [f"{directory}/**/*{{{','.join(sorted(IMAGE_SUFFIXES))}}}"], self.how_to_get)
-        dataset = FolderImages(files, self.image_size, self.channels)
-        dataset[0]  # fail now, not mid-epoch, if the files are not images
-        return dataset
+        check_headers(files)
+        return FolderImages(files, self.image_size, self.channels)
 
     how_to_get = "point data.root at a folder of images (or one with train/, valid/ and test/ subfolders)"
 

@@ -25,6 +25,10 @@ from vdvae.model.blocks import (
 from vdvae.model.likelihoods import Bernoulli, DiscretizedMixtureLogistics, gaussian_kl, gaussian_sample, nats_to_bits
 
 
+class NonFiniteOutputError(FloatingPointError):
+    """The decoder produced non-finite likelihood parameters, so no image can be drawn."""
+
+
 @dataclass
 class ELBO:
     """The ELBO's terms for a batch: log p(x|z) (N,) and KL per group (N, T), both in nats per image."""
@@ -329,7 +333,10 @@ class VAE(nn.Module):
         if mode is None:
             temps = temperature if isinstance(temperature, Sequence) else [temperature]
             mode = all(t == 0 for t in temps)
-        return self.likelihood.to_uint8(self.likelihood.sample(self.likelihood(h), mode=mode))
+        params = self.likelihood(h)
+        if not torch.isfinite(params).all():
+            raise NonFiniteOutputError("the model's output is not finite (diverged weights?): nothing to draw")
+        return self.likelihood.to_uint8(self.likelihood.sample(params, mode=mode))
 
     def sample(self, n: int, temperature=1.0, mode=None):
         """n unconditional samples, uint8 (N, C, H, W); see `decode` for temperature and mode."""

@@ -1,0 +1,304 @@
+"""The fault battery: a run never loses work and a file never runs code.
+
+Runs are subprocesses started as a user starts them (`python /path/to/train.py ...` in a working
+directory of its own, run directories chosen by the framework), on a tiny model: kill -9 then resume
+bit for bit, SIGTERM's exit status, stale temporary files of interrupted saves, two runs in one second,
+a diverging run, and hostile checkpoints and data files."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.run_helpers import TINY_RUN
+
+# A run of 20 updates over 13-batch epochs (it stops mid-epoch), validating mid-epoch, last.ckpt every 2 updates.
+RUN = [
+    *TINY_RUN,
+    "data.batch_size=100",
+    "trainer.max_steps=20",
+    "trainer.val_check_interval=5",
+    "trainer.check_val_every_n_epoch=null",
+    "callbacks.last_checkpoint.every_n_train_steps=2",
+    "test=false",
+]
+WITH_WANDB = [*[o for o in RUN if not o.startswith("logger=")], "logger=many"]  # W&B offline, CSV, TensorBoard
+
+
+def start(script: str, cwd: Path, *args: str, env=None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, text=True, **kwargs)
+
+
+def run(script: str, cwd: Path, *args: str, timeout=300, env=None) -> subprocess.CompletedProcess:
+    proc = start(script, cwd, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_dirs(cwd: Path) -> list[Path]:
+    return sorted((cwd / "logs" / "train" / "runs").glob("*"))
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a["global_step"] == b["global_step"]
+    for key, value in a["state_dict"].items():  # weights, EMA and skip counters
+        assert torch.equal(value, b["state_dict"][key]), key
+    moments = zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True)
+    for x, y in moments:
+        assert torch.equal(x["exp_avg"], y["exp_avg"]) and torch.equal(x["exp_avg_sq"], y["exp_avg_sq"])
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+def wait_for_step(last: Path, step: int, proc: subprocess.Popen, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file():
+            try:
+                if load(last)["global_step"] >= step:
+                    return
+            except Exception:  # being replaced right now
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint at step {step} (process status {proc.poll()})")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run: its final state and metrics."""
+    cwd = tmp_path_factory.mktemp("straight")
+    result = run("train.py", cwd, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(cwd)
+    return run_dir
+
+
+def test_kill_9_mid_epoch_then_resume_in_place_continues_bit_for_bit(tmp_path, straight):
+    proc = start("train.py", tmp_path, *WITH_WANDB, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (run_dir,) = run_dirs(tmp_path) or [None]
+    deadline = time.time() + 60
+    while run_dir is None and time.time() < deadline:
+        time.sleep(0.2)
+        run_dir = (run_dirs(tmp_path) or [None])[0]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    wait_for_step(last, 8, proc)  # killed somewhere after step 8: mid-epoch unless it is exactly 13
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load(last)["global_step"]
+    assert 8 <= killed_at < 20
+
+    resumed = run("train.py", tmp_path, *WITH_WANDB, f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run_dirs(tmp_path) == [run_dir]  # resumed in place: same directory
+    assert sorted(p.name.startswith("resume_") for p in (run_dir / ".hydra").iterdir()).count(True) == 1
+    assert_same_state(load(straight / "checkpoints" / "last.ckpt"), load(last))
+    # The CSV log goes on in the same file, with the steps after the checkpoint logged again by the resume.
+    rows = (run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert len(rows) > 5 and "val/bpd" in rows[0]
+    # One W&B run id across the interruption.
+    ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1, ids
+
+
+def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path, straight):
+    proc = start("train.py", tmp_path, *RUN, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not run_dirs(tmp_path) and time.time() < deadline:
+        time.sleep(0.2)
+    (run_dir,) = run_dirs(tmp_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    wait_for_step(last, 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    stopped_at = load(last)["global_step"]
+    assert 4 <= stopped_at < 20
+    resumed = run("train.py", tmp_path, *RUN, f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_state(load(straight / "checkpoints" / "last.ckpt"), load(last))
+
+
+def test_stale_temp_files_of_interrupted_saves_are_removed(tmp_path):
+    from vdvae.checkpoint_io import AtomicCheckpointIO
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".last.ckpt.tmp{int(dead.stdout)}"
+    stale.write_bytes(b"half a checkpoint")
+    live = tmp_path / f".other.ckpt.tmp{os.getppid()}"  # a save in progress in a live process stays
+    live.write_bytes(b"in progress")
+    AtomicCheckpointIO().save_checkpoint({"x": torch.ones(2)}, tmp_path / "last.ckpt")
+    assert not stale.exists() and live.exists()
+    assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=True)["x"], torch.ones(2))
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    args = [*TINY_RUN, "trainer.max_steps=1", "test=false", "trainer.limit_val_batches=0"]
+    procs = [start("train.py", tmp_path, *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0, stderr[-2000:]
+    dirs = run_dirs(tmp_path)
+    assert len(dirs) == 2 and dirs[0].name[:16] == dirs[1].name[:16]  # the same minute, two directories
+    assert all((d / "checkpoints" / "last.ckpt").is_file() for d in dirs)
+
+
+def test_a_run_into_another_runs_directory_is_refused_before_writing(tmp_path, straight):
+    config = (straight / ".hydra" / "config.yaml").read_bytes()
+    result = run("train.py", tmp_path, *TINY_RUN, f"hydra.run.dir={straight}")
+    assert result.returncode != 0
+    assert "holds an earlier run" in result.stderr and "ckpt_path=" in result.stderr
+    assert (straight / ".hydra" / "config.yaml").read_bytes() == config
+    assert not any(p.name.startswith("resume_") for p in (straight / ".hydra").iterdir())
+
+
+def test_a_diverging_run_stops_saved_with_a_nonzero_status_and_no_crash_in_the_image_grids(tmp_path):
+    result = run(
+        "train.py",
+        tmp_path,
+        *TINY_RUN,
+        "model.lr=1e6",
+        "model.warmup_steps=1",
+        "model.skip_threshold=-1",  # off: only non-finite updates are skipped
+        "model.max_consecutive_skips=4",
+        "data.batch_size=100",
+        "trainer.max_steps=60",
+        "trainer.val_check_interval=3",
+        "trainer.check_val_every_n_epoch=null",
+    )
+    assert result.returncode != 0
+    assert "consecutive updates were skipped" in result.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    checkpoint = load(run_dir / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == int(checkpoint["state_dict"]["attempted_steps"])  # the latest state
+    assert int(checkpoint["state_dict"]["consecutive_skips"]) == 4
+    assert all(torch.isfinite(v).all() for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["model.lr=-1"], "model.lr=-1 is not valid: it must be a number > 0"),
+        (["data.batch_size=2.5"], "data.batch_size=2.5 is not valid: it must be an integer >= 1"),
+        (["data.batch_size=abc"], "data.batch_size='abc' is not valid"),
+        (["trainer.devices=5", "trainer.accelerator=cpu"], "trainer.devices=5 on the CPU would start 5 processes"),
+        (["ckpt_path=missing.ckpt"], "checkpoint not found"),
+    ],
+)
+def test_bad_values_fail_before_a_run_directory_exists(tmp_path, args, message):
+    if "trainer.devices=5" in args and (os.cpu_count() or 1) >= 5:
+        pytest.skip("this machine has 5 cores")
+    result = run("train.py", tmp_path, *TINY_RUN, *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert len(result.stderr.splitlines()) < 30  # the message, not a long traceback
+    assert not (tmp_path / "logs").exists() or not run_dirs(tmp_path)
+
+
+def test_resume_from_a_corrupt_or_mismatched_checkpoint_names_the_file_and_keys(tmp_path, straight):
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes((straight / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    result = run("train.py", tmp_path, *TINY_RUN, f"ckpt_path={corrupt}")
+    assert result.returncode != 0 and f"{corrupt} is not a readable checkpoint" in result.stderr
+    wider = run("train.py", tmp_path, *TINY_RUN, "model.vae.width=24", f"ckpt_path={straight}/checkpoints/last.ckpt")
+    assert wider.returncode != 0
+    assert "does not fit the configured model" in wider.stderr and "of another shape" in wider.stderr
+    assert "and " in wider.stderr and len(wider.stderr.splitlines()) < 30
+    assert not (tmp_path / "logs").exists() or not run_dirs(tmp_path)
+
+
+# Hostile files: each would write `marker` if anything in it ran.
+
+
+class _WritesMarker:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_with_code_in_its_pickle_runs_nothing_anywhere(tmp_path, straight):
+    marker = tmp_path / "ran"
+    checkpoint = load(straight / "checkpoints" / "last.ckpt")
+    checkpoint["payload"] = _WritesMarker(marker)
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save(checkpoint, hostile)
+    for script, args in [
+        ("train.py", [*TINY_RUN, f"ckpt_path={hostile}"]),
+        ("eval.py", [f"ckpt_path={hostile}", "logger=csv"]),
+        ("sample.py", [f"ckpt_path={hostile}"]),
+        ("import_original.py", ["--preset", "tiny", "--model", str(hostile), "--out", str(tmp_path / "o.ckpt")]),
+    ]:
+        result = run(script, tmp_path, *args)
+        assert result.returncode != 0, script
+        assert not marker.exists(), script
+        assert "hostile.ckpt" in result.stderr, (script, result.stderr[-1500:])
+    assert not (tmp_path / "o.ckpt").exists()
+
+
+def test_a_checkpoint_whose_data_config_names_code_is_refused(tmp_path, straight):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    checkpoint = load(straight / "checkpoints" / "last.ckpt")
+    checkpoint["data_config"] = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save(checkpoint, hostile)
+    for script in ("eval.py", "sample.py"):
+        extra = "logger=csv" if script == "eval.py" else "mode=encode"
+        result = run(script, tmp_path, f"ckpt_path={hostile}", extra)
+        assert result.returncode != 0
+        assert "not one of this package's data modules" in result.stderr
+        assert victim.read_text() == "precious"
+    checkpoint["data_config"] = {"_target_": "vdvae.data.DigitsDataModule", "root": {"_target_": "builtins.open"}}
+    torch.save(checkpoint, hostile)
+    result = run("eval.py", tmp_path, f"ckpt_path={hostile}", "logger=csv")
+    assert result.returncode != 0 and "not plain data" in result.stderr
+
+
+def test_a_cifar_batch_with_code_in_its_pickle_is_refused(tmp_path):
+    from tests.fixtures import make_cifar10
+    from vdvae.data.cifar10 import read_cifar_batch
+
+    root = make_cifar10(tmp_path / "data")
+    marker = tmp_path / "ran"
+    batch = root / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"data": _WritesMarker(marker), b"labels": [0]}, protocol=2))
+    with pytest.raises(ValueError, match="refused posix.system"):
+        read_cifar_batch(batch)
+    assert not marker.exists()
+    good = root / "cifar-10-batches-py" / "data_batch_2"
+    assert read_cifar_batch(good).shape == (12, 3, 32, 32) and read_cifar_batch(good).dtype == np.uint8
+
+
+def test_slurm_preemption_saves_requeues_and_the_requeued_job_resumes(tmp_path, straight):
+    # A sweep job under submitit: USR2 (pre-emption, or the time limit coming) must save last.ckpt at a step
+    # boundary and then hand over to submitit's handler, which requeues the job with its original overrides
+    # into the same job directory (the sweep dir is fixed here as the requeued job would find it).
+    marker = tmp_path / "requeued"
+    job = ["-m", *RUN, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    env = {"SLURM_JOB_ID": "1234", "FAKE_REQUEUE_MARKER": str(marker)}
+    proc = start(
+        "tests/fake_submitit_job.py", tmp_path, *job, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
+    last = tmp_path / "sweep" / "0" / "checkpoints" / "last.ckpt"
+    wait_for_step(last, 4, proc)
+    proc.send_signal(signal.SIGUSR2)
+    _, stderr = proc.communicate(timeout=120)
+    assert marker.read_text() == "requeued" and proc.returncode != 0, stderr[-2000:]
+    assert 4 <= load(last)["global_step"] < 20
+    requeued = run("tests/fake_submitit_job.py", tmp_path, *job, env=env)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "resuming from it" in requeued.stdout + requeued.stderr
+    assert_same_state(load(straight / "checkpoints" / "last.ckpt"), load(last))
