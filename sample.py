@@ -1,20 +1,7 @@
-"""Pictures from a checkpoint: `python sample.py ckpt_path=... mode=samples|reconstruct|interpolate|encode|decode`."""
+"""Pictures from a checkpoint: `python sample.py ckpt_path=... mode=samples|reconstruct|interpolate|encode|decode`
+(`vdvae-sample`)."""
 
-import logging
-
-import hydra
-from omegaconf import DictConfig
-
-from vdvae.sample import sample
-
-log = logging.getLogger(__name__)
-
-
-@hydra.main(config_path="conf", config_name="sample", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    for path in sample(cfg):
-        log.info("wrote %s", path)
-
+from vdvae.cli import sample
 
 if __name__ == "__main__":
-    main()
+    sample()

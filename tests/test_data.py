@@ -121,8 +121,10 @@ def test_corrupt_files_fail_with_a_clear_error(tmp_path):
         loaded(MNISTDataModule(root=str(tmp_path / "m"), image_size=28, channels=1, download=False, **COMMON))
     write_pngs(tmp_path / "f", 6, 8)
     (tmp_path / "f" / "00000.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="cannot decode image"):
+    (tmp_path / "f" / "00005.png").write_bytes(b"")  # the last file too: every file is checked at set-up
+    with pytest.raises(ValueError, match="2 of 6 image files cannot be read") as error:
         loaded(ImageFolderDataModule(root=str(tmp_path / "f"), image_size=8, channels=3, batch_size=2, val_size=2))
+    assert "00000.png" in str(error.value) and "00005.png" in str(error.value)
 
 
 def test_shape_mismatch_is_reported(tmp_path):
@@ -145,3 +147,49 @@ def test_shards_cover_every_index_once():
     for n, world in [(297, 2), (10, 3), (5, 8)]:
         seen = sorted(i for r in range(world) for i in ShardSampler(n, r, world))
         assert seen == list(range(n))
+
+
+def test_splits_as_the_original_code_makes_them():
+    from sklearn.model_selection import train_test_split
+
+    from vdvae.data.base import hold_out_as_original
+
+    images = torch.utils.data.TensorDataset(torch.arange(600))
+    # CIFAR-10: scikit-learn's train_test_split(test_size=5000, random_state=11172018), here at 600 images.
+    train, val = hold_out_as_original(images, 50, 11172018, held_out_first=True)
+    sk_train, sk_val = train_test_split(np.arange(600), test_size=50, random_state=11172018)
+    assert train.indices == sk_train.tolist() and val.indices == sk_val.tolist()
+    # ImageNet (seed 42) and FFHQ-256 (seed 5): np.random.seed(s); the last n of np.random.permutation.
+    np.random.seed(5)
+    order = np.random.permutation(600)
+    train, val = hold_out_as_original(images, 70, 5)
+    assert val.indices == order[-70:].tolist() and train.indices == order[:-70].tolist()
+
+
+def test_original_low_bit_preprocessing_is_the_original_codes():
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    inputs, target = Preprocess(shift=-112.8666757481, scale=1 / 69.84780273, bits=5, original_low_bit=True)(x)
+    expected = [(v // 8) * 8 / 127.5 - 1 for v in range(256)]  # floor(x / 8) * 8 on [-1, 1]
+    torch.testing.assert_close(target.flatten(), torch.tensor(expected), rtol=0, atol=1e-6)
+    torch.testing.assert_close(inputs.flatten(), (torch.arange(256.0) - 112.8666757481) / 69.84780273)
+
+
+def test_a_failed_download_leaves_no_empty_folders(tmp_path):
+    from vdvae.data.base import removing_empty_dirs
+
+    (tmp_path / "data" / "kept").mkdir(parents=True)
+    with pytest.raises(OSError, match="no network"):
+        with removing_empty_dirs(tmp_path / "data" / "cifar10" / "x"):
+            (tmp_path / "data" / "cifar10" / "x" / "raw").mkdir(parents=True)
+            raise OSError("no network")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["kept"]
+
+
+def test_a_truncated_gz_names_its_file(tmp_path):
+    from vdvae.data.mnist import read_idx_images
+
+    make_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz cannot be read"):
+        read_idx_images(path)

@@ -302,3 +302,9 @@ def test_slurm_preemption_saves_requeues_and_the_requeued_job_resumes(tmp_path, 
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert "resuming from it" in requeued.stdout + requeued.stderr
     assert_same_state(load(straight / "checkpoints" / "last.ckpt"), load(last))
+
+
+def test_sample_with_an_unknown_mode_fails_and_leaves_no_run_directory(tmp_path, straight):
+    result = run("sample.py", tmp_path, f"ckpt_path={straight}/checkpoints/last.ckpt", "mode=foo")
+    assert result.returncode != 0 and "mode='foo': choose one of samples" in result.stderr
+    assert not list((tmp_path / "logs" / "sample" / "runs").glob("*")) if (tmp_path / "logs").exists() else True

@@ -244,3 +244,18 @@ def test_fast_dev_run_on_every_data_module(tmp_path, data, kind, size, channels,
         *_tiny_architecture(size, channels),
         *extra,
     )
+
+
+@pytest.mark.parametrize("off", [-1, None])
+def test_skip_threshold_minus_one_or_null_turns_the_norm_test_off_as_in_the_original(off):
+    torch.manual_seed(0)
+    module = VDVAEModule(TINY_VAE, warmup_steps=1, lr=1e-3, skip_threshold=off, ema_decay=0.5)
+    x = torch.randint(0, 256, (4, 1, 8, 8)).float()
+    good = ((x - 127.5) / 127.5, (x - 127.5) / 127.5)
+    large = (good[0] * 100, good[1])  # a finite gradient norm of ~100 (good: ~1.3)
+    nan = (good[0].clone().fill_(float("nan")), good[1])  # non-finite: still skipped
+    fit_on_batches(module, [good, large, nan])
+    assert int(module.skipped_steps) == 1 and int(module.attempted_steps) == 3
+    with_threshold = VDVAEModule(TINY_VAE, warmup_steps=1, lr=1e-3, skip_threshold=50.0, ema_decay=0.5)
+    fit_on_batches(with_threshold, [good, large, nan])
+    assert int(with_threshold.skipped_steps) == 2  # the same batches with the norm test on

@@ -12,6 +12,7 @@ Resolvers (registered on import, before Hydra composes anything):
                            holds a run, so that resuming never overwrites the config a run started with.
 """
 
+import logging
 import numbers
 import os
 import secrets
@@ -143,6 +144,18 @@ def check_config(cfg: DictConfig):
             f"trainer.devices={devices} on the CPU would start {devices} processes on {cores} cores: "
             f"use trainer.devices={cores} or fewer (or a GPU machine)"
         )
+
+
+def route_library_logs():
+    """Lightning's messages and Python warnings go through Hydra's handlers, into the console and the run's
+    log file once each: Lightning gives its loggers their own console handler when imported before Hydra
+    configures logging, and stops them from reaching the root logger."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.propagate = True
+    logging.captureWarnings(True)
 
 
 def remove_empty_run_dir():

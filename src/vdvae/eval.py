@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vdvae.checkpoints import CheckpointError, load_module
-from vdvae.config import check_model_and_data, remove_empty_run_dir
+from vdvae.config import check_model_and_data, remove_empty_run_dir, route_library_logs
 from vdvae.data import ImageDataModule, data_module_from_config
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ def format_table(metrics: dict) -> str:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    route_library_logs()
     try:
         module, checkpoint = load_module(cfg.ckpt_path)
         sizes = {"batch_size": cfg.batch_size, "eval_batch_size": cfg.batch_size} if cfg.batch_size else {}

@@ -37,9 +37,9 @@ def input_images(cfg, vae, checkpoint, device):
 
 
 def sample(cfg: DictConfig) -> list[Path]:
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
     try:
+        if cfg.mode not in MODES:
+            raise ValueError(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
         module, checkpoint = load_module(cfg.ckpt_path)
     except Exception:
         remove_empty_run_dir()

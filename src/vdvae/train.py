@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vdvae.checkpoints import check_resume
-from vdvae.config import check_config, remove_empty_run_dir
+from vdvae.config import check_config, remove_empty_run_dir, route_library_logs
 from vdvae.loggers import loggers_from_config
 from vdvae.slurm import RequeueOnSignal
 
@@ -36,6 +36,7 @@ def previous_last_checkpoint() -> str | None:
 
 
 def train(cfg: DictConfig) -> float | None:
+    route_library_logs()
     ckpt_path = cfg.get("ckpt_path") or previous_last_checkpoint()
     if ckpt_path and not cfg.get("ckpt_path"):
         log.warning("this run directory already holds %s: resuming from it", ckpt_path)

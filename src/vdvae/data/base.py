@@ -7,6 +7,7 @@ of devices (no padding, no dropped remainder), so test figures count each test i
 """
 
 import abc
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,23 @@ def not_found(name: str, searched, how: str) -> DataNotFoundError:
     return DataNotFoundError(f"{name}: no data found. Searched:\n{paths}\nTo get it: {how}")
 
 
+@contextlib.contextmanager
+def removing_empty_dirs(root: Path):
+    """On failure (a download without network), remove the empty folders the block created at `root`."""
+    top = Path(root).absolute()
+    while not top.parent.exists():  # the highest folder the block may create
+        top = top.parent
+    existed = ({top, *top.rglob("*")}) if top.exists() else set()
+    try:
+        yield
+    except BaseException:
+        created = [p for p in ([*top.rglob("*"), top] if top.exists() else []) if p not in existed]
+        for path in sorted(created, key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        raise
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """uint8 images -> (model input, likelihood target).
@@ -35,18 +53,26 @@ class Preprocess:
     input = (x + shift) * scale with x reduced to `bits` (and rescaled to 0..255); the target is on
     the likelihood's grid 2k / (2^bits - 1) - 1, or {0, 1} draws with probability x / 255 when
     `binarize` (dynamic binarization: a fresh draw every time an image is seen).
+
+    `original_low_bit` (bits < 8) reproduces the original code instead, for its imported weights: the
+    input keeps all 8 bits and the target is floor(x / 2^(8 - bits)) * 2^(8 - bits) / 127.5 - 1, which
+    is off the likelihood's grid (its top bin loses the upper tail), so its figures differ from ours.
     """
 
     shift: float = -127.5
     scale: float = 1 / 127.5
     bits: int = 8
     binarize: bool = False
+    original_low_bit: bool = False
 
     def __call__(self, images: torch.Tensor):
         x = images.float()
         if self.binarize:
             target = torch.bernoulli(x / 255)
             return (target * 255 + self.shift) * self.scale, target
+        if self.original_low_bit and self.bits < 8:
+            step = 2 ** (8 - self.bits)
+            return (x + self.shift) * self.scale, torch.floor(x / step) * step / 127.5 - 1
         levels = 2**self.bits - 1
         k = torch.floor(x / 2 ** (8 - self.bits)) if self.bits < 8 else x
         target = k * (2 / levels) - 1
@@ -78,6 +104,18 @@ def hold_out(dataset, size: int, seed: int):
     if not 0 < size < len(dataset):
         raise ValueError(f"val_size={size} must be between 1 and the {len(dataset)} training images")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return _subset(dataset, order[:-size]), _subset(dataset, order[-size:])
+
+
+def hold_out_as_original(dataset, size: int, seed: int, held_out_first: bool = False):
+    """The original code's split, so that validation figures compare with its logs: numpy's
+    RandomState(seed) permutation, holding out its last `size` images (its ImageNet and FFHQ-256 splits)
+    or its first `size` (scikit-learn's train_test_split, its CIFAR-10 split). Returns (rest, held_out)."""
+    if not 0 < size < len(dataset):
+        raise ValueError(f"val_size={size} must be between 1 and the {len(dataset)} training images")
+    order = torch.from_numpy(np.random.RandomState(seed).permutation(len(dataset)))
+    if held_out_first:
+        return _subset(dataset, order[size:]), _subset(dataset, order[:size])
     return _subset(dataset, order[:-size]), _subset(dataset, order[-size:])
 
 
@@ -143,6 +181,7 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         scale: float = 1 / 127.5,
         bits: int = 8,
         binarize: bool = False,
+        original_low_bit: bool = False,
         val_size: int = 5000,
         split_seed: int = 42,
         seed: int = 0,
@@ -158,7 +197,7 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.val_size, self.split_seed, self.seed = num_workers, val_size, split_seed, seed
         self.limit_train = limit_train
-        self.preprocess = Preprocess(shift, scale, bits, binarize)
+        self.preprocess = Preprocess(shift, scale, bits, binarize, original_low_bit)
         self.train_set = self.val_set = self.test_set = None
 
     @abc.abstractmethod

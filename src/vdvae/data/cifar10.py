@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import torch
 
-from vdvae.data.base import ImageDataModule, TensorImages, hold_out, not_found
+from vdvae.data.base import ImageDataModule, TensorImages, hold_out_as_original, not_found, removing_empty_dirs
 
 _FOLDER = "cifar-10-batches-py"
 
@@ -56,7 +56,8 @@ class CIFAR10DataModule(ImageDataModule):
             import torchvision
 
             try:
-                torchvision.datasets.CIFAR10(str(self.root), download=True)
+                with removing_empty_dirs(self.root):
+                    torchvision.datasets.CIFAR10(str(self.root), download=True)
             except Exception as error:  # no network: load() explains what to do
                 self.download_error = f"download failed: {error!r}. "
 
@@ -72,5 +73,8 @@ class CIFAR10DataModule(ImageDataModule):
             )
         train = np.concatenate([read_cifar_batch(d / f"data_batch_{i}") for i in range(1, 6)])
         test = read_cifar_batch(d / "test_batch")
-        train, val = hold_out(TensorImages(torch.from_numpy(train)), self.val_size, self.split_seed)
+        # The original's validation images (split_seed 11172018 in conf/data/cifar10.yaml)
+        train, val = hold_out_as_original(
+            TensorImages(torch.from_numpy(train)), self.val_size, self.split_seed, held_out_first=True
+        )
         return train, val, TensorImages(torch.from_numpy(test))

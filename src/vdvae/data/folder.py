@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from vdvae.data.base import ImageDataModule, TensorImages, hold_out, not_found
+from vdvae.data.base import ImageDataModule, TensorImages, hold_out, hold_out_as_original, not_found
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -105,7 +105,7 @@ class ImageFolderDataModule(ImageDataModule):
 class FFHQ256DataModule(ImageFolderDataModule):
     """FFHQ at 256x256: the original's `ffhq-256.npy` array (N, 256, 256, 3) or an image folder.
 
-    7,000 images are held out at random (split_seed 5 in the paper preset) and serve as both the
+    7,000 images are held out as in the original (split_seed 5 in the paper preset) and serve as both the
     validation and the test set, as in the paper.
     """
 
@@ -123,7 +123,7 @@ class FFHQ256DataModule(ImageFolderDataModule):
             images = self._dataset(self.root)
         else:
             raise not_found(self.name, [npy, f"{self.root}/**/*.png"], self.how_to_get)
-        train, held_out = hold_out(images, self.val_size, self.split_seed)
+        train, held_out = hold_out_as_original(images, self.val_size, self.split_seed)  # the original's split
         return train, held_out, held_out
 
 

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import torch
 
-from vdvae.data.base import ImageDataModule, TensorImages, hold_out, not_found
+from vdvae.data.base import ImageDataModule, TensorImages, hold_out_as_original, not_found
 from vdvae.data.folder import FolderImages, image_files
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class ImageNetDataModule(ImageDataModule):
             )
         log.info("imagenet%d variant: %s", r, self.variant)
         self.name = f"imagenet{r} [{self.variant}]"
-        train, val = hold_out(train, self.val_size, self.split_seed)
+        train, val = hold_out_as_original(train, self.val_size, self.split_seed)  # the original's split
         return train, val, test
 
     @staticmethod

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vdvae.data.base import ImageDataModule, TensorImages, hold_out, not_found
+from vdvae.data.base import ImageDataModule, TensorImages, hold_out, not_found, removing_empty_dirs
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _IDX_UBYTE = 0x08
@@ -18,7 +18,11 @@ _IDX_UBYTE = 0x08
 
 def read_idx_images(path: Path) -> torch.Tensor:
     """An idx3-ubyte image file (optionally .gz) -> uint8 tensor (N, 1, H, W)."""
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError) as error:  # a truncated or damaged .gz
+        raise ValueError(f"{path} cannot be read (truncated or corrupt?): {error}") from error
     if len(raw) < 16 or raw[:2] != b"\x00\x00" or raw[2] != _IDX_UBYTE or raw[3] != 3:
         raise ValueError(f"{path} is not an idx3-ubyte image file (bad header)")
     n, h, w = (int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
@@ -59,8 +63,9 @@ class MNISTDataModule(ImageDataModule):
         import torchvision
 
         try:  # torchvision downloads into root/<Class>/raw
-            for train in (True, False):
-                getattr(torchvision.datasets, self.torchvision_class)(str(self.root), train=train, download=True)
+            with removing_empty_dirs(self.root):
+                for train in (True, False):
+                    getattr(torchvision.datasets, self.torchvision_class)(str(self.root), train=train, download=True)
         except Exception as error:  # no network: fall through to the clear error in load()
             self.download_error = f"download failed: {error!r}. "
 

@@ -1,0 +1,400 @@
+"""Benchmark: training, evaluation and sampling throughput, peak memory, FLOPs per image and the
+fraction of the device's measured peak, for a model preset; optionally side by side with the
+original VDVAE code from a local copy (never part of this package).
+
+    python -m vdvae.bench --preset cifar10 --batch 8 --device cpu --configs fp32 fp32-cl bf16-cl --out bench.json
+    python -m vdvae.bench ... --original /path/to/openai-vdvae     # adds the "original" config
+
+A training step is the real one: Lightning, the data pipeline (uint8 to the device, preprocessing
+there), forward, backward, clipping, the skip decision, AdamW and the EMA. Every config runs in its
+own process, so that peak memory (CUDA: allocator peak; CPU: peak resident set above the memory
+in use before the model is built) is its own; `--allocated-memory` adds, on the CPU, the peak of
+live tensor memory (what the CUDA figure measures), free of the C allocator's fragmentation.
+Times are medians over `--steps` after `--warmup` steps, and over `--repeats` rounds through all
+configs; compare configs of one run only.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vdvae.original import to_original_hparams
+
+# name -> (precision, channels_last, compile, checkpointing)
+CONFIGS = {
+    "fp32": ("32-true", False, False, False),
+    "fp32-cl": ("32-true", True, False, False),
+    "fp32-cl-compile": ("32-true", True, True, False),
+    "fp32-ckpt": ("32-true", True, False, True),
+    "bf16": ("bf16-mixed", False, False, False),
+    "bf16-cl": ("bf16-mixed", True, False, False),
+    "bf16-cl-compile": ("bf16-mixed", True, True, False),
+    "bf16-ckpt": ("bf16-mixed", True, False, True),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+BASELINE_MB = 0.0  # resident memory before the model exists (CPU), subtracted from the peak
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of the run: CUDA allocator peak, or the CPU peak resident set above the baseline."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - BASELINE_MB  # ru_maxrss: KiB on Linux
+
+
+def peak_flops(device, dtype) -> float:
+    """Measured FLOP/s of the device at `dtype`: the best of a large matrix product and a large
+    3x3 convolution (channels_last), each the fastest of a few runs."""
+    import torch.nn.functional as F
+
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    x = torch.randn(16, 256, 32, 32, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    kernels = [(lambda: a @ b, 2 * n**3), (lambda: F.conv2d(x, w, padding=1), 2 * x.numel() * 256 * 9)]
+    best = 0.0
+    for run, flops in kernels:
+        best = max(best, flops / timed(run, device, repeats=5, reduce=min))
+    return best
+
+
+def model_hparams(preset: str, overrides=()):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose(config_name=None, overrides=[f"+model={preset}", *overrides])
+    hparams = OmegaConf.to_container(cfg.model)
+    hparams.pop("_target_"), hparams.pop("_convert_")
+    return hparams
+
+
+def synthetic_data(vae_hparams, batch, n_batches):
+    from vdvae.data.base import ImageDataModule, TensorImages
+
+    class Synthetic(ImageDataModule):
+        name = "synthetic"
+
+        def load(self):
+            s, c = vae_hparams["image_size"], vae_hparams["image_channels"]
+            images = TensorImages(torch.randint(0, 256, (batch * n_batches, c, s, s), dtype=torch.uint8))
+            return images, images, images
+
+    return Synthetic(
+        root=".",
+        image_size=vae_hparams["image_size"],
+        channels=vae_hparams["image_channels"],
+        batch_size=batch,
+        bits=vae_hparams["bits"],
+        shift=-127.5,
+        scale=1 / 127.5,
+    )
+
+
+class StepTimer:
+    """Wall time of every training batch (Lightning's whole step), synchronized with the device."""
+
+    def __init__(self, device):
+        self.device, self.times, self._start = device, [], None
+
+    def on_train_batch_start(self, *args):
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args):
+        sync(self.device)
+        self.times.append(time.perf_counter() - self._start)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched while active, views aside. Each costs the host its
+    dispatch and, on a GPU, mostly one kernel launch: the bound on an eager step whose kernels are
+    too small to keep the device busy."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def step_counts(vae, x, target, autocast) -> dict:
+    """FLOPs per image of one forward and of forward + backward (torch's FLOP counter), and the
+    operators one forward + backward dispatches (OpCounter), under `autocast`. Both are counted in
+    eager mode, for a compiled model too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vae.zero_grad()  # as in a training step: no accumulation into earlier gradients
+    with torch.compiler.set_stance("force_eager"), OpCounter() as ops:
+        with FlopCounterMode(display=False) as forward, autocast:
+            loss = vae(x, target).loss.mean()
+        with FlopCounterMode(display=False) as backward:
+            loss.backward()
+    n = x.shape[0]
+    return {
+        "gflop_per_image_forward": forward.get_total_flops() / n / 1e9,
+        "gflop_per_image_train": (forward.get_total_flops() + backward.get_total_flops()) / n / 1e9,
+        "aten_ops_per_forward_backward": ops.count,
+    }
+
+
+def timed(fn, device, repeats, warmup=1, reduce=statistics.median):
+    """Seconds per call of fn over `repeats` calls: `reduce` (median) of those after the first `warmup`."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return reduce(times[warmup:] or times)
+
+
+def run_ours(args, name, device, train_only=False):
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from vdvae.lit_module import VDVAEModule
+
+    precision, channels_last, compile_, checkpointing = CONFIGS[name]
+    hparams = model_hparams(
+        args.preset,
+        [
+            f"model.vae.channels_last={channels_last}",
+            f"model.vae.checkpointing={checkpointing}",
+            f"model.compile={compile_}",
+        ],
+    )
+    torch.manual_seed(0)
+    module = VDVAEModule(**hparams)
+    data = synthetic_data(hparams["vae"], args.batch, args.warmup + args.steps)
+    timer = StepTimer(device)
+    callback = type(
+        "Timer",
+        (Callback,),
+        {"on_train_batch_start": timer.on_train_batch_start, "on_train_batch_end": timer.on_train_batch_end},
+    )()
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision=precision,
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule=data)
+    step = statistics.median(timer.times[args.warmup :])
+    result = {
+        "train_images_per_s": args.batch / step,
+        "train_step_s": step,
+        "skipped": int(module.skipped_steps),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    if train_only:
+        return result
+    vae = module.ema.to(device)
+    x, target = data.preprocess(
+        torch.randint(0, 256, (args.batch, *data.train_set[0].shape), dtype=torch.uint8).to(device)
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    with torch.no_grad(), autocast:
+        result["eval_images_per_s"] = args.batch / timed(lambda: vae(x, target), device, 3)
+        result["sample_images_per_s"] = args.batch / timed(lambda: vae.sample(args.batch), device, 3)
+    result.update(step_counts(module.vae.to(device), x, target, autocast))
+    return result
+
+
+def run_original(args, device):
+    """The original code's training step (its model; AdamW from torch, as apex is CUDA-only), timed alike."""
+    sys.path.insert(0, str(Path(args.original).resolve()))
+    from vae import VAE as OriginalVAE  # the local copy given by --original
+
+    hparams = model_hparams(args.preset)
+    v = hparams["vae"]
+    H = SimpleNamespace(**to_original_hparams(v), dataset="cifar10")
+    torch.manual_seed(0)
+    vae, ema = OriginalVAE(H).to(device), OriginalVAE(H).to(device)
+    ema.load_state_dict(vae.state_dict())
+    ema.requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        vae.parameters(), lr=hparams["lr"], weight_decay=hparams["weight_decay"], betas=tuple(hparams["betas"])
+    )
+    images = torch.randint(
+        0, 256, (args.batch, v["image_size"], v["image_size"], v["image_channels"]), device=device
+    ).float()
+    x, target = (images - 127.5) / 127.5, (images - 127.5) / 127.5
+
+    def step():
+        vae.zero_grad()
+        stats = vae(x, target)
+        stats["elbo"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), hparams["grad_clip"]).item()
+        if not torch.isnan(stats["distortion"]).any() and grad_norm < hparams["skip_threshold"]:
+            optimizer.step()
+            with torch.no_grad():
+                for p, q in zip(vae.parameters(), ema.parameters(), strict=True):
+                    q.mul_(hparams["ema_decay"]).add_(p * (1 - hparams["ema_decay"]))
+
+    s = timed(step, device, args.warmup + args.steps, warmup=args.warmup)
+    result = {"train_images_per_s": args.batch / s, "train_step_s": s, "peak_memory_mb": peak_memory_mb(device)}
+    vae.zero_grad()
+    with OpCounter() as ops:
+        vae(x, target)["elbo"].backward()
+    return result | {"aten_ops_per_forward_backward": ops.count}
+
+
+def allocated_peak_mb(run) -> float:
+    """Peak of live tensor memory on the CPU while `run()` builds a model and trains it: what the
+    CUDA allocator's peak measures on a GPU, free of the C allocator's caching and fragmentation.
+    Read from the profiler's memory events, which count only what is allocated while it runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]") / 2**20
+
+
+def run_one(args):
+    global BASELINE_MB
+    import lightning  # noqa: F401  (imported before the baseline is taken)
+
+    device = torch.device(args.device)
+    BASELINE_MB = resident_mb()
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.allocated_memory:  # a second process per config: the profiler would distort the timings
+        args.steps, args.warmup = 2, 0  # the second step runs with the optimizer state in place
+        run = (
+            (lambda: run_original(args, device))
+            if args.single == "original"
+            else lambda: run_ours(args, args.single, device, train_only=True)
+        )
+        print(json.dumps({"allocated_peak_mb": allocated_peak_mb(run)}))
+        return
+    result = run_original(args, device) if args.single == "original" else run_ours(args, args.single, device)
+    dtype = torch.bfloat16 if args.single.startswith("bf16") else torch.float32
+    peak = peak_flops(device, dtype)
+    result["device_peak_gflops"] = peak / 1e9
+    if "gflop_per_image_train" in result:
+        result["fraction_of_peak"] = result["gflop_per_image_train"] * 1e9 * result["train_images_per_s"] / peak
+    print(json.dumps(result))
+
+
+def run_config(name, passed) -> dict:
+    """One config in a fresh process; its JSON result."""
+    cmd = [sys.executable, "-m", "vdvae.bench", "--single", name, *passed]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode:
+        sys.exit(f"bench config {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--configs", nargs="+", default=["fp32", "fp32-cl", "bf16-cl", "fp32-ckpt"], help=f"any of {', '.join(CONFIGS)}"
+    )
+    parser.add_argument("--original", help="a local copy of openai/vdvae: adds the 'original' config")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all configs; figures are medians")
+    parser.add_argument(
+        "--allocated-memory",
+        action="store_true",
+        help="CPU: also measure the peak of live tensor memory (one more profiled step per config)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one config in this process
+    args = parser.parse_args(argv)
+    if args.single:
+        return run_one(args)
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    if args.original and model_hparams(args.preset)["vae"]["image_channels"] != 3:
+        parser.error(f"--original runs the original code, which models RGB images only; {args.preset} is not RGB")
+    names = (["original"] if args.original else []) + args.configs
+    passed = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--allocated-memory"]
+    # Rounds over all configs, the original included: a drift in the machine's speed then hits
+    # every config alike, and each figure is the median of its rounds.
+    rounds = {name: [] for name in names}
+    for i in range(args.repeats):
+        for name in names:
+            rounds[name].append(run_config(name, passed))
+            print(
+                f"round {i + 1}/{args.repeats} {name:>16}: {rounds[name][-1]['train_images_per_s']:6.2f} img/s",
+                flush=True,
+            )
+    results = {}
+    for name, runs in rounds.items():
+        results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        results[name]["train_images_per_s_rounds"] = [r["train_images_per_s"] for r in runs]
+        if args.allocated_memory:
+            results[name].update(run_config(name, [*passed, "--allocated-memory"]))
+        allocated = results[name].get("allocated_peak_mb")
+        print(
+            f"{name:>16}: {results[name]['train_images_per_s']:8.2f} train img/s, "
+            f"peak {results[name]['peak_memory_mb']:8.0f} MB"
+            + (f", allocated peak {allocated:8.0f} MB" if allocated else ""),
+            flush=True,
+        )
+    base_name, base = names[0], results[names[0]]  # the original when given, else the first config
+    for r in results.values():
+        r[f"speedup_vs_{base_name}"] = r["train_images_per_s"] / base["train_images_per_s"]
+        r[f"memory_vs_{base_name}"] = r["peak_memory_mb"] / base["peak_memory_mb"]
+        if args.allocated_memory:
+            r[f"allocated_memory_vs_{base_name}"] = r["allocated_peak_mb"] / base["allocated_peak_mb"]
+    report = {
+        "preset": args.preset,
+        "batch": args.batch,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "results": results,
+    }
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Optional training behaviour: sample and reconstruction grids, the rate-per-group plot, `last.ckpt`
+as the latest state (also on SIGTERM and crashes), and the W&B run id in checkpoints. Images are
+saved in the run directory and sent to the loggers that take images (W&B, TensorBoard)."""
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from lightning import Callback  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vdvae import sampling  # noqa: E402
+from vdvae.lit_module import seeded  # noqa: E402
+from vdvae.model import NonFiniteOutputError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def log_image(trainer, key: str, path: Path):
+    """Send a saved PNG to every logger that shows images."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+        elif isinstance(logger, TensorBoardLogger):
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB"))
+            logger.experiment.add_image(key, array, trainer.global_step, dataformats="HWC")
+
+
+class ImageGrids(Callback):
+    """Every `every_n_epochs` validations and after testing: EMA samples at each temperature, and
+    reconstructions of validation images that keep the first k groups' posterior latents."""
+
+    def __init__(
+        self, dirpath: str, n_samples: int = 36, temperatures=(1.0, 0.8, 0.0), n_recon: int = 8, every_n_epochs: int = 1
+    ):
+        self.dirpath, self.n_samples, self.temperatures = Path(dirpath), n_samples, list(temperatures)
+        self.n_recon, self.every_n_epochs = n_recon, every_n_epochs
+
+    def on_validation_epoch_end(self, trainer, module):
+        if not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.write(trainer, module, trainer.datamodule.val_set, "val")
+
+    def on_test_epoch_end(self, trainer, module):
+        self.write(trainer, module, trainer.datamodule.test_set, "test")
+
+    @rank_zero_only
+    def write(self, trainer, module, dataset, stage):
+        try:
+            self.draw(trainer, module, dataset, stage)
+        except NonFiniteOutputError as error:  # the stall guard deals with the run; keep it going until then
+            log.warning("step %d: %s; no %s image grids", trainer.global_step, error, stage)
+            shutil.rmtree(self.dirpath / "tmp", ignore_errors=True)
+
+    def draw(self, trainer, module, dataset, stage):
+        vae, step = module.ema, trainer.global_step
+        with seeded(module.device, 0):
+            paths = sampling.sample_grids(vae, self.n_samples, self.temperatures, self.dirpath / "tmp")
+            for t, path in zip(self.temperatures, paths, strict=True):
+                target = self.dirpath / f"{stage}_samples_t{t:g}_step{step:07d}.png"
+                path.replace(target)
+                log_image(trainer, f"{stage}/samples_t{t:g}", target)
+            originals = torch.stack([dataset[i] for i in range(min(self.n_recon, len(dataset)))]).to(module.device)
+            x, _ = trainer.datamodule.preprocess(originals)
+            ks = sorted({0, 1, vae.n_groups // 4, vae.n_groups // 2, vae.n_groups})
+            path = sampling.reconstruction_grid(vae, originals, x, ks, 0.1, self.dirpath / "tmp")
+            target = self.dirpath / f"{stage}_reconstructions_step{step:07d}.png"
+            path.replace(target)
+            (self.dirpath / "tmp").rmdir()
+            log_image(trainer, f"{stage}/reconstructions", target)
+            log.info("%s image grids (rows: data, then k = %s posterior groups kept) in %s", stage, ks, self.dirpath)
+
+
+class RatePerGroupPlot(Callback):
+    """A bar chart of the KL (rate) of every latent group after each validation and after testing."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+
+    # The *_end hooks run after the module's epoch-end hooks, which compute the per-group KL.
+    def on_validation_end(self, trainer, module):
+        if not trainer.sanity_checking:
+            self.write(trainer, module, "val")
+
+    def on_test_end(self, trainer, module):
+        self.write(trainer, module, "test")
+
+    @rank_zero_only
+    def write(self, trainer, module, stage):
+        kl = module.last_kl_per_group.get(stage)
+        if kl is None:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(max(6, len(kl) * 0.15), 3))
+        ax.bar(range(len(kl)), kl.numpy())
+        ax.set(xlabel="latent group (top-down)", ylabel="KL (nats per image)", title=f"{stage} rate per group")
+        fig.tight_layout()
+        path = self.dirpath / f"{stage}_rate_per_group_step{trainer.global_step:07d}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        log_image(trainer, f"{stage}/rate_per_group", path)
+
+
+class LastCheckpoint(Callback):
+    """`last.ckpt` is always the latest state: written every `every_n_train_steps` updates and every
+    `train_time_interval` seconds (what a kill -9 can lose), after every validation, at the end of
+    training (also when the stall guard stops it), and on SIGTERM or any exception in training.
+    Lightning's ModelCheckpoint writes `last` only at its own save events, so a run that ends between
+    them (max_steps mid-epoch, a stall) would leave its final state unsaved; the best weights are
+    ModelCheckpoint's job."""
+
+    def __init__(self, dirpath: str, every_n_train_steps: int | None = None, train_time_interval: float | None = None):
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_train_steps, self.train_time_interval = every_n_train_steps, train_time_interval
+        self._saved_step, self._saved_time = -1, time.monotonic()
+
+    def save(self, trainer):
+        if trainer.global_step != self._saved_step:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self._saved_step, self._saved_time = trainer.global_step, time.monotonic()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        by_steps = self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0
+        by_time = bool(self.train_time_interval) and time.monotonic() - self._saved_time >= self.train_time_interval
+        if trainer.world_size > 1:  # every rank takes part in a save: rank 0's clock decides, every 50 steps
+            by_time = trainer.global_step % 50 == 0 and trainer.strategy.broadcast(by_time)
+        # The final step is saved here, not in on_train_end, where Lightning already counts the epoch as done:
+        # a run stopped mid-epoch (max_steps, the stall guard) resumes in that epoch.
+        last = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+        if by_steps or by_time or last:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer, module):
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.save(trainer)
+
+    def on_train_end(self, trainer, module):
+        self.save(trainer)
+
+    def on_exception(self, trainer, module, exception):
+        if trainer.state.fn != "fit" or trainer.global_step == 0:
+            return
+        self._saved_step = -1
+        self.save(trainer)
+        what = "SIGTERM" if isinstance(exception, SIGTERMException) else type(exception).__name__
+        log.warning(
+            "%s at step %d: saved %s; resume with ckpt_path=%s", what, trainer.global_step, self.path, self.path
+        )
+
+
+class LoggerRunIds(Callback):
+    """Stores the W&B run id in every checkpoint, so that a resumed run continues the same W&B run."""
+
+    def on_save_checkpoint(self, trainer, module, checkpoint):
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                checkpoint["wandb_run_id"] = logger.version
+
+
+class BpdCurve(Callback):
+    """Validation (and running training) bits/dim against the step, plotted after every validation."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath, self.steps, self.val, self.train = Path(dirpath), [], [], []
+
+    def on_validation_end(self, trainer, module):
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or "val/bpd" not in metrics:
+            return
+        self.steps.append(trainer.global_step)
+        self.val.append(float(metrics["val/bpd"]))
+        self.train.append(float(metrics.get("train/bpd", float("nan"))))
+        self.write(trainer)
+
+    @rank_zero_only
+    def write(self, trainer):
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(self.steps, self.train, "o-", label="train (last step, online weights)")
+        ax.plot(self.steps, self.val, "o-", label="validation (EMA weights)")
+        ax.set(xlabel="step", ylabel="bits per dim (negative ELBO)")
+        ax.legend()
+        fig.tight_layout()
+        path = self.dirpath / "bpd_curve.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        log_image(trainer, "val/bpd_curve", path)
+
+    def state_dict(self):
+        return {"steps": self.steps, "val": self.val, "train": self.train}
+
+    def load_state_dict(self, state):
+        self.steps, self.val, self.train = state["steps"], state["val"], state["train"]

@@ -1,0 +1,1 @@
+"""The configs, shipped in the package as `vdvae.conf` (see pyproject.toml)."""

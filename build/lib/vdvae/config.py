@@ -1,0 +1,212 @@
+"""What every entry point shares about its config: the resolvers the configs use, the checks that run
+before any work, and the Hydra callback that guards run directories.
+
+Resolvers (registered on import, before Hydra composes anything):
+- `${vdvae.cwd:}`          the absolute working directory; unlike `${hydra:runtime.cwd}` it also
+                           resolves where Hydra's own config is not set yet (the sweep directory).
+- `${vdvae.run_name:}`     `<date>_<time>_<6 hex>`: unique even for runs started in the same second,
+                           on different machines (SLURM arrays). Cached, so one job sees one name.
+- `${vdvae.run_dir:ckpt,base}`  the run directory of `ckpt` when it is `<run>/checkpoints/*.ckpt` of
+                           a run made by this framework (resume in place), else `base/<run name>`.
+- `${vdvae.hydra_subdir:dir}`   `.hydra` for a new run; `.hydra/resume_<run name>` when `dir` already
+                           holds a run, so that resuming never overwrites the config a run started with.
+"""
+
+import logging
+import numbers
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+# Checkpoints of a run live in <run>/checkpoints; a run dir holds .hydra/config.yaml.
+CHECKPOINT_DIR = "checkpoints"
+
+
+class ConfigError(ValueError):
+    """The composed config is inconsistent; the message names the options involved."""
+
+
+def _run_name() -> str:
+    return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+
+
+def run_of_checkpoint(ckpt_path) -> Path | None:
+    """The run directory a checkpoint belongs to (`<run>/checkpoints/x.ckpt` with `<run>/.hydra`), if any."""
+    if not ckpt_path or str(ckpt_path).startswith("wandb:"):
+        return None
+    path = Path(str(ckpt_path)).expanduser().absolute()
+    run = path.parent.parent
+    if path.parent.name == CHECKPOINT_DIR and (run / ".hydra" / "config.yaml").is_file():
+        return run
+    return None
+
+
+def _run_dir(ckpt_path, base) -> str:
+    run = run_of_checkpoint(ckpt_path)
+    return str(run) if run is not None else f"{base}/{_run_name()}"
+
+
+def _hydra_subdir(output_dir) -> str:
+    if (Path(str(output_dir)) / ".hydra" / "config.yaml").is_file():
+        return f".hydra/resume_{_run_name()}"
+    return ".hydra"
+
+
+def register_resolvers():
+    # use_cache: a job resolves its names once (Hydra copies the cache into every sweep job's config).
+    OmegaConf.register_new_resolver("vdvae.cwd", os.getcwd, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("vdvae.run_name", _run_name, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("vdvae.run_dir", _run_dir, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("vdvae.hydra_subdir", _hydra_subdir, use_cache=True, replace=True)
+
+
+register_resolvers()
+
+
+def _require(cfg, key, kind, low=None, high=None, nullable=False, open_low=False):
+    """cfg[key] must be a `kind` ("int" or "number") within [low, high] (or (low, high] with open_low)."""
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None and nullable:
+        return
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    ok = is_int if kind == "int" else isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok and value == value:  # not NaN
+        ok = (low is None or (value > low if open_low else value >= low)) and (high is None or value <= high)
+    if not ok:
+        bounds = f" {'>' if open_low else '>='} {low}" if low is not None else ""
+        bounds += f" and <= {high}" if high is not None else ""
+        what = "an integer" if kind == "int" else "a number"
+        bounds += " (or null)" if nullable else ""
+        raise ConfigError(f"{key}={value!r} is not valid: it must be {what}{bounds}")
+
+
+def _cpu_devices(trainer) -> int | None:
+    """How many processes `trainer.devices` asks for when training runs on the CPU (None: not the CPU)."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator not in ("cpu", "auto"):
+        return None
+    if accelerator == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    return devices if isinstance(devices, int) and not isinstance(devices, bool) else None
+
+
+def check_model_and_data(vae, data):
+    """The model (`model.vae` values) and the data config must agree on the images and the likelihood."""
+    pairs = [("image_size", "image_size"), ("image_channels", "channels"), ("bits", "bits")]
+    for model_key, data_key in pairs:
+        if vae[model_key] != data[data_key] and not (model_key == "bits" and data.get("binarize", False)):
+            raise ConfigError(
+                f"model.vae.{model_key}={vae[model_key]} does not match data.{data_key}={data[data_key]}: "
+                f"pick a model preset made for this data, or override one of the two"
+            )
+    if bool(data.get("binarize", False)) != (vae["likelihood"] == "bernoulli"):
+        raise ConfigError(
+            f"data.binarize={data['binarize']} needs model.vae.likelihood="
+            f"{'bernoulli' if data['binarize'] else 'dmol'} (got {vae['likelihood']})"
+        )
+
+
+def check_config(cfg: DictConfig):
+    """Model, data and trainer values must make sense together, before any work starts."""
+    check_model_and_data(cfg.model.vae, cfg.data)
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
+    if precision.startswith("16") or precision == "transformer-engine":
+        raise ConfigError(
+            f"trainer.precision={precision} is not supported: fp16 loss scaling would take over the skip decision "
+            f"of the fused optimizer; use trainer.precision=bf16-mixed (or 32-true)"
+        )
+    _require(cfg, "model.lr", "number", 0, open_low=True)
+    _require(cfg, "model.grad_clip", "number", 0, open_low=True)
+    _require(cfg, "model.ema_decay", "number", 0, 1)
+    _require(cfg, "model.warmup_steps", "int", 0)
+    if OmegaConf.select(cfg, "model.skip_threshold") not in (None, -1):  # -1 or null: no norm-based skip
+        _require(cfg, "model.skip_threshold", "number", 0, open_low=True)
+    _require(cfg, "data.batch_size", "int", 1)
+    _require(cfg, "data.eval_batch_size", "int", 1, nullable=True)
+    _require(cfg, "data.num_workers", "int", 0)
+    _require(cfg, "seed", "int")
+    trainer = cfg.get("trainer") or {}
+    devices, cores = _cpu_devices(trainer), os.cpu_count() or 1
+    if devices is not None and devices > cores:
+        raise ConfigError(
+            f"trainer.devices={devices} on the CPU would start {devices} processes on {cores} cores: "
+            f"use trainer.devices={cores} or fewer (or a GPU machine)"
+        )
+
+
+def route_library_logs():
+    """Lightning's messages and Python warnings go through Hydra's handlers, into the console and the run's
+    log file once each: Lightning gives its loggers their own console handler when imported before Hydra
+    configures logging, and stops them from reaching the root logger."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.propagate = True
+    logging.captureWarnings(True)
+
+
+def remove_empty_run_dir():
+    """After a failure before training: delete what Hydra wrote for this run, if that is all there is."""
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under Hydra
+        return
+    own = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    if out.is_dir() and {p.name for p in out.iterdir()} <= own:
+        shutil.rmtree(out)
+
+
+def check_resume_on_meta(config: DictConfig):
+    """The checkpoint to resume from must be readable and fit the configured model (built on the meta
+    device: shapes only, no memory), before a run directory exists."""
+    import torch
+    from hydra.utils import instantiate
+
+    from vdvae.checkpoints import check_resume
+
+    with torch.device("meta"):
+        module = instantiate(config.model)
+    check_resume(config.ckpt_path, module)
+
+
+class RunDirGuard(Callback):
+    """Refuses, before Hydra creates or writes anything, a run directory that holds another run.
+
+    A run may write into an existing run's directory only to resume it (`ckpt_path=<run>/checkpoints/...`).
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        # Hydra turns a callback's exception into a warning and goes on: stop the run with its message instead.
+        try:
+            self.check(config)
+        except Exception as error:
+            raise SystemExit(f"Error: {error}") from None
+
+    def check(self, config: DictConfig):
+        is_training = config.get("model") is not None
+        if is_training:
+            check_config(config)
+            if config.get("ckpt_path"):
+                check_resume_on_meta(config)
+        run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
+        if not (run_dir / ".hydra" / "config.yaml").is_file():
+            return
+        if is_training and run_of_checkpoint(config.get("ckpt_path")) == run_dir:
+            return
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} holds an earlier run: a new run never writes into it. Resume that run with "
+            f"ckpt_path={run_dir / CHECKPOINT_DIR / 'last.ckpt'}, or leave hydra.run.dir unset for a new directory"
+        )

@@ -1,0 +1,245 @@
+"""The DataModule shared by every dataset: uint8 images in, model inputs and likelihood targets out.
+
+Datasets yield uint8 tensors (C, H, W), so batches cross to the device as bytes; the shift/scale,
+bit-depth reduction and binarization run on the device in `on_after_batch_transfer`. Sampling is
+deterministic given (seed, epoch), and evaluation visits every image exactly once on any number
+of devices (no padding, no dropped remainder), so test figures count each test image once.
+"""
+
+import abc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+log = logging.getLogger(__name__)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The dataset is not on disk: the message names the paths searched and how to get the data."""
+
+
+def not_found(name: str, searched, how: str) -> DataNotFoundError:
+    paths = "\n".join(f"  - {p}" for p in searched)
+    return DataNotFoundError(f"{name}: no data found. Searched:\n{paths}\nTo get it: {how}")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """uint8 images -> (model input, likelihood target).
+
+    input = (x + shift) * scale with x reduced to `bits` (and rescaled to 0..255); the target is on
+    the likelihood's grid 2k / (2^bits - 1) - 1, or {0, 1} draws with probability x / 255 when
+    `binarize` (dynamic binarization: a fresh draw every time an image is seen).
+
+    `original_low_bit` (bits < 8) reproduces the original code instead, for its imported weights: the
+    input keeps all 8 bits and the target is floor(x / 2^(8 - bits)) * 2^(8 - bits) / 127.5 - 1, which
+    is off the likelihood's grid (its top bin loses the upper tail), so its figures differ from ours.
+    """
+
+    shift: float = -127.5
+    scale: float = 1 / 127.5
+    bits: int = 8
+    binarize: bool = False
+    original_low_bit: bool = False
+
+    def __call__(self, images: torch.Tensor):
+        x = images.float()
+        if self.binarize:
+            target = torch.bernoulli(x / 255)
+            return (target * 255 + self.shift) * self.scale, target
+        if self.original_low_bit and self.bits < 8:
+            step = 2 ** (8 - self.bits)
+            return (x + self.shift) * self.scale, torch.floor(x / step) * step / 127.5 - 1
+        levels = 2**self.bits - 1
+        k = torch.floor(x / 2 ** (8 - self.bits)) if self.bits < 8 else x
+        target = k * (2 / levels) - 1
+        return (k * (255 / levels) + self.shift) * self.scale, target
+
+
+class TensorImages(Dataset):
+    """Images held as one uint8 array (N, C, H, W) or (N, H, W, C) (a tensor or a memory-mapped numpy array)."""
+
+    def __init__(self, images, channels_last: bool = False, indices=None):
+        self.images, self.channels_last = images, channels_last
+        self.indices = indices
+
+    def __len__(self):
+        return len(self.indices) if self.indices is not None else len(self.images)
+
+    def __getitem__(self, i):
+        image = self.images[self.indices[i] if self.indices is not None else i]
+        image = torch.from_numpy(np.array(image)) if isinstance(image, np.ndarray) else image  # copy out of a memmap
+        return image.permute(2, 0, 1).contiguous() if self.channels_last else image
+
+    def subset(self, indices):
+        chosen = [int(i if self.indices is None else self.indices[i]) for i in indices]
+        return TensorImages(self.images, self.channels_last, chosen)
+
+
+def hold_out(dataset, size: int, seed: int):
+    """Split off `size` images at random (fixed by `seed`): returns (rest, held_out)."""
+    if not 0 < size < len(dataset):
+        raise ValueError(f"val_size={size} must be between 1 and the {len(dataset)} training images")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return _subset(dataset, order[:-size]), _subset(dataset, order[-size:])
+
+
+def hold_out_as_original(dataset, size: int, seed: int, held_out_first: bool = False):
+    """The original code's split, so that validation figures compare with its logs: numpy's
+    RandomState(seed) permutation, holding out its last `size` images (its ImageNet and FFHQ-256 splits)
+    or its first `size` (scikit-learn's train_test_split, its CIFAR-10 split). Returns (rest, held_out)."""
+    if not 0 < size < len(dataset):
+        raise ValueError(f"val_size={size} must be between 1 and the {len(dataset)} training images")
+    order = torch.from_numpy(np.random.RandomState(seed).permutation(len(dataset)))
+    if held_out_first:
+        return _subset(dataset, order[size:]), _subset(dataset, order[:size])
+    return _subset(dataset, order[:-size]), _subset(dataset, order[-size:])
+
+
+def _subset(dataset, indices):
+    if hasattr(dataset, "subset"):
+        return dataset.subset(indices.tolist())
+    return torch.utils.data.Subset(dataset, indices.tolist())
+
+
+class ShardSampler(Sampler):
+    """Every index exactly once across ranks (rank r takes r, r + R, ...): for evaluation."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, n, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler's order (fixed by seed and epoch), able to start its next epoch part-way through:
+    a run resumed mid-epoch skips the batches it has already trained on, so it sees the data in the order
+    the uninterrupted run would have."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0  # samples of this rank to skip in the next epoch only
+
+    def __iter__(self):
+        indices, self.skip = list(super().__iter__())[self.skip :], 0
+        return iter(indices)
+
+
+def batches_done_this_epoch(trainer) -> int:
+    """Batches of the current epoch that a restored checkpoint has trained on (0 unless resuming mid-epoch).
+
+    Read from Lightning's loop progress, which the checkpoint restores before the train dataloader is built;
+    `processed` counts the batches whose training step finished, wherever the checkpoint was saved.
+    """
+    fit_loop = getattr(trainer, "fit_loop", None)
+    if fit_loop is None or not fit_loop.restarting:
+        return 0
+    return fit_loop.epoch_loop.batch_progress.current.processed
+
+
+class ImageDataModule(LightningDataModule, abc.ABC):
+    """Base DataModule: subclasses implement `load()` -> (train, val, test) datasets of uint8 images."""
+
+    name = "images"
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        channels: int,
+        batch_size: int,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        shift: float = -127.5,
+        scale: float = 1 / 127.5,
+        bits: int = 8,
+        binarize: bool = False,
+        original_low_bit: bool = False,
+        val_size: int = 5000,
+        split_seed: int = 42,
+        seed: int = 0,
+        limit_train: int | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        if not 1 <= bits <= 8:
+            raise ValueError(f"data.bits must be between 1 and 8 for 8-bit images, got {bits}")
+        self.root = Path(root).expanduser()
+        self.image_size, self.channels = image_size, channels
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.val_size, self.split_seed, self.seed = num_workers, val_size, split_seed, seed
+        self.limit_train = limit_train
+        self.preprocess = Preprocess(shift, scale, bits, binarize, original_low_bit)
+        self.train_set = self.val_set = self.test_set = None
+
+    @abc.abstractmethod
+    def load(self):
+        """(train, val, test) datasets of uint8 (C, H, W) images; raises DataNotFoundError if absent."""
+
+    def setup(self, stage=None):
+        if self.train_set is None:
+            self.train_set, self.val_set, self.test_set = self.load()
+            if self.limit_train:
+                self.train_set = _subset(self.train_set, torch.arange(min(self.limit_train, len(self.train_set))))
+            shape = tuple(self.train_set[0].shape)
+            if shape != (self.channels, self.image_size, self.image_size):
+                raise ValueError(
+                    f"{self.name}: images have shape {shape}, but data.channels={self.channels} and "
+                    f"data.image_size={self.image_size} say ({self.channels}, {self.image_size}, "
+                    f"{self.image_size})"
+                )
+            log.info("%s: %d train, %d val, %d test images", self.name, *map(len, self.splits))
+
+    @property
+    def splits(self):
+        return self.train_set, self.val_set, self.test_set
+
+    def _rank_world(self):
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, dataset, batch_size, sampler, drop_last=False):
+        # A private generator: creating the iterator must not consume the global RNG (exact resume).
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            drop_last=drop_last,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self):
+        rank, world = self._rank_world()
+        if len(self.train_set) < self.batch_size * world:
+            raise ValueError(
+                f"{self.name}: {len(self.train_set)} training images are fewer than one batch "
+                f"(data.batch_size={self.batch_size} x {world} devices)"
+            )
+        sampler = ResumableSampler(
+            self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True
+        )
+        done = batches_done_this_epoch(self.trainer)
+        sampler.skip = done * self.batch_size if done < len(sampler) // self.batch_size else 0  # 0: epoch over
+        return self._loader(self.train_set, self.batch_size, sampler, drop_last=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, self.eval_batch_size, ShardSampler(len(self.val_set), *self._rank_world()))
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, self.eval_batch_size, ShardSampler(len(self.test_set), *self._rank_world()))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        return self.preprocess(batch)

@@ -1,0 +1,23 @@
+"""scikit-learn's 8x8 handwritten digits (1,797 images, 17 grey levels rescaled to 0..255): tiny runs."""
+
+import torch
+
+from vdvae.data.base import ImageDataModule, TensorImages, hold_out
+
+
+class DigitsDataModule(ImageDataModule):
+    name = "digits"
+
+    def __init__(self, test_size: int = 297, **kwargs):
+        super().__init__(**kwargs)
+        self.test_size = test_size
+
+    def load(self):
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as error:
+            raise ImportError("data=digits needs scikit-learn: pip install scikit-learn") from error
+        images = torch.from_numpy(load_digits().images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
+        rest, test = hold_out(TensorImages(images), self.test_size, self.split_seed)
+        train, val = hold_out(rest, self.val_size, self.split_seed + 1)
+        return train, val, test

@@ -1,0 +1,73 @@
+"""The evaluation recipe: load a checkpoint, score the test set (every image once, on any number of
+devices), print a table, write eval.json in the run directory and log to the configured loggers."""
+
+import json
+import logging
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vdvae.checkpoints import CheckpointError, load_module
+from vdvae.config import check_model_and_data, remove_empty_run_dir, route_library_logs
+from vdvae.data import ImageDataModule, data_module_from_config
+
+log = logging.getLogger(__name__)
+
+
+def data_module(cfg: DictConfig, checkpoint: dict, **overrides) -> tuple[ImageDataModule, dict]:
+    """The data module of the config if given (data=..., the user's own config), else the one the checkpoint
+    was trained on (plain values checked by `data_module_from_config`: a checkpoint never names code to run);
+    and its config as a plain dict."""
+    if cfg.get("data") is not None:
+        config = OmegaConf.to_container(cfg.data, resolve=True)
+        return instantiate(cfg.data, **overrides), config
+    if "data_config" not in checkpoint:
+        raise ValueError(f"{cfg.ckpt_path} does not say which data it was trained on: pass data=<name>")
+    config = checkpoint["data_config"]
+    try:
+        return data_module_from_config(config, **overrides), config
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{cfg.ckpt_path}: {error}") from error
+
+
+def format_table(metrics: dict) -> str:
+    rows = [(k, f"{v:.5g}") for k, v in sorted(metrics.items()) if "/group_" not in k]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v:>12}" for k, v in rows)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    route_library_logs()
+    try:
+        module, checkpoint = load_module(cfg.ckpt_path)
+        sizes = {"batch_size": cfg.batch_size, "eval_batch_size": cfg.batch_size} if cfg.batch_size else {}
+        datamodule, data = data_module(cfg, checkpoint, **sizes)
+        check_model_and_data(module.hparams.vae, data)
+        datamodule.setup("test")
+    except Exception:
+        remove_empty_run_dir()
+        raise
+    module.enable_evaluation(cfg.iw_samples, cfg.iw_chunk, cfg.active_units)
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    metrics["test/nats_per_dim"] = metrics.pop("test/loss")
+    if trainer.global_rank == 0:
+        out = Path(HydraConfig.get().runtime.output_dir) / "eval.json"
+        kl = [metrics[k] for k in sorted(metrics) if k.startswith("test/kl/group_")]
+        active = [metrics[k] for k in sorted(metrics) if k.startswith("test/active_units/group_")]
+        report = {
+            "checkpoint": str(cfg.ckpt_path),
+            "data": data.get("_target_"),
+            "metrics": metrics,
+            "kl_per_group_nats": kl,
+            "active_units_per_group": active,
+            "elbo_bits_per_dim": metrics["test/bpd"],
+        }
+        out.write_text(json.dumps(report, indent=1))
+        print(format_table(metrics))
+        log.info("wrote %s", out)
+    return metrics

@@ -1,0 +1,249 @@
+"""The LightningModule: a VAE trained on its ELBO with the VDVAE recipe.
+
+AdamW with linear warm-up; the global gradient norm (after the multi-device average, before
+clipping) decides whether an update is skipped: on a non-finite loss on any rank, or a norm at or
+above `skip_threshold`, neither the weights nor the EMA move. Skips are counted and logged, and a
+run that keeps skipping warns and then stops with a message instead of stalling silently.
+Validation, test and sampling use the EMA weights.
+"""
+
+import contextlib
+import copy
+import logging
+import math
+import random
+
+import numpy as np
+import torch
+from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+
+from vdvae.evaluation import ActiveUnits, IWMetric, iw_bound
+from vdvae.metrics import ELBOMetric
+from vdvae.model import VAE
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int):
+    """Run a block with the global RNG (and the device's) seeded, restoring the previous state afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+class VDVAEModule(LightningModule):
+    def __init__(
+        self,
+        vae: dict,
+        lr: float = 2e-4,
+        betas: tuple = (0.9, 0.9),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        grad_clip: float = 200.0,
+        skip_threshold: float | None = 400.0,
+        ema_decay: float = 0.9999,
+        skip_warn_after: int = 20,
+        max_consecutive_skips: int = 200,
+        compile: bool = False,
+        eval_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        # As in the original, -1 (or null) turns the norm-based skip off; non-finite updates are always skipped.
+        self.skips_on_norm = skip_threshold is not None and skip_threshold != -1
+        self.automatic_optimization = False  # the skip decision sits between backward and step
+        self.vae = VAE(**vae)
+        self.ema = copy.deepcopy(self.vae).requires_grad_(False)
+        self.register_buffer("attempted_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("consecutive_skips", torch.zeros((), dtype=torch.long))
+        self.val_elbo = ELBOMetric(self.vae.n_groups)
+        self.test_elbo = ELBOMetric(self.vae.n_groups)
+        self.iw_samples, self.iw_chunk, self.test_iw, self.test_active_units = 0, 64, None, None
+        self.data_config = None  # stored in checkpoints, so that evaluation can find the data
+        self.stall_message, self._stall_warned = None, False
+        self._restored_rng = None
+        self.last_kl_per_group = {}  # stage -> (groups,) nats per image, for plots
+
+    def configure_model(self):
+        if self.hparams.compile:
+            self.vae.compile()
+
+    def configure_optimizers(self):
+        h = self.hparams
+        # Fused: one kernel for all parameters, and it honours `found_inf`, so a skipped update
+        # needs no decision on the host.
+        optimizer = torch.optim.AdamW(
+            self.vae.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay, fused=True
+        )
+        warmup = max(h.warmup_steps, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def training_step(self, batch, batch_idx):
+        x, target = batch
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        out = self.vae(x, target)
+        loss = out.loss.mean()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.hparams.grad_clip)
+        # The skip decision stays on the device (no host sync): 1.0 on a non-finite loss on any
+        # rank, or a non-finite or too large norm (the same on every rank after the all-reduce).
+        bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+        if self.skips_on_norm:
+            bad = bad | (grad_norm >= self.hparams.skip_threshold)
+        skip = self.trainer.strategy.reduce(bad.float(), reduce_op="max")
+        optimizer.optimizer.found_inf = skip  # the fused AdamW kernel does nothing when it is 1
+        optimizer.step()
+        self._update_ema(weight=(1.0 - self.hparams.ema_decay) * (1.0 - skip))
+        schedule.step()
+        self.attempted_steps += 1
+        self.skipped_steps += skip.long()
+        self.consecutive_skips.add_(1).mul_(skip.long())
+        # Reading the counter syncs an accelerator with the host: there, look only every 10 steps.
+        if self.device.type == "cpu" or batch_idx % 10 == 0:
+            self._check_stall(grad_norm)
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/bpd": out.bpd.mean(),
+                "train/distortion": out.distortion.mean(),
+                "train/rate": out.rate.mean(),
+                "train/grad_norm": grad_norm,
+                "train/skipped": skip,
+                "train/skipped_total": self.skipped_steps.float(),
+                "train/skip_rate": self.skipped_steps.float() / self.attempted_steps,
+            },
+            prog_bar=False,
+            on_step=True,
+            on_epoch=False,
+        )
+        self.log("train/bpd_avg", out.bpd.mean(), prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    @torch.no_grad()
+    def _update_ema(self, weight):
+        """ema += weight * (online - ema); a zero weight (a skipped update) leaves it exactly as it was."""
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.vae.parameters()), weight)
+
+    def _check_stall(self, grad_norm):
+        n, h = int(self.consecutive_skips), self.hparams
+        if n < h.skip_warn_after:
+            self._stall_warned = False
+        elif not self._stall_warned:
+            self._stall_warned = True
+            rank_zero_warn(
+                f"{n} consecutive updates skipped (grad norm {float(grad_norm):.1f} vs model.skip_threshold="
+                f"{h.skip_threshold}); training makes no progress while this lasts"
+            )
+        if n >= h.max_consecutive_skips:
+            self.stall_message = (
+                f"stopped: {n} consecutive updates were skipped (last grad norm {float(grad_norm):.1f}, "
+                f"model.skip_threshold={h.skip_threshold}). Raise model.skip_threshold, lower model.lr, or resume "
+                f"from an earlier checkpoint; model.max_consecutive_skips={h.max_consecutive_skips} sets this limit."
+            )
+            log.error(self.stall_message)
+            self.trainer.should_stop = True
+
+    def _evaluate(self, batch, batch_idx, metric):
+        x, target = batch
+        # Evaluation noise is fixed per batch and does not disturb the training RNG stream.
+        with seeded(self.device, self.hparams.eval_seed + batch_idx):
+            metric.update(self.ema(x, target))
+
+    def enable_evaluation(self, iw_samples: int = 0, iw_chunk: int = 64, active_units: bool = True):
+        """Also compute, on the test set, the K-sample importance-weighted bound and active units."""
+        self.iw_samples, self.iw_chunk = iw_samples, iw_chunk
+        self.test_iw = IWMetric() if iw_samples else None
+        sizes = [self.vae.decoder.blocks[0].zdim * b.resolution**2 for b in self.vae.decoder.blocks if b.latent]
+        self.test_active_units = ActiveUnits(sizes) if active_units else None
+        return self
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, batch_idx, self.val_elbo)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, batch_idx, self.test_elbo)
+        x, target = batch
+        if self.test_iw is not None:
+            with seeded(self.device, self.hparams.eval_seed + 7919 * (batch_idx + 1)):
+                self.test_iw.update(iw_bound(self.ema, x, target, self.iw_samples, self.iw_chunk))
+        if self.test_active_units is not None:
+            self.test_active_units.update(self.ema.encode(x, use_mean=True))
+
+    def _log_epoch(self, stage, metric):
+        values = metric.compute()
+        metric.reset()
+        kl = values.pop("kl_per_group").reshape(-1)  # torchmetrics squeezes a one-group vector
+        self.last_kl_per_group[stage] = kl.float().cpu()
+        self.log(f"{stage}/bpd", values.pop("bpd").float(), prog_bar=True)
+        scalars = {f"{stage}/{k}": v.float() for k, v in values.items()}
+        scalars.update({f"{stage}/kl/group_{t:02d}": v.float() for t, v in enumerate(kl)})
+        self.log_dict(scalars)
+
+    def on_validation_epoch_end(self):
+        self._log_epoch("val", self.val_elbo)
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test", self.test_elbo)
+        ndims = self.vae.image_channels * self.vae.image_size**2
+        if self.test_iw is not None:
+            bound, stderr = self.test_iw.compute()
+            self.test_iw.reset()
+            self.log_dict(
+                {
+                    "test/iw_nats_per_image": -bound.float(),
+                    "test/iw_stderr_nats": stderr.float(),
+                    "test/iw_bpd": (-bound / ndims / math.log(2)).float(),
+                    "test/iw_samples": self.iw_samples,
+                }
+            )
+        if self.test_active_units is not None:
+            active = self.test_active_units.compute()
+            self.test_active_units.reset()
+            self.log_dict({f"test/active_units/group_{t:02d}": a.float() for t, a in enumerate(active)})
+            self.log("test/active_units_total", active.sum().float())
+
+    # Exact resume: the RNG state of every rank travels with the checkpoint.
+    def on_save_checkpoint(self, checkpoint):
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)  # weights-only safe
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": numpy_state,
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint["rng_states"] = states
+        if self.data_config is not None:
+            checkpoint["data_config"] = self.data_config
+
+    def on_load_checkpoint(self, checkpoint):
+        self._restored_rng = checkpoint.get("rng_states")
+        # Checkpoints from before the fused optimizer resume with it (the skip decision needs it).
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                group.update(fused=True, foreach=None)
+
+    def on_train_start(self):
+        states = self._restored_rng
+        if states and len(states) == self.trainer.world_size:
+            state = states[self.global_rank]
+            torch.set_rng_state(state["torch"])
+            name, keys, pos, has_gauss, gauss = state["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(state["python"])
+            if state["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+        elif self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)  # distinct noise on every rank
+        self._restored_rng = None

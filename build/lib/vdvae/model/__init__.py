@@ -1,0 +1,5 @@
+"""The VDVAE model: blocks, likelihoods and the hierarchical VAE."""
+
+from vdvae.model.vae import ELBO, VAE, NonFiniteOutputError
+
+__all__ = ["ELBO", "VAE", "NonFiniteOutputError"]

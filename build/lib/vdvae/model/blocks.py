@@ -1,0 +1,145 @@
+"""Building blocks of the VDVAE network: the bottleneck residual block, the block-string grammar
+and per-resolution widths (Child 2020, arXiv 2011.10650, section 3 and appendix).
+
+Block strings describe a network as comma-separated tokens:
+    RxN   N blocks at resolution R
+    RdK   (encoder) one block at R, then average-pool by K
+    RmS   (decoder) one block at R whose input adds the upsampled decoder state of resolution S
+"""
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_TOKEN = re.compile(r"^(\d+)(?:([xdm])(\d+))?$")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block of a block string: its resolution and, for `d`/`m` tokens, the pool/mixin factor."""
+
+    resolution: int
+    down_rate: int | None = None
+    mixin: int | None = None
+
+
+def parse_block_string(blocks: str, kind: str) -> list[BlockSpec]:
+    """Expand a block string into one BlockSpec per block; `kind` is "encoder" or "decoder"."""
+    allowed = {"encoder": "xd", "decoder": "xm"}[kind]
+    if not isinstance(blocks, str) or not blocks.strip():
+        raise ValueError(f"{kind} block string is empty; expected tokens like '32x2,32d2,16x1'")
+    specs = []
+    for token in blocks.replace(" ", "").split(","):
+        match = _TOKEN.match(token)
+        if match is None:
+            raise ValueError(
+                f"{kind} block string {blocks!r}: malformed token {token!r}; "
+                f"expected R, RxN{', RdK' if kind == 'encoder' else ', RmS'} with integers R, N, K, S"
+            )
+        res, op, arg = int(match[1]), match[2], match[3] and int(match[3])
+        if op is not None and op not in allowed:
+            raise ValueError(
+                f"{kind} block string {blocks!r}: token {token!r} uses '{op}', "
+                f"which only the {'decoder' if op == 'm' else 'encoder'} accepts"
+            )
+        if res < 1 or (arg is not None and arg < 1):
+            raise ValueError(f"{kind} block string {blocks!r}: token {token!r} needs positive integers")
+        if op == "x":
+            specs += [BlockSpec(res)] * arg
+        elif op == "d":
+            specs.append(BlockSpec(res, down_rate=arg))
+        elif op == "m":
+            specs.append(BlockSpec(res, mixin=arg))
+        else:
+            specs.append(BlockSpec(res))
+    return specs
+
+
+def widths_by_resolution(width: int, custom: str | Mapping | None) -> dict:
+    """Channel width at each resolution: `width` unless `custom` ("512:32,256:64" or {512: 32}) says otherwise."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a positive integer, got {width!r}")
+    if not custom:
+        return _DefaultWidths(width)
+    if isinstance(custom, str):
+        try:
+            pairs = [item.split(":") for item in custom.replace(" ", "").split(",")]
+            custom = {int(res): int(w) for res, w in pairs}
+        except ValueError:
+            raise ValueError(f"custom widths {custom!r} must look like '512:32,256:64' (resolution:width)") from None
+    mapping = _DefaultWidths(width)
+    for res, w in dict(custom).items():
+        if int(w) < 1:
+            raise ValueError(f"custom widths: width at resolution {res} must be positive, got {w}")
+        mapping[int(res)] = int(w)
+    return mapping
+
+
+class _DefaultWidths(dict):
+    """A resolution -> width dict that answers the default width for resolutions it does not list."""
+
+    def __init__(self, default: int):
+        super().__init__()
+        self.default = default
+
+    def __missing__(self, res):
+        return self.default
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, zero_weights: bool = False) -> nn.Conv2d:
+    """A same-padded convolution with PyTorch's default weight init and a zero bias."""
+    layer = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
+    nn.init.zeros_(layer.bias)
+    if zero_weights:
+        nn.init.zeros_(layer.weight)
+    return layer
+
+
+class ResBlock(nn.Module):
+    """GELU -> 1x1 -> GELU -> 3x3 -> GELU -> 3x3 -> GELU -> 1x1, no normalization.
+
+    `residual` adds the input back; `down_rate` average-pools after that. Below 3x3 patches
+    (resolution <= 2) the middle convs are 1x1, since a 3x3 kernel would only see padding.
+    """
+
+    def __init__(self, in_ch, mid_ch, out_ch, resolution, residual=True, down_rate=None, zero_last=False):
+        super().__init__()
+        k = 3 if resolution > 2 else 1
+        self.conv_in = conv(in_ch, mid_ch, 1)
+        self.conv_mid1 = conv(mid_ch, mid_ch, k)
+        self.conv_mid2 = conv(mid_ch, mid_ch, k)
+        self.conv_out = conv(mid_ch, out_ch, 1, zero_weights=zero_last)
+        self.residual = residual
+        self.down_rate = down_rate
+
+    def forward(self, x, gelu_x=None):
+        """`gelu_x`: F.gelu(x) when the caller already has it (blocks that read one input share it)."""
+        h = self.conv_in(F.gelu(x) if gelu_x is None else gelu_x)
+        h = self.conv_mid1(F.gelu(h))
+        h = self.conv_mid2(F.gelu(h))
+        h = self.conv_out(F.gelu(h))
+        out = x + h if self.residual else h
+        if self.down_rate is not None:
+            out = F.avg_pool2d(out, self.down_rate)
+        return out
+
+    def scale_last(self, factor: float):
+        """Scale the last conv's weights: keeps the residual stream's variance bounded with depth."""
+        with torch.no_grad():
+            self.conv_out.weight.mul_(factor)
+
+
+def bottleneck(width: int, ratio: float) -> int:
+    mid = int(width * ratio)
+    if mid < 1:
+        raise ValueError(f"bottleneck ratio {ratio} leaves no channels at width {width}; raise one of them")
+    return mid
+
+
+def depth_scale(n_blocks: int) -> float:
+    return math.sqrt(1.0 / n_blocks)

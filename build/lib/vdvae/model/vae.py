@@ -1,0 +1,391 @@
+"""The hierarchical VAE of VDVAE (Child 2020, arXiv 2011.10650): encoder, top-down decoder blocks
+with one latent group each, decoder, and the VAE that ties them to a likelihood.
+
+p(x, z) = p(x | z) p(z_0) prod_t p(z_t | z_<t),   q(z | x) = q(z_0 | x) prod_t q(z_t | z_<t, x).
+The forward pass returns the ELBO's terms per image and per group, so callers can log the rate of
+every group; a plain VAE is the case of a single latent group.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vdvae.model.blocks import (
+    ResBlock,
+    bottleneck,
+    conv,
+    depth_scale,
+    parse_block_string,
+    widths_by_resolution,
+)
+from vdvae.model.likelihoods import Bernoulli, DiscretizedMixtureLogistics, gaussian_kl, gaussian_sample, nats_to_bits
+
+
+class NonFiniteOutputError(FloatingPointError):
+    """The decoder produced non-finite likelihood parameters, so no image can be drawn."""
+
+
+@dataclass
+class ELBO:
+    """The ELBO's terms for a batch: log p(x|z) (N,) and KL per group (N, T), both in nats per image."""
+
+    log_px_z: torch.Tensor
+    kl: torch.Tensor
+    ndims: int  # data dimensions per image, H * W * C
+
+    @property
+    def elbo(self):
+        """ELBO per image in nats: log p(x|z) - sum_t KL_t."""
+        return self.log_px_z - self.kl.sum(dim=1)
+
+    @property
+    def distortion(self):
+        """-log p(x|z) in nats per data dimension, (N,)."""
+        return -self.log_px_z / self.ndims
+
+    @property
+    def rate(self):
+        """Total KL in nats per data dimension, (N,)."""
+        return self.kl.sum(dim=1) / self.ndims
+
+    @property
+    def loss(self):
+        """Negative ELBO in nats per data dimension, (N,): the quantity training minimizes."""
+        return self.distortion + self.rate
+
+    @property
+    def bpd(self):
+        """Negative ELBO in bits per data dimension, (N,)."""
+        return nats_to_bits(self.loss)
+
+
+@dataclass
+class GroupOutput:
+    """What one decoder block did: its latent, posterior and prior parameters, and the KL map."""
+
+    z: torch.Tensor
+    prior: tuple | None
+    posterior: tuple | None = None
+    kl: torch.Tensor | None = None
+
+
+def _as_conv_input(t):
+    """`t` in the dtype autocast runs convolutions in (itself without autocast): a tensor that feeds
+    several convolutions is then cast once, not once per convolution."""
+    device = t.device.type
+    return t.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else t
+
+
+class Encoder(nn.Module):
+    """Bottom-up ResNet; returns the last activation at every resolution (zero-padded to its width)."""
+
+    def __init__(self, image_channels, widths, specs, image_size, bottleneck_ratio):
+        super().__init__()
+        self.widths = widths
+        self.stem = conv(image_channels, widths[image_size], 3)
+        self.blocks = nn.ModuleList(
+            ResBlock(
+                widths[s.resolution],
+                bottleneck(widths[s.resolution], bottleneck_ratio),
+                widths[s.resolution],
+                s.resolution,
+                residual=True,
+                down_rate=s.down_rate,
+            )
+            for s in specs
+        )
+        for block in self.blocks:
+            block.scale_last(depth_scale(len(specs)))
+
+    def forward(self, x, checkpointing=False):
+        x = self.stem(x)
+        activations = {x.shape[-1]: x}
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
+            width = self.widths[x.shape[-1]]
+            if x.shape[1] < width:
+                x = F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1]))
+            activations[x.shape[-1]] = x
+        return activations
+
+
+class DecoderBlock(nn.Module):
+    """One top-down block: posterior q(z_t | z_<t, x), prior p(z_t | z_<t), z projection, ResBlock.
+
+    A block with `latent=False` keeps only the ResBlock (used to upsample after the last group).
+    """
+
+    def __init__(self, spec, width, zdim, bottleneck_ratio, n_blocks, latent=True):
+        super().__init__()
+        self.resolution, self.mixin, self.zdim, self.latent = spec.resolution, spec.mixin, zdim, latent
+        mid = bottleneck(width, bottleneck_ratio)
+        if latent:
+            self.posterior = ResBlock(2 * width, mid, 2 * zdim, spec.resolution, residual=False)
+            self.prior = ResBlock(width, mid, 2 * zdim + width, spec.resolution, residual=False, zero_last=True)
+            self.z_proj = conv(zdim, width, 1)
+            with torch.no_grad():
+                self.z_proj.weight.mul_(depth_scale(n_blocks))
+        self.resnet = ResBlock(width, mid, width, spec.resolution, residual=True)
+        self.resnet.scale_last(depth_scale(n_blocks))
+
+    def forward(self, x, activation=None, z=None, temperature=1.0, use_mean=False):
+        """x: decoder state (N, W, R, R). With `activation` (the encoder's, passed through GELU)
+        the latent comes from the posterior (its mean if `use_mean`), else `z` if given, else the
+        prior at `temperature`."""
+        if not self.latent:
+            return self.resnet(x), None
+        # Prior and posterior both open with GELU of the state: compute it once. The posterior's
+        # GELU(cat[x, a]) is cat[GELU(x), GELU(a)], and GELU(a) is shared by all blocks at R.
+        gelu_x = _as_conv_input(F.gelu(x))
+        p_mean, p_logstd, residual = self.prior(x, gelu_x).split([self.zdim, self.zdim, x.shape[1]], dim=1)
+        # Latents and KL in fp32 also under autocast, like the likelihood (no-ops in fp32).
+        p_mean, p_logstd = p_mean.float(), p_logstd.float()
+        out = GroupOutput(z=None, prior=(p_mean, p_logstd))
+        if activation is not None:
+            posterior = self.posterior(None, torch.cat([gelu_x, activation], dim=1)).float()
+            q_mean, q_logstd = posterior.chunk(2, dim=1)
+            out.posterior = (q_mean, q_logstd)
+            out.kl = gaussian_kl(q_mean, q_logstd, p_mean, p_logstd)
+            out.z = q_mean if use_mean else gaussian_sample(q_mean, q_logstd)
+        else:
+            out.z = z if z is not None else gaussian_sample(p_mean, p_logstd, temperature)
+        x = x + residual + self.z_proj(out.z)
+        return self.resnet(x), out
+
+
+class Decoder(nn.Module):
+    """Top-down stack of DecoderBlocks over learned bias states, then a per-channel gain and bias."""
+
+    def __init__(self, widths, specs, image_size, zdim, bottleneck_ratio, no_bias_above, no_latent_above):
+        super().__init__()
+        self.widths, self.image_size = widths, image_size
+        self.blocks = nn.ModuleList(
+            DecoderBlock(
+                s,
+                widths[s.resolution],
+                zdim,
+                bottleneck_ratio,
+                len(specs),
+                latent=no_latent_above is None or s.resolution <= no_latent_above,
+            )
+            for s in specs
+        )
+        resolutions = sorted({s.resolution for s in specs})
+        self.bias = nn.ParameterDict(
+            {str(r): nn.Parameter(torch.zeros(1, widths[r], r, r)) for r in resolutions if r <= no_bias_above}
+        )
+        self.out_gain = nn.Parameter(torch.ones(1, widths[image_size], 1, 1))
+        self.out_bias = nn.Parameter(torch.zeros(1, widths[image_size], 1, 1))
+
+    @property
+    def n_groups(self):
+        return sum(block.latent for block in self.blocks)
+
+    def forward(
+        self,
+        n,
+        activations=None,
+        latents=(),
+        temperature=1.0,
+        use_mean=False,
+        checkpointing=False,
+        keep_distributions=True,
+    ):
+        """Run the blocks top-down. Groups take the posterior when `activations` is given, else
+        `latents[t]` while there are given latents, else the prior at temperature(s).
+
+        Without `keep_distributions` the groups keep only z and the KL map, so that (with
+        checkpointing) the prior's and posterior's outputs are freed block by block."""
+        temps = list(temperature) if isinstance(temperature, Sequence) else [temperature] * self.n_groups
+        if len(temps) != self.n_groups:
+            raise ValueError(f"got {len(temps)} temperatures for {self.n_groups} latent groups")
+        ref = self.out_gain
+        states, groups, gelu_activations = {}, [], {}
+        for block in self.blocks:
+            r, w = block.resolution, self.widths[block.resolution]
+            if r in states:
+                x = states[r]
+            elif str(r) in self.bias:
+                x = self.bias[str(r)].expand(n, -1, -1, -1)
+            else:
+                x = ref.new_zeros(n, w, r, r)
+            if block.mixin is not None:
+                x = x + F.interpolate(states[block.mixin][:, :w], scale_factor=r // block.mixin, mode="nearest")
+            t = len(groups)
+            if activations is not None and block.latent and r not in gelu_activations:
+                gelu_activations[r] = _as_conv_input(F.gelu(activations[r]))
+            kwargs = dict(
+                activation=gelu_activations.get(r),
+                z=latents[t] if block.latent and t < len(latents) else None,
+                temperature=temps[t] if block.latent else 1.0,
+                use_mean=use_mean,
+            )
+            if checkpointing:
+                x, out = checkpoint(block, x, use_reentrant=False, **kwargs)
+            else:
+                x, out = block(x, **kwargs)
+            states[r] = x
+            if out is not None:
+                groups.append(out if keep_distributions else GroupOutput(z=out.z, prior=None, kl=out.kl))
+        return states[self.image_size] * self.out_gain + self.out_bias, groups
+
+
+class VAE(nn.Module):
+    """A VDVAE: encoder, top-down decoder and likelihood, configured from plain values.
+
+    Args:
+        image_size, image_channels: the data's shape, (channels, size, size).
+        width: channels of the residual stream; `custom_widths` overrides it per resolution
+            ("512:32,256:64" or {512: 32}); channels are zero-padded where the width grows.
+        zdim: channels of each latent group.
+        bottleneck_ratio: inner width of every block as a fraction of its width.
+        enc_blocks, dec_blocks: block strings (see vdvae.model.blocks).
+        likelihood: "dmol" (discretized mixture of logistics) or "bernoulli".
+        num_mixtures, bits: the mixture's components and the data's bit depth.
+        no_bias_above: learned decoder input states only at resolutions up to this.
+        no_latent_above: decoder blocks above this resolution carry no latent (None: all do);
+            with a single block at or below it, this is a plain one-group VAE.
+        checkpointing: recompute each block's activations in the backward pass (saves memory).
+        channels_last: run convolutions in the NHWC memory format (faster on most hardware).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        image_channels: int,
+        width: int,
+        zdim: int,
+        enc_blocks: str,
+        dec_blocks: str,
+        custom_widths: str | Mapping | None = None,
+        bottleneck_ratio: float = 0.25,
+        likelihood: str = "dmol",
+        num_mixtures: int = 10,
+        bits: int = 8,
+        no_bias_above: int = 64,
+        no_latent_above: int | None = None,
+        checkpointing: bool = False,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        widths = widths_by_resolution(width, custom_widths)
+        enc_specs = parse_block_string(enc_blocks, "encoder")
+        dec_specs = parse_block_string(dec_blocks, "decoder")
+        _check_architecture(image_size, widths, enc_specs, dec_specs, zdim, no_latent_above)
+        self.image_size, self.image_channels = image_size, image_channels
+        self.checkpointing, self.channels_last = checkpointing, channels_last
+        self.encoder = Encoder(image_channels, widths, enc_specs, image_size, bottleneck_ratio)
+        self.decoder = Decoder(widths, dec_specs, image_size, zdim, bottleneck_ratio, no_bias_above, no_latent_above)
+        if likelihood == "dmol":
+            self.likelihood = DiscretizedMixtureLogistics(widths[image_size], image_channels, num_mixtures, bits)
+        elif likelihood == "bernoulli":
+            self.likelihood = Bernoulli(widths[image_size], image_channels)
+        else:
+            raise ValueError(f"likelihood must be 'dmol' or 'bernoulli', got {likelihood!r}")
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    @property
+    def n_groups(self) -> int:
+        return self.decoder.n_groups
+
+    def _check_input(self, x):
+        expected = (self.image_channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def forward(self, x, target, use_mean=False) -> ELBO:
+        """ELBO terms for model inputs x (N, C, H, W) and likelihood targets of the same shape.
+
+        `use_mean` takes the posterior mean in every group instead of a sample (deterministic).
+        """
+        x = self._check_input(x)
+        activations = self.encoder(x, self.checkpointing)
+        h, groups = self.decoder(
+            x.shape[0], activations, use_mean=use_mean, checkpointing=self.checkpointing, keep_distributions=False
+        )
+        log_px_z = self.likelihood.log_prob(self.likelihood(h), target)
+        kl = torch.stack([g.kl.float().sum(dim=(1, 2, 3)) for g in groups], dim=1)
+        return ELBO(log_px_z=log_px_z, kl=kl, ndims=target[0].numel())
+
+    @torch.no_grad()
+    def encode(self, x, use_mean=True) -> list:
+        """The posterior latents of every group, top-down: a list of (N, zdim, R, R) tensors."""
+        activations = self.encoder(self._check_input(x))
+        _, groups = self.decoder(x.shape[0], activations, use_mean=use_mean)
+        return [g.z for g in groups]
+
+    @torch.no_grad()
+    def decode(self, latents, temperature=1.0, mode=None, n=None):
+        """Images (N, C, H, W) uint8 from the given latents of the first k groups, the rest drawn
+        from the prior at `temperature` (one value or one per group).
+
+        `mode` returns the likelihood's most likely component mean instead of a sample; by default
+        it is on when every temperature is 0, so that sampling is then deterministic.
+        """
+        n = latents[0].shape[0] if latents else n
+        h, _ = self.decoder(n, latents=list(latents), temperature=temperature)
+        if mode is None:
+            temps = temperature if isinstance(temperature, Sequence) else [temperature]
+            mode = all(t == 0 for t in temps)
+        params = self.likelihood(h)
+        if not torch.isfinite(params).all():
+            raise NonFiniteOutputError("the model's output is not finite (diverged weights?): nothing to draw")
+        return self.likelihood.to_uint8(self.likelihood.sample(params, mode=mode))
+
+    def sample(self, n: int, temperature=1.0, mode=None):
+        """n unconditional samples, uint8 (N, C, H, W); see `decode` for temperature and mode."""
+        return self.decode([], temperature, mode, n=n)
+
+    def reconstruct(self, x, k=None, temperature=1.0, mode=None):
+        """Keep the posterior means of the first k groups of x (all by default), sample the rest."""
+        latents = self.encode(x)
+        return self.decode(latents[: self.n_groups if k is None else k], temperature, mode, n=x.shape[0])
+
+
+def _check_architecture(image_size, widths, enc_specs, dec_specs, zdim, no_latent_above):
+    """Fail at construction, naming the problem, if the block strings cannot form a VDVAE."""
+    if zdim < 1:
+        raise ValueError(f"zdim must be positive, got {zdim}")
+    res = image_size
+    if enc_specs[0].resolution != image_size:
+        raise ValueError(f"encoder starts at resolution {enc_specs[0].resolution} but image_size is {image_size}")
+    reached = {image_size}
+    for s in enc_specs:
+        if s.resolution != res:
+            raise ValueError(f"encoder block at resolution {s.resolution} follows blocks that end at {res}")
+        if s.down_rate is not None:
+            if res % s.down_rate:
+                raise ValueError(f"encoder: resolution {res} is not divisible by the pool factor {s.down_rate}")
+            res //= s.down_rate
+            if widths[res] < widths[s.resolution]:
+                raise ValueError(
+                    f"custom widths: width {widths[res]} at resolution {res} is below {widths[s.resolution]} at "
+                    f"{s.resolution}; encoder channels can only grow (they are zero-padded)"
+                )
+        reached.add(res)
+    decoded = set()
+    for s in dec_specs:
+        if s.resolution not in reached:
+            raise ValueError(
+                f"decoder block at resolution {s.resolution}: the encoder never reaches it (it has {sorted(reached)})"
+            )
+        if s.mixin is not None:
+            if s.mixin not in decoded:
+                raise ValueError(
+                    f"decoder block {s.resolution}m{s.mixin}: no earlier decoder block at resolution {s.mixin}"
+                )
+            if s.resolution % s.mixin or s.resolution <= s.mixin:
+                raise ValueError(
+                    f"decoder block {s.resolution}m{s.mixin}: {s.resolution} must be a multiple of {s.mixin}"
+                )
+        decoded.add(s.resolution)
+    if dec_specs[-1].resolution != image_size:
+        raise ValueError(f"decoder ends at resolution {dec_specs[-1].resolution} but image_size is {image_size}")
+    if not any(no_latent_above is None or s.resolution <= no_latent_above for s in dec_specs):
+        raise ValueError(f"no_latent_above={no_latent_above} leaves the decoder without a latent group")

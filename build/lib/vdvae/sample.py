@@ -1,0 +1,71 @@
+"""The sampling recipe behind sample.py: one `mode` per run, outputs in the run directory.
+
+samples      grids at each of `temperatures` (no data needed)
+reconstruct  images and their reconstructions from the first k groups, for each k in `ks`
+interpolate  between consecutive pairs of images, in the posterior means of every group
+encode       the images' latents to latents.pt (format: vdvae.sampling)
+decode       images from a latents file (`latents=...`), the groups it lacks drawn at `temperatures[0]`
+Images come from `inputs` (files or folders) or else from the checkpoint's test set.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from vdvae import sampling
+from vdvae.checkpoints import load_module
+from vdvae.config import remove_empty_run_dir
+from vdvae.eval import data_module
+
+log = logging.getLogger(__name__)
+MODES = ("samples", "reconstruct", "interpolate", "encode", "decode")
+
+
+def input_images(cfg, vae, checkpoint, device):
+    """uint8 images and model inputs: from `inputs`, else the first `n_images` of the test set."""
+    datamodule, _ = data_module(cfg, checkpoint)
+    if cfg.inputs:
+        images = sampling.read_images(list(cfg.inputs), vae.image_size, vae.image_channels)[: cfg.n_images]
+    else:
+        datamodule.setup("test")
+        images = torch.stack([datamodule.test_set[i] for i in range(min(cfg.n_images, len(datamodule.test_set)))])
+    images = images.to(device)
+    return images, datamodule.preprocess(images)[0]
+
+
+def sample(cfg: DictConfig) -> list[Path]:
+    try:
+        if cfg.mode not in MODES:
+            raise ValueError(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
+        module, checkpoint = load_module(cfg.ckpt_path)
+    except Exception:
+        remove_empty_run_dir()
+        raise
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae = (module.ema if cfg.use_ema else module.vae).to(device)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    temperatures = OmegaConf.to_container(cfg.temperatures)
+    torch.manual_seed(cfg.seed)
+    if cfg.mode == "samples":
+        return sampling.sample_grids(vae, cfg.n, temperatures, out)
+    if cfg.mode == "decode":
+        if not cfg.latents:
+            raise ValueError("mode=decode needs latents=<file written by mode=encode>")
+        latents = sampling.load_latents(vae, Path(cfg.latents), device)
+        return [sampling.save_grid(vae.decode(latents, temperatures[0]), out / "decoded.png", len(latents[0]))]
+    images, inputs = input_images(cfg, vae, checkpoint, device)
+    if cfg.mode == "reconstruct":
+        groups = vae.n_groups
+        ks = list(cfg.ks) if cfg.ks else sorted({0, 1, groups // 4, groups // 2, groups})
+        log.info("rows: data, then k = %s of %d groups kept", ks, groups)
+        return [sampling.reconstruction_grid(vae, images, inputs, ks, temperatures[0], out)]
+    if cfg.mode == "interpolate":
+        if len(images) < 2:
+            raise ValueError("mode=interpolate needs at least two images")
+        rows = [sampling.interpolate(vae, inputs[i], inputs[i + 1], cfg.steps) for i in range(0, len(inputs) - 1, 2)]
+        return [sampling.save_grid(torch.cat(rows), out / "interpolations.png", cfg.steps)]
+    path = sampling.save_latents(vae, inputs, out / "latents.pt", cfg.ckpt_path)
+    return [path, sampling.save_grid(images, out / "encoded_images.png", len(images))]

@@ -1,0 +1,93 @@
+"""The training recipe: check the config, load the data, build module, callbacks, loggers and
+trainer from the config, fit, test, and return the metric a sweep optimizes."""
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from vdvae.checkpoints import check_resume
+from vdvae.config import check_config, remove_empty_run_dir, route_library_logs
+from vdvae.loggers import loggers_from_config
+from vdvae.slurm import RequeueOnSignal
+
+log = logging.getLogger(__name__)
+
+
+# The exit status of a run stopped by SIGTERM after saving (128 + 15, as the shell reports a kill by
+# SIGTERM), so that SLURM and wrapper scripts can tell a pre-empted run from a finished one.
+SIGTERM_EXIT_CODE = 143
+
+
+def previous_last_checkpoint() -> str | None:
+    """`last.ckpt` of this job's run directory if it already has one: the job is a requeued one (a SLURM
+    job that submitit resubmits with its original overrides into the same directory), which resumes."""
+    try:
+        last = Path(HydraConfig.get().runtime.output_dir) / "checkpoints" / "last.ckpt"
+    except ValueError:  # not under Hydra
+        return None
+    return str(last) if last.is_file() else None
+
+
+def train(cfg: DictConfig) -> float | None:
+    route_library_logs()
+    ckpt_path = cfg.get("ckpt_path") or previous_last_checkpoint()
+    if ckpt_path and not cfg.get("ckpt_path"):
+        log.warning("this run directory already holds %s: resuming from it", ckpt_path)
+    try:
+        check_config(cfg)
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = instantiate(cfg.data)
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            datamodule.prepare_data()
+        datamodule.setup("fit")  # missing or corrupt data fails here, before any output is written
+        module = instantiate(cfg.model)
+        module.data_config = OmegaConf.to_container(cfg.data, resolve=True)
+        resumed = check_resume(ckpt_path, module) if ckpt_path else None
+    except Exception:
+        remove_empty_run_dir()
+        raise
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = loggers_from_config(cfg.get("logger"), resumed)
+    del resumed
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    n_params = sum(p.numel() for p in module.vae.parameters())
+    log.info(
+        "%s: %s parameters, %d latent groups; data %s",
+        cfg.model.get("_target_"),
+        f"{n_params:,}",
+        module.vae.n_groups,
+        datamodule.name,
+    )
+
+    requeue = RequeueOnSignal()  # SLURM pre-emption and time limits under submitit
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        if requeue.caught:
+            requeue.requeue()
+        log.error("stopped by SIGTERM; exit status %d", SIGTERM_EXIT_CODE)
+        raise SystemExit(SIGTERM_EXIT_CODE) from None
+    if module.stall_message:
+        raise RuntimeError(module.stall_message)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        if "test/bpd" in metrics:
+            log.info(
+                "test: %.4f bits/dim (ELBO, %d images), checkpoint %s",
+                metrics["test/bpd"],
+                int(metrics.get("test/n_images", 0)),
+                best or "final weights",
+            )
+    return metrics.get(cfg.get("optimized_metric"))
