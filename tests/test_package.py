@@ -53,7 +53,7 @@ def test_installed_commands_train_sweep_evaluate_and_sample_from_any_directory(i
     last = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 2
 
-    sweep = command(installed, "vdvae-train", tmp_path, "-m", *SMALL, "seed=1,2")
+    sweep = command(installed, "vdvae-train", tmp_path, "-m", *SMALL, "seed=1,2", "hydra/launcher=local")
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]

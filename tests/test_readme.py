@@ -36,7 +36,11 @@ def jobs_of(args: list[str]) -> int:
     return len(list(itertools.product(*[range(n) for n in sizes])))
 
 
-SWEEPS = [c for c in readme_commands("python train.py -m") if "hydra/launcher=slurm" not in c]
+SWEEPS = [
+    c
+    for c in readme_commands("python train.py -m")
+    if "hydra/launcher=slurm" not in c and "hparams_search=optuna" not in c
+]
 
 
 def test_the_readme_has_the_sweeps_it_documents():
@@ -69,3 +73,20 @@ def test_readme_resume_continues_the_run_in_its_directory(tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[-1] for p in wandb_runs}) == 1
+
+
+def test_readme_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
+    (command,) = [c for c in readme_commands("python train.py -m") if "hparams_search=optuna" in c]
+    trials = [a if not a.startswith("hydra.sweeper.n_trials=") else "hydra.sweeper.n_trials=2" for a in command[2:]]
+    small = [o for o in SMALL if "max_steps" not in o] + [
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=5",
+        "trainer.check_val_every_n_epoch=null",
+        "logger=csv",
+    ]
+    result = run("train.py", tmp_path, *trials, *[o for o in small if o != "logger=wandb"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in results and "model.lr" in results and "best_value" in results

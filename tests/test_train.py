@@ -259,3 +259,32 @@ def test_skip_threshold_minus_one_or_null_turns_the_norm_test_off_as_in_the_orig
     with_threshold = VDVAEModule(TINY_VAE, warmup_steps=1, lr=1e-3, skip_threshold=50.0, ema_decay=0.5)
     fit_on_batches(with_threshold, [good, large, nan])
     assert int(with_threshold.skipped_steps) == 2  # the same batches with the norm test on
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_follows_its_recursion_with_and_without_warmup_and_skips(warmup):
+    torch.manual_seed(0)
+    decay = 0.95
+    module = VDVAEModule(TINY_VAE, warmup_steps=1, lr=1e-2, ema_decay=decay, ema_warmup=warmup)
+    x = torch.randint(0, 256, (4, 1, 8, 8)).float()
+    good = ((x - 127.5) / 127.5, (x - 127.5) / 127.5)
+    nan = (good[0].clone().fill_(float("nan")), good[1])
+    batches = [good, good, nan, good, good, good]
+    states = fit_on_batches(module, batches)
+    # Independent: ema <- ema + (1 - d_n) (weights - ema) in float64, n counting applied updates only.
+    recursions = {True: [p.double() for p in states[0][1]], False: [p.double() for p in states[0][1]]}
+    applied = 0
+    for t, batch in enumerate(batches):
+        if batch is nan:
+            continue
+        for kind, ema in recursions.items():
+            d = min(decay, (1 + applied) / (10 + applied)) if kind else decay
+            recursions[kind] = [e + (1 - d) * (w.double() - e) for e, w in zip(ema, states[t + 1][0], strict=True)]
+        applied += 1
+    for expected, got in zip(recursions[warmup], states[-1][1], strict=True):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+    def distance(ema):  # from the final weights
+        return sum(((e - w.double()) ** 2).sum() for e, w in zip(ema, states[-1][0], strict=True)).sqrt()
+
+    assert distance(recursions[True]) < 0.5 * distance(recursions[False])  # the warm-up's point

@@ -66,26 +66,42 @@ def peak_memory_mb(device) -> float:
 
 def peak_flops(device, dtype) -> float:
     """Measured FLOP/s of the device at `dtype`: the best of a large matrix product and a large
-    3x3 convolution (channels_last), each the fastest of a few runs."""
+    3x3 convolution (channels_last), each the fastest of a few runs. Sizes shrink where the device is
+    slow at `dtype` (bf16 without native support on a CPU): each call is kept near a quarter second."""
     import torch.nn.functional as F
 
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    x = torch.randn(16, 256, 32, 32, device=device, dtype=dtype).to(memory_format=torch.channels_last)
-    w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).to(memory_format=torch.channels_last)
-    kernels = [(lambda: a @ b, 2 * n**3), (lambda: F.conv2d(x, w, padding=1), 2 * x.numel() * 256 * 9)]
+    budget_s = 0.25
+
+    def matmul(n):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        return (lambda: a @ b), 2 * n**3
+
+    def conv(batch):
+        x = torch.randn(batch, 256, 32, 32, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        return (lambda: F.conv2d(x, w, padding=1)), 2 * x.numel() * 256 * 9
+
     best = 0.0
-    for run, flops in kernels:
+    # (kernel, its size at which to estimate the rate, its largest size, its FLOPs at a size)
+    kernels = [
+        (matmul, 256, 8192 if device.type == "cuda" else 2048, lambda n: 2 * n**3),
+        (conv, 1, 16, lambda batch: batch * 2 * 256 * 32 * 32 * 256 * 9),
+    ]
+    for make, small, size, flops_at in kernels:
+        run, flops = make(small)
+        rate = flops / timed(run, device, repeats=2, reduce=min)  # a first estimate at the small size
+        while size > small and flops_at(size) / rate > budget_s:
+            size //= 2
+        run, flops = make(size)
         best = max(best, flops / timed(run, device, repeats=5, reduce=min))
     return best
 
 
 def model_hparams(preset: str, overrides=()):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(str(conf), version_base="1.3"):
+    with initialize_config_module("vdvae.conf", version_base="1.3"):
         cfg = compose(config_name=None, overrides=[f"+model={preset}", *overrides])
     hparams = OmegaConf.to_container(cfg.model)
     hparams.pop("_target_"), hparams.pop("_convert_")

@@ -109,6 +109,13 @@ class RatePerGroupPlot(Callback):
         fig.savefig(path, dpi=100)
         plt.close(fig)
         log_image(trainer, f"{stage}/rate_per_group", path)
+        for logger in trainer.loggers:  # and as a native W&B bar chart of a table, beside the scalars
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                table = wandb.Table(data=[[t, float(v)] for t, v in enumerate(kl)], columns=["group", "kl_nats"])
+                chart = wandb.plot.bar(table, "group", "kl_nats", title=f"{stage} KL per latent group (nats/image)")
+                logger.log_metrics({f"{stage}/kl_per_group": chart}, step=trainer.global_step)
 
 
 class LastCheckpoint(Callback):

@@ -5,11 +5,13 @@ Resolvers (registered on import, before Hydra composes anything):
 - `${vdvae.cwd:}`          the absolute working directory; unlike `${hydra:runtime.cwd}` it also
                            resolves where Hydra's own config is not set yet (the sweep directory).
 - `${vdvae.run_name:}`     `<date>_<time>_<6 hex>`: unique even for runs started in the same second,
-                           on different machines (SLURM arrays). Cached, so one job sees one name.
+                           on different machines; `slurm-<job id>` inside a SLURM job (one name for all
+                           its tasks). Cached, so one job sees one name.
 - `${vdvae.run_dir:ckpt,base}`  the run directory of `ckpt` when it is `<run>/checkpoints/*.ckpt` of
                            a run made by this framework (resume in place), else `base/<run name>`.
 - `${vdvae.hydra_subdir:dir}`   `.hydra` for a new run; `.hydra/resume_<run name>` when `dir` already
-                           holds a run, so that resuming never overwrites the config a run started with.
+                           holds a run, so that resuming never overwrites the config a run started with;
+                           null (nothing saved) in the further ranks of a multi-process run.
 """
 
 import logging
@@ -33,7 +35,18 @@ class ConfigError(ValueError):
 
 
 def _run_name() -> str:
+    # Under SLURM every task of a job (several nodes) must find one directory: the job's id names it.
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}" + (f"_{array_task}" if array_task else "")
     return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+
+
+def is_worker_process() -> bool:
+    """Whether this process is a further rank of a multi-process run (Lightning's DDP children, torchrun,
+    srun tasks), which joins the directory its rank 0 made instead of starting a run of its own."""
+    return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
 
 def run_of_checkpoint(ckpt_path) -> Path | None:
@@ -52,7 +65,9 @@ def _run_dir(ckpt_path, base) -> str:
     return str(run) if run is not None else f"{base}/{_run_name()}"
 
 
-def _hydra_subdir(output_dir) -> str:
+def _hydra_subdir(output_dir) -> str | None:
+    if is_worker_process():
+        return None  # rank 0 saves the config
     if (Path(str(output_dir)) / ".hydra" / "config.yaml").is_file():
         return f".hydra/resume_{_run_name()}"
     return ".hydra"
@@ -202,7 +217,7 @@ class RunDirGuard(Callback):
             if config.get("ckpt_path"):
                 check_resume_on_meta(config)
         run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
-        if not (run_dir / ".hydra" / "config.yaml").is_file():
+        if not (run_dir / ".hydra" / "config.yaml").is_file() or is_worker_process():
             return
         if is_training and run_of_checkpoint(config.get("ckpt_path")) == run_dir:
             return

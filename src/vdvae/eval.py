@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from vdvae.checkpoints import CheckpointError, load_module
 from vdvae.config import check_model_and_data, remove_empty_run_dir, route_library_logs
 from vdvae.data import ImageDataModule, data_module_from_config
+from vdvae.metrics import format_table
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,6 @@ def data_module(cfg: DictConfig, checkpoint: dict, **overrides) -> tuple[ImageDa
         return data_module_from_config(config, **overrides), config
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{cfg.ckpt_path}: {error}") from error
-
-
-def format_table(metrics: dict) -> str:
-    rows = [(k, f"{v:.5g}") for k, v in sorted(metrics.items()) if "/group_" not in k]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v:>12}" for k, v in rows)
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -45,13 +45,14 @@ class VDVAEModule(LightningModule):
         grad_clip: float = 200.0,
         skip_threshold: float | None = 400.0,
         ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
         skip_warn_after: int = 20,
         max_consecutive_skips: int = 200,
         compile: bool = False,
         eval_seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the loggers get the whole run config once, from train()
         # As in the original, -1 (or null) turns the norm-based skip off; non-finite updates are always skipped.
         self.skips_on_norm = skip_threshold is not None and skip_threshold != -1
         self.automatic_optimization = False  # the skip decision sits between backward and step
@@ -99,7 +100,7 @@ class VDVAEModule(LightningModule):
         skip = self.trainer.strategy.reduce(bad.float(), reduce_op="max")
         optimizer.optimizer.found_inf = skip  # the fused AdamW kernel does nothing when it is 1
         optimizer.step()
-        self._update_ema(weight=(1.0 - self.hparams.ema_decay) * (1.0 - skip))
+        self._update_ema(weight=(1.0 - self._ema_decay()) * (1.0 - skip))
         schedule.step()
         self.attempted_steps += 1
         self.skipped_steps += skip.long()
@@ -124,6 +125,15 @@ class VDVAEModule(LightningModule):
         )
         self.log("train/bpd_avg", out.bpd.mean(), prog_bar=True, on_step=False, on_epoch=True)
         return loss
+
+    def _ema_decay(self):
+        """The EMA's decay: `ema_decay`, or with `ema_warmup` min(ema_decay, (1 + n) / (10 + n)) after n applied
+        updates, so that the EMA follows the weights from the first hundred steps (a short run's figures mean
+        something) and long runs keep `ema_decay` (from n = 9 / (1 - ema_decay) - 1 on). On the device."""
+        if not self.hparams.ema_warmup:
+            return self.hparams.ema_decay
+        n = (self.attempted_steps - self.skipped_steps).double()
+        return torch.clamp((1 + n) / (10 + n), max=self.hparams.ema_decay).float()
 
     @torch.no_grad()
     def _update_ema(self, weight):

@@ -1,4 +1,5 @@
-"""torchmetrics accumulators for the ELBO's terms, exact under multi-device evaluation (sums and a count)."""
+"""torchmetrics accumulators for the ELBO's terms, exact under multi-device evaluation (sums and a count), and
+the table the scripts print."""
 
 import math
 
@@ -37,3 +38,10 @@ class ELBOMetric(Metric):
             "kl_per_group": self.kl / n,
             "n_images": self.count,
         }
+
+
+def format_table(metrics: dict) -> str:
+    """Scalar metrics as an aligned two-column table, without the per-group rows (those go to files and charts)."""
+    rows = [(k, f"{v:.5g}") for k, v in sorted(metrics.items()) if "/group_" not in k]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v:>12}" for k, v in rows)

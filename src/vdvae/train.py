@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from vdvae.checkpoints import check_resume
 from vdvae.config import check_config, remove_empty_run_dir, route_library_logs
 from vdvae.loggers import loggers_from_config
+from vdvae.metrics import format_table
 from vdvae.slurm import RequeueOnSignal
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,13 @@ def train(cfg: DictConfig) -> float | None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         if "test/bpd" in metrics:
+            log.info(
+                "test metrics (per-group KL in the loggers and images/):\n%s",
+                format_table({k: v for k, v in metrics.items() if k.startswith("test/")}),
+            )
             log.info(
                 "test: %.4f bits/dim (ELBO, %d images), checkpoint %s",
                 metrics["test/bpd"],
