@@ -1,1 +1,0 @@
-"""The configs, shipped in the package as `vdvae.conf` (see pyproject.toml)."""

@@ -1,5 +1,0 @@
-"""The VDVAE model: blocks, likelihoods and the hierarchical VAE."""
-
-from vdvae.model.vae import ELBO, VAE, NonFiniteOutputError
-
-__all__ = ["ELBO", "VAE", "NonFiniteOutputError"]
