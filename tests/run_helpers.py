@@ -1,11 +1,14 @@
-"""Run train.py's recipe in-process (composed with Hydra's compose API) or as a subprocess."""
+"""Run train.py's recipe in-process (composed with Hydra's compose API) or as a subprocess, and a callback that
+watches last.ckpt."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning import Callback
 from omegaconf import open_dict
 
 from tests.conftest import ROOT, compose_config
@@ -46,3 +49,19 @@ def run_script(*args: str, timeout=600, env=None) -> subprocess.CompletedProcess
     return subprocess.run(
         [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+class LastCheckpointProbe(Callback):
+    """After every training step: the step last.ckpt holds; raises at `fail_at` (a crash in training)."""
+
+    made = []  # the instances Hydra made, newest last
+
+    def __init__(self, dirpath, fail_at=None):
+        self.path, self.fail_at, self.saved = Path(dirpath) / "last.ckpt", fail_at, []
+        LastCheckpointProbe.made.append(self)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        on_disk = torch.load(self.path, weights_only=True)["global_step"] if self.path.is_file() else None
+        self.saved.append((trainer.global_step, on_disk))
+        if trainer.global_step == self.fail_at:
+            raise RuntimeError("a crash in training")

@@ -9,7 +9,7 @@ from lightning import Trainer
 from torch.utils.data import DataLoader
 
 from tests.conftest import TINY_VAE, build_model
-from tests.run_helpers import TINY_RUN, run_in_process
+from tests.run_helpers import TINY_RUN, LastCheckpointProbe, run_in_process
 from vdvae import VDVAEModule
 
 
@@ -288,3 +288,37 @@ def test_ema_follows_its_recursion_with_and_without_warmup_and_skips(warmup):
         return sum(((e - w.double()) ** 2).sum() for e, w in zip(ema, states[-1][0], strict=True)).sqrt()
 
     assert distance(recursions[True]) < 0.5 * distance(recursions[False])  # the warm-up's point
+
+
+@pytest.mark.parametrize("interval,expected", [(1e-9, "every step"), (1e9, "never")])
+def test_last_checkpoint_follows_its_time_interval(tmp_path, interval, expected):
+    run_in_process(
+        tmp_path,
+        *TINY_RUN,
+        "trainer.max_steps=6",
+        "test=false",
+        "trainer.limit_val_batches=0",
+        "callbacks.last_checkpoint.every_n_train_steps=null",
+        f"callbacks.last_checkpoint.train_time_interval={interval}",
+        "+callbacks.probe._target_=tests.run_helpers.LastCheckpointProbe",
+        f"+callbacks.probe.dirpath={tmp_path / 'checkpoints'}",
+    )
+    probe = LastCheckpointProbe.made[-1]
+    if expected == "every step":
+        assert all(step == on_disk for step, on_disk in probe.saved)
+    else:  # only the final step (saved at max_steps)
+        assert [on_disk for _, on_disk in probe.saved[:-1]] == [None] * 5 and probe.saved[-1] == (6, 6)
+
+
+def test_a_crash_in_training_leaves_last_ckpt_at_the_step_it_reached(tmp_path):
+    with pytest.raises(RuntimeError, match="a crash in training"):
+        run_in_process(
+            tmp_path,
+            *TINY_RUN,
+            "trainer.max_steps=20",
+            "callbacks.last_checkpoint.every_n_train_steps=100",
+            "+callbacks.probe._target_=tests.run_helpers.LastCheckpointProbe",
+            f"+callbacks.probe.dirpath={tmp_path / 'checkpoints'}",
+            "+callbacks.probe.fail_at=5",
+        )
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
