@@ -49,13 +49,18 @@ def is_worker_process() -> bool:
     return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
 
+def holds_a_run(directory) -> bool:
+    """Whether `directory` is the run directory of an earlier run (Hydra saved its config there)."""
+    return (Path(str(directory)) / ".hydra" / "config.yaml").is_file()
+
+
 def run_of_checkpoint(ckpt_path) -> Path | None:
     """The run directory a checkpoint belongs to (`<run>/checkpoints/x.ckpt` with `<run>/.hydra`), if any."""
     if not ckpt_path or str(ckpt_path).startswith("wandb:"):
         return None
     path = Path(str(ckpt_path)).expanduser().absolute()
     run = path.parent.parent
-    if path.parent.name == CHECKPOINT_DIR and (run / ".hydra" / "config.yaml").is_file():
+    if path.parent.name == CHECKPOINT_DIR and holds_a_run(run):
         return run
     return None
 
@@ -68,7 +73,7 @@ def _run_dir(ckpt_path, base) -> str:
 def _hydra_subdir(output_dir) -> str | None:
     if is_worker_process():
         return None  # rank 0 saves the config
-    if (Path(str(output_dir)) / ".hydra" / "config.yaml").is_file():
+    if holds_a_run(output_dir):
         return f".hydra/resume_{_run_name()}"
     return ".hydra"
 
@@ -217,7 +222,7 @@ class RunDirGuard(Callback):
             if config.get("ckpt_path"):
                 check_resume_on_meta(config)
         run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
-        if not (run_dir / ".hydra" / "config.yaml").is_file() or is_worker_process():
+        if not holds_a_run(run_dir) or is_worker_process():
             return
         if is_training and run_of_checkpoint(config.get("ckpt_path")) == run_dir:
             return

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vdvae.checkpoints import check_resume
-from vdvae.config import check_config, remove_empty_run_dir, route_library_logs
+from vdvae.config import CHECKPOINT_DIR, check_config, remove_empty_run_dir, route_library_logs
 from vdvae.loggers import loggers_from_config
 from vdvae.metrics import format_table
 from vdvae.slurm import RequeueOnSignal
@@ -30,7 +30,7 @@ def previous_last_checkpoint() -> str | None:
     """`last.ckpt` of this job's run directory if it already has one: the job is a requeued one (a SLURM
     job that submitit resubmits with its original overrides into the same directory), which resumes."""
     try:
-        last = Path(HydraConfig.get().runtime.output_dir) / "checkpoints" / "last.ckpt"
+        last = Path(HydraConfig.get().runtime.output_dir) / CHECKPOINT_DIR / "last.ckpt"
     except ValueError:  # not under Hydra
         return None
     return str(last) if last.is_file() else None
