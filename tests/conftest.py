@@ -1,5 +1,6 @@
 """Shared fixtures: the project's configs composed with Hydra, tiny models and the reference data."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from vdvae import VAE
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: a thread each, their subprocesses too
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 # A tiny VDVAE for 8x8 grayscale images, as plain arguments.
 TINY_VAE = dict(

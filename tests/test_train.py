@@ -322,3 +322,31 @@ def test_a_crash_in_training_leaves_last_ckpt_at_the_step_it_reached(tmp_path):
             "+callbacks.probe.fail_at=5",
         )
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_image_grids_take_at_most_their_share_of_training_time(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from vdvae import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock[0])
+    grids = callbacks.ImageGrids(str(tmp_path), max_time_share=0.1)
+    drawn = []
+
+    def draw(trainer, module, dataset, stage):  # each drawing takes 30 s
+        clock[0] += 30
+        drawn.append(clock[0])
+
+    monkeypatch.setattr(grids, "draw", draw)
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, global_step=0, datamodule=SimpleNamespace())
+    trainer.datamodule.val_set = trainer.datamodule.test_set = None
+    grids.on_train_start(trainer, None)
+    for _ in range(20):  # a validation every 60 s of training
+        clock[0] += 60
+        grids.on_validation_epoch_end(trainer, None)
+    # Drawn at the first validation (t=60), then at the first validation where the grids so far took at most
+    # 10% of the time: 30 s <= 33 at t=330, 60 <= 60 at t=600, 90 <= 93 at t=930, 120 <= 120 at t=1200.
+    assert drawn == [90, 360, 630, 960, 1230]
+    grids.on_test_epoch_end(trainer, None)  # the final grids are always drawn
+    assert len(drawn) == 6

@@ -39,28 +39,46 @@ def log_image(trainer, key: str, path: Path):
 
 class ImageGrids(Callback):
     """Every `every_n_epochs` validations and after testing: EMA samples at each temperature, and
-    reconstructions of validation images that keep the first k groups' posterior latents."""
+    reconstructions of validation images that keep the first k groups' posterior latents. During
+    training, grids take at most `max_time_share` of the wall time (a validation's grids are skipped
+    while those drawn so far took more), so their cost follows the model's size and the run's length."""
 
     def __init__(
-        self, dirpath: str, n_samples: int = 36, temperatures=(1.0, 0.8, 0.0), n_recon: int = 8, every_n_epochs: int = 1
+        self,
+        dirpath: str,
+        n_samples: int = 36,
+        temperatures=(1.0, 0.8, 0.0),
+        n_recon: int = 8,
+        every_n_epochs: int = 1,
+        max_time_share: float = 0.1,
     ):
         self.dirpath, self.n_samples, self.temperatures = Path(dirpath), n_samples, list(temperatures)
-        self.n_recon, self.every_n_epochs = n_recon, every_n_epochs
+        self.n_recon, self.every_n_epochs, self.max_time_share = n_recon, every_n_epochs, max_time_share
+        self._started, self._spent = time.monotonic(), 0.0
+
+    def on_train_start(self, trainer, module):
+        self._started, self._spent = time.monotonic(), 0.0
 
     def on_validation_epoch_end(self, trainer, module):
-        if not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.write(trainer, module, trainer.datamodule.val_set, "val")
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        if self._spent > self.max_time_share * (time.monotonic() - self._started):
+            log.debug("step %d: no image grids (they took %.0f s so far)", trainer.global_step, self._spent)
+            return
+        self.write(trainer, module, trainer.datamodule.val_set, "val")
 
     def on_test_epoch_end(self, trainer, module):
         self.write(trainer, module, trainer.datamodule.test_set, "test")
 
     @rank_zero_only
     def write(self, trainer, module, dataset, stage):
+        started = time.monotonic()
         try:
             self.draw(trainer, module, dataset, stage)
         except NonFiniteOutputError as error:  # the stall guard deals with the run; keep it going until then
             log.warning("step %d: %s; no %s image grids", trainer.global_step, error, stage)
             shutil.rmtree(self.dirpath / "tmp", ignore_errors=True)
+        self._spent += time.monotonic() - started
 
     def draw(self, trainer, module, dataset, stage):
         vae, step = module.ema, trainer.global_step

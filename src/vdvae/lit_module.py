@@ -123,7 +123,7 @@ class VDVAEModule(LightningModule):
             on_step=True,
             on_epoch=False,
         )
-        self.log("train/bpd_avg", out.bpd.mean(), prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train/bpd_avg", out.bpd.mean(), prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def _ema_decay(self):
@@ -190,10 +190,11 @@ class VDVAEModule(LightningModule):
         metric.reset()
         kl = values.pop("kl_per_group").reshape(-1)  # torchmetrics squeezes a one-group vector
         self.last_kl_per_group[stage] = kl.float().cpu()
-        self.log(f"{stage}/bpd", values.pop("bpd").float(), prog_bar=True)
+        # The metrics are already reduced over ranks; sync_dist averages equal values (and tells Lightning so).
+        self.log(f"{stage}/bpd", values.pop("bpd").float(), prog_bar=True, sync_dist=True)
         scalars = {f"{stage}/{k}": v.float() for k, v in values.items()}
         scalars.update({f"{stage}/kl/group_{t:02d}": v.float() for t, v in enumerate(kl)})
-        self.log_dict(scalars)
+        self.log_dict(scalars, sync_dist=True)
 
     def on_validation_epoch_end(self):
         self._log_epoch("val", self.val_elbo)
@@ -210,13 +211,14 @@ class VDVAEModule(LightningModule):
                     "test/iw_stderr_nats": stderr.float(),
                     "test/iw_bpd": (-bound / ndims / math.log(2)).float(),
                     "test/iw_samples": self.iw_samples,
-                }
+                },
+                sync_dist=True,
             )
         if self.test_active_units is not None:
             active = self.test_active_units.compute()
             self.test_active_units.reset()
-            self.log_dict({f"test/active_units/group_{t:02d}": a.float() for t, a in enumerate(active)})
-            self.log("test/active_units_total", active.sum().float())
+            self.log_dict({f"test/active_units/group_{t:02d}": a.float() for t, a in enumerate(active)}, sync_dist=True)
+            self.log("test/active_units_total", active.sum().float(), sync_dist=True)
 
     # Exact resume: the RNG state of every rank travels with the checkpoint.
     def on_save_checkpoint(self, checkpoint):
