@@ -134,7 +134,9 @@ def assert_run(run_dir: Path, wandb=True):
 # Each README command: how it is checked. Keys are what the command starts with.
 def check_make(user, command):
     target = command[1]
-    dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # under `make test`
+    dry = ["make", "-n", "--no-print-directory", target]
+    dry = subprocess.run(dry, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     last = dry.strip().splitlines()[-1]
     if target == "test":  # this test suite is that command's run
         assert " -m pytest " in last, last

@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -176,6 +177,9 @@ def route_library_logs():
             library.removeHandler(handler)
         library.propagate = True
     logging.captureWarnings(True)
+    # ResumableSampler continues an epoch where the checkpoint left it (tests/test_reliability.py), which
+    # Lightning cannot see: its warning that a mid-epoch resume is unreliable does not apply.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def remove_empty_run_dir():
