@@ -2,7 +2,8 @@
 
 AdamW with linear warm-up; the global gradient norm (after the multi-device average, before
 clipping) decides whether an update is skipped: on a non-finite loss on any rank, or a norm at or
-above `skip_threshold`, neither the weights nor the EMA move. Skips are counted and logged, and a
+above `skip_threshold`, neither the weights nor the EMA move. Efficient-VDVAE's Adamax, cosine
+decay and KL warm-up are options. Skips are counted and logged, and a
 run that keeps skipping warns and then stops with a message instead of stalling silently.
 Validation, test and sampling use the EMA weights.
 """
@@ -50,8 +51,19 @@ class VDVAEModule(LightningModule):
         max_consecutive_skips: int = 200,
         compile: bool = False,
         eval_seed: int = 0,
+        optimizer: str = "adamw",
+        lr_schedule: str = "constant",
+        lr_min: float = 0.0,
+        decay_steps: int | None = None,
+        kl_warmup_steps: int = 0,
     ):
         super().__init__()
+        if optimizer not in ("adamw", "adamax"):
+            raise ValueError(
+                f"model.optimizer must be adamw (the paper's) or adamax (Efficient-VDVAE's), got {optimizer!r}"
+            )
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"model.lr_schedule must be constant or cosine, got {lr_schedule!r}")
         self.save_hyperparameters(logger=False)  # the loggers get the whole run config once, from train()
         # As in the original, -1 (or null) turns the norm-based skip off; non-finite updates are always skipped.
         self.skips_on_norm = skip_threshold is not None and skip_threshold != -1
@@ -75,22 +87,45 @@ class VDVAEModule(LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        # Fused: one kernel for all parameters, and it honours `found_inf`, so a skipped update
-        # needs no decision on the host.
-        optimizer = torch.optim.AdamW(
-            self.vae.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay, fused=True
-        )
-        warmup = max(h.warmup_steps, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / warmup))
+        if h.optimizer == "adamw":
+            # Fused: one kernel for all parameters, and it honours `found_inf`, so a skipped update
+            # needs no decision on the host.
+            optimizer = torch.optim.AdamW(
+                self.vae.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay, fused=True
+            )
+        else:  # Adamax: u = max(beta2 * u, |g| + eps), p -= lr / (1 - beta1^t) * m / u; weight decay as L2
+            optimizer = torch.optim.Adamax(
+                self.vae.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay
+            )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _lr_factor(self, step: int) -> float:
+        """The learning rate over `lr`: linear warm-up over `warmup_steps`, then constant, or with
+        `lr_schedule=cosine` half a cosine down to `lr_min` over `decay_steps` (default: the rest of
+        `trainer.max_steps`), and `lr_min` after that."""
+        h = self.hparams
+        warmup = max(h.warmup_steps, 1)
+        if step < warmup or h.lr_schedule == "constant":
+            return min(1.0, step / warmup)
+        decay = h.decay_steps or (self.trainer.max_steps - warmup if self.trainer.max_steps > warmup else 0)
+        if decay <= 0:
+            raise ValueError("model.lr_schedule=cosine needs model.decay_steps or a trainer.max_steps above warm-up")
+        floor = h.lr_min / h.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
 
     def training_step(self, batch, batch_idx):
         x, target = batch
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         out = self.vae(x, target)
         loss = out.loss.mean()
+        objective = loss
+        if self.hparams.kl_warmup_steps:  # the KL's weight rises linearly to 1 (Efficient-VDVAE; not the ELBO)
+            kl_weight = torch.clamp((self.attempted_steps + 1).float() / self.hparams.kl_warmup_steps, max=1.0)
+            objective = (out.distortion + kl_weight * out.rate).mean()
+            self.log("train/kl_weight", kl_weight, on_step=True, on_epoch=False)
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        self.manual_backward(objective)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.hparams.grad_clip)
         # The skip decision stays on the device (no host sync): 1.0 on a non-finite loss on any
         # rank, or a non-finite or too large norm (the same on every rank after the all-reduce).
@@ -98,8 +133,11 @@ class VDVAEModule(LightningModule):
         if self.skips_on_norm:
             bad = bad | (grad_norm >= self.hparams.skip_threshold)
         skip = self.trainer.strategy.reduce(bad.float(), reduce_op="max")
-        optimizer.optimizer.found_inf = skip  # the fused AdamW kernel does nothing when it is 1
-        optimizer.step()
+        if self.hparams.optimizer == "adamw":
+            optimizer.optimizer.found_inf = skip  # the fused AdamW kernel does nothing when it is 1
+            optimizer.step()
+        elif not bool(skip):  # Adamax has no such kernel: decided on the host (a sync on accelerators)
+            optimizer.step()
         self._update_ema(weight=(1.0 - self._ema_decay()) * (1.0 - skip))
         schedule.step()
         self.attempted_steps += 1

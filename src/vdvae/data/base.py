@@ -186,6 +186,7 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         split_seed: int = 42,
         seed: int = 0,
         limit_train: int | None = None,
+        random_flip: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -196,7 +197,7 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.val_size, self.split_seed, self.seed = num_workers, val_size, split_seed, seed
-        self.limit_train = limit_train
+        self.limit_train, self.random_flip = limit_train, random_flip
         self.preprocess = Preprocess(shift, scale, bits, binarize, original_low_bit)
         self.train_set = self.val_set = self.test_set = None
 
@@ -260,4 +261,9 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         return self._loader(self.test_set, self.eval_batch_size, ShardSampler(len(self.test_set), *self._rank_world()))
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
+        if self.random_flip and self.trainer is not None and self.trainer.training:
+            # Each training image mirrored left-right with probability 1/2, on the device, from the global
+            # RNG (restored on resume); evaluation sees the images as they are.
+            flip = torch.rand(batch.shape[0], device=batch.device) < 0.5
+            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
         return self.preprocess(batch)

@@ -27,6 +27,17 @@ def gaussian_kl(mean_q, logstd_q, mean_p, logstd_p):
     return 0.5 * (torch.expm1(d) - d + ((mean_q - mean_p) * torch.exp(-logstd_p)) ** 2)
 
 
+SOFTPLUS_BETA = math.log(2.0)  # Efficient-VDVAE's "gradient smoothing": std(0) = 1, as exp(0)
+
+
+def softplus_logstd(raw):
+    """log std for std = softplus(beta * raw) / beta with beta = ln 2 (Efficient-VDVAE's parameterization):
+    the std grows linearly, not exponentially, in the network's output. For beta * raw < -20 the std is
+    exp(beta * raw) / beta to float precision, so its log is written out there (no log of an underflow)."""
+    x = SOFTPLUS_BETA * raw
+    return torch.where(x < -20, x, torch.log(F.softplus(x.clamp(min=-20)))) - math.log(SOFTPLUS_BETA)
+
+
 def gaussian_sample(mean, logstd, temperature=1.0):
     """mean + temperature * std * eps; temperature 0 returns the mean exactly."""
     if isinstance(temperature, (int, float)) and temperature == 0:

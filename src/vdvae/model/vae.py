@@ -22,7 +22,14 @@ from vdvae.model.blocks import (
     parse_block_string,
     widths_by_resolution,
 )
-from vdvae.model.likelihoods import Bernoulli, DiscretizedMixtureLogistics, gaussian_kl, gaussian_sample, nats_to_bits
+from vdvae.model.likelihoods import (
+    Bernoulli,
+    DiscretizedMixtureLogistics,
+    gaussian_kl,
+    gaussian_sample,
+    nats_to_bits,
+    softplus_logstd,
+)
 
 
 class NonFiniteOutputError(FloatingPointError):
@@ -119,9 +126,10 @@ class DecoderBlock(nn.Module):
     A block with `latent=False` keeps only the ResBlock (used to upsample after the last group).
     """
 
-    def __init__(self, spec, width, zdim, bottleneck_ratio, n_blocks, latent=True):
+    def __init__(self, spec, width, zdim, bottleneck_ratio, n_blocks, latent=True, std="exp"):
         super().__init__()
         self.resolution, self.mixin, self.zdim, self.latent = spec.resolution, spec.mixin, zdim, latent
+        self.softplus_std = std == "softplus"
         mid = bottleneck(width, bottleneck_ratio)
         if latent:
             self.posterior = ResBlock(2 * width, mid, 2 * zdim, spec.resolution, residual=False)
@@ -144,10 +152,14 @@ class DecoderBlock(nn.Module):
         p_mean, p_logstd, residual = self.prior(x, gelu_x).split([self.zdim, self.zdim, x.shape[1]], dim=1)
         # Latents and KL in fp32 also under autocast, like the likelihood (no-ops in fp32).
         p_mean, p_logstd = p_mean.float(), p_logstd.float()
+        if self.softplus_std:
+            p_logstd = softplus_logstd(p_logstd)
         out = GroupOutput(z=None, prior=(p_mean, p_logstd))
         if activation is not None:
             posterior = self.posterior(None, torch.cat([gelu_x, activation], dim=1)).float()
             q_mean, q_logstd = posterior.chunk(2, dim=1)
+            if self.softplus_std:
+                q_logstd = softplus_logstd(q_logstd)
             out.posterior = (q_mean, q_logstd)
             out.kl = gaussian_kl(q_mean, q_logstd, p_mean, p_logstd)
             out.z = q_mean if use_mean else gaussian_sample(q_mean, q_logstd)
@@ -160,7 +172,7 @@ class DecoderBlock(nn.Module):
 class Decoder(nn.Module):
     """Top-down stack of DecoderBlocks over learned bias states, then a per-channel gain and bias."""
 
-    def __init__(self, widths, specs, image_size, zdim, bottleneck_ratio, no_bias_above, no_latent_above):
+    def __init__(self, widths, specs, image_size, zdim, bottleneck_ratio, no_bias_above, no_latent_above, std="exp"):
         super().__init__()
         self.widths, self.image_size = widths, image_size
         self.blocks = nn.ModuleList(
@@ -171,6 +183,7 @@ class Decoder(nn.Module):
                 bottleneck_ratio,
                 len(specs),
                 latent=no_latent_above is None or s.resolution <= no_latent_above,
+                std=std,
             )
             for s in specs
         )
@@ -251,6 +264,8 @@ class VAE(nn.Module):
             with a single block at or below it, this is a plain one-group VAE.
         checkpointing: recompute each block's activations in the backward pass (saves memory).
         channels_last: run convolutions in the NHWC memory format (faster on most hardware).
+        std: how the prior's and posterior's scale come from the network: "exp" (std = exp(output), the
+            paper's) or "softplus" (std = softplus(ln2 * output) / ln2, Efficient-VDVAE's).
     """
 
     def __init__(
@@ -270,8 +285,11 @@ class VAE(nn.Module):
         no_latent_above: int | None = None,
         checkpointing: bool = False,
         channels_last: bool = False,
+        std: str = "exp",
     ):
         super().__init__()
+        if std not in ("exp", "softplus"):
+            raise ValueError(f"std must be 'exp' (the paper's) or 'softplus' (Efficient-VDVAE's), got {std!r}")
         widths = widths_by_resolution(width, custom_widths)
         enc_specs = parse_block_string(enc_blocks, "encoder")
         dec_specs = parse_block_string(dec_blocks, "decoder")
@@ -279,7 +297,9 @@ class VAE(nn.Module):
         self.image_size, self.image_channels = image_size, image_channels
         self.checkpointing, self.channels_last = checkpointing, channels_last
         self.encoder = Encoder(image_channels, widths, enc_specs, image_size, bottleneck_ratio)
-        self.decoder = Decoder(widths, dec_specs, image_size, zdim, bottleneck_ratio, no_bias_above, no_latent_above)
+        self.decoder = Decoder(
+            widths, dec_specs, image_size, zdim, bottleneck_ratio, no_bias_above, no_latent_above, std
+        )
         if likelihood == "dmol":
             self.likelihood = DiscretizedMixtureLogistics(widths[image_size], image_channels, num_mixtures, bits)
         elif likelihood == "bernoulli":
