@@ -36,11 +36,10 @@ def test_malformed_block_strings(blocks, kind, message):
 
 
 def test_widths():
-    widths = widths_by_resolution(16, "32:16,16:32")
-    assert (widths[32], widths[16], widths[8]) == (16, 32, 16)
-    assert widths_by_resolution(16, {4: 64})[4] == 64
+    assert widths_by_resolution(16, "32:16,16:32", [32, 16, 8]) == {32: 16, 16: 32, 8: 16}
+    assert widths_by_resolution(16, {4: 64}, [8, 4]) == {8: 16, 4: 64}
     with pytest.raises(ValueError, match="resolution:width"):
-        widths_by_resolution(16, "32-16")
+        widths_by_resolution(16, "32-16", [32])
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from vdvae.evaluation import ActiveUnits, IWMetric, iw_bound
 from vdvae.metrics import ELBOMetric
 from vdvae.model import VAE
+from vdvae.model.likelihoods import nats_to_bits
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class VDVAEModule(LightningModule):
         """Also compute, on the test set, the K-sample importance-weighted bound and active units."""
         self.iw_samples, self.iw_chunk = iw_samples, iw_chunk
         self.test_iw = IWMetric() if iw_samples else None
-        sizes = [self.vae.decoder.blocks[0].zdim * b.resolution**2 for b in self.vae.decoder.blocks if b.latent]
+        sizes = [z * h * w for z, h, w in self.vae.latent_shapes]
         self.test_active_units = ActiveUnits(sizes) if active_units else None
         return self
 
@@ -247,7 +248,7 @@ class VDVAEModule(LightningModule):
                 {
                     "test/iw_nats_per_image": -bound.float(),
                     "test/iw_stderr_nats": stderr.float(),
-                    "test/iw_bpd": (-bound / ndims / math.log(2)).float(),
+                    "test/iw_bpd": nats_to_bits(-bound / ndims).float(),
                     "test/iw_samples": self.iw_samples,
                 },
                 sync_dist=True,

@@ -1,10 +1,10 @@
 """torchmetrics accumulators for the ELBO's terms, exact under multi-device evaluation (sums and a count), and
 the table the scripts print."""
 
-import math
-
 import torch
 from torchmetrics import Metric
+
+from vdvae.model.likelihoods import nats_to_bits
 
 
 class ELBOMetric(Metric):
@@ -31,7 +31,7 @@ class ELBOMetric(Metric):
         n = self.count.clamp(min=1)
         return {
             "loss": self.loss / n,
-            "bpd": self.loss / n / math.log(2),
+            "bpd": nats_to_bits(self.loss / n),
             "distortion": self.distortion / n,
             "rate": self.rate / n,
             "nats_per_image": self.nats_per_image / n,  # the negative ELBO per image (binarized MNIST's unit)

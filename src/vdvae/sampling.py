@@ -91,17 +91,13 @@ def interpolate(vae: VAE, a: torch.Tensor, b: torch.Tensor, steps: int) -> torch
     return vae.decode(latents, mode=True)
 
 
-def latent_resolutions(vae: VAE) -> list[int]:
-    return [b.resolution for b in vae.decoder.blocks if b.latent]
-
-
 def save_latents(vae: VAE, inputs: torch.Tensor, path: Path, checkpoint: str, use_mean: bool = True) -> Path:
     latents = vae.encode(inputs, use_mean=use_mean)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
             "latents": [z.cpu() for z in latents],
-            "resolutions": latent_resolutions(vae),
+            "resolutions": [r for _, r, _ in vae.latent_shapes],
             "checkpoint": str(checkpoint),
             "use_mean": use_mean,
         },
@@ -115,13 +111,10 @@ def load_latents(vae: VAE, path: Path, device) -> list[torch.Tensor]:
     record = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(record, dict) or "latents" not in record:
         raise ValueError(f"{path} is not a latents file (a dict with 'latents'; see vdvae.sampling)")
-    latents, expected = record["latents"], latent_resolutions(vae)
+    latents, expected = record["latents"], vae.latent_shapes
     if len(latents) > len(expected):
         raise ValueError(f"{path} has {len(latents)} groups; the model has {len(expected)}")
-    for t, (z, r) in enumerate(zip(latents, expected, strict=False)):
-        if tuple(z.shape[1:]) != (vae.decoder.blocks[0].zdim, r, r):
-            raise ValueError(
-                f"{path}: group {t} has shape {tuple(z.shape[1:])}, the model needs "
-                f"{(vae.decoder.blocks[0].zdim, r, r)}"
-            )
+    for t, (z, shape) in enumerate(zip(latents, expected, strict=False)):
+        if tuple(z.shape[1:]) != shape:
+            raise ValueError(f"{path}: group {t} has shape {tuple(z.shape[1:])}, the model needs {shape}")
     return latents

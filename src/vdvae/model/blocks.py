@@ -60,35 +60,23 @@ def parse_block_string(blocks: str, kind: str) -> list[BlockSpec]:
     return specs
 
 
-def widths_by_resolution(width: int, custom: str | Mapping | None) -> dict:
-    """Channel width at each resolution: `width` unless `custom` ("512:32,256:64" or {512: 32}) says otherwise."""
+def widths_by_resolution(width: int, custom: str | Mapping | None, resolutions) -> dict[int, int]:
+    """Channel width at each of `resolutions`: `width` unless `custom` ("512:32,256:64" or {512: 32}) says
+    otherwise."""
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be a positive integer, got {width!r}")
-    if not custom:
-        return _DefaultWidths(width)
     if isinstance(custom, str):
         try:
             pairs = [item.split(":") for item in custom.replace(" ", "").split(",")]
             custom = {int(res): int(w) for res, w in pairs}
         except ValueError:
             raise ValueError(f"custom widths {custom!r} must look like '512:32,256:64' (resolution:width)") from None
-    mapping = _DefaultWidths(width)
-    for res, w in dict(custom).items():
+    widths = dict.fromkeys(resolutions, width)
+    for res, w in dict(custom or {}).items():
         if int(w) < 1:
             raise ValueError(f"custom widths: width at resolution {res} must be positive, got {w}")
-        mapping[int(res)] = int(w)
-    return mapping
-
-
-class _DefaultWidths(dict):
-    """A resolution -> width dict that answers the default width for resolutions it does not list."""
-
-    def __init__(self, default: int):
-        super().__init__()
-        self.default = default
-
-    def __missing__(self, res):
-        return self.default
+        widths[int(res)] = int(w)
+    return widths
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, zero_weights: bool = False) -> nn.Conv2d:

@@ -290,9 +290,11 @@ class VAE(nn.Module):
         super().__init__()
         if std not in ("exp", "softplus"):
             raise ValueError(f"std must be 'exp' (the paper's) or 'softplus' (Efficient-VDVAE's), got {std!r}")
-        widths = widths_by_resolution(width, custom_widths)
         enc_specs = parse_block_string(enc_blocks, "encoder")
         dec_specs = parse_block_string(dec_blocks, "decoder")
+        resolutions = {image_size} | {s.resolution for s in enc_specs + dec_specs}
+        resolutions |= {s.resolution // s.down_rate for s in enc_specs if s.down_rate}
+        widths = widths_by_resolution(width, custom_widths, resolutions)
         _check_architecture(image_size, widths, enc_specs, dec_specs, zdim, no_latent_above)
         self.image_size, self.image_channels = image_size, image_channels
         self.checkpointing, self.channels_last = checkpointing, channels_last
@@ -312,6 +314,11 @@ class VAE(nn.Module):
     @property
     def n_groups(self) -> int:
         return self.decoder.n_groups
+
+    @property
+    def latent_shapes(self) -> list[tuple[int, int, int]]:
+        """(zdim, R, R) of every latent group, top-down."""
+        return [(b.zdim, b.resolution, b.resolution) for b in self.decoder.blocks if b.latent]
 
     def _check_input(self, x):
         expected = (self.image_channels, self.image_size, self.image_size)
