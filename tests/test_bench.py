@@ -2,12 +2,14 @@
 
 import json
 
+import pytest
 import torch
 
 from vdvae import bench
 from vdvae.model import VAE
 
 
+@pytest.mark.slow
 def test_bench_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(

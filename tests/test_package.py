@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import ROOT
 from tests.test_readme import COMMANDS, User, readme_check
 
+pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
+
 # The README commands that take a different path when installed: the configs found in the package,
 # run directories under the working directory, sweeps (basic and joblib), resume, the user's own configs.
 INSTALLED = [

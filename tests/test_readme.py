@@ -20,6 +20,8 @@ import torch
 from tests import fixtures
 from tests.conftest import DATA, ROOT
 
+pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
+
 PROGRAMS = ("make", "python", "vdvae-train", "vdvae-eval", "vdvae-sample", "vdvae-import")
 SCRIPTS = {"train.py": "vdvae-train", "eval.py": "vdvae-eval", "sample.py": "vdvae-sample"}
 SCRIPTS["import_original.py"] = "vdvae-import"

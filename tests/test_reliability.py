@@ -21,6 +21,8 @@ import torch
 from tests.conftest import ROOT
 from tests.run_helpers import TINY_RUN
 
+pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
+
 # A run of 20 updates over 13-batch epochs (it stops mid-epoch), validating mid-epoch, last.ckpt every 2 updates.
 RUN = [
     *TINY_RUN,

@@ -7,6 +7,8 @@ import pytest
 
 from tests.run_helpers import TINY_RUN, run_script
 
+pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
+
 
 def test_two_process_ddp_keeps_ranks_identical_and_tests_every_image_once(tmp_path):
     probe = f"+callbacks.probe._target_=tests.ddp_probe.RankProbe +callbacks.probe.dirpath={tmp_path / 'probe'}"

@@ -228,6 +228,7 @@ def test_every_model_preset_instantiates_as_a_lightning_module():
 
 
 @torch._inductor.config.patch(fallback_random=True)  # (monkeypatch would delete the option on undo)
+@pytest.mark.slow
 def test_compiled_model_matches_eager():
     """torch.compile (inductor) gives the eager fp32 loss and gradients; eager RNG keeps the noise identical."""
     torch.manual_seed(0)
