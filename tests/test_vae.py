@@ -237,3 +237,12 @@ def test_compiled_model_matches_eager():
     compiled.load_state_dict(eager.state_dict())
     compiled.compile()
     assert_same_step(eager, compiled, grad_rtol=1e-3, grad_atol=1e-5, loss_tol=1e-5)
+
+
+@pytest.mark.slow
+def test_forward_and_loss_trace_as_one_graph_without_breaks():
+    """What whole-step capture (CUDA graphs, fullgraph compile) needs of the model: no graph breaks."""
+    model = perturb_(build_model("tiny"))
+    x, target = random_batch(model)
+    explanation = torch._dynamo.explain(lambda x, t: model(x, t).loss.mean())(x, target)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
