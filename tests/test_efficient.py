@@ -126,3 +126,36 @@ def test_random_flip_mirrors_about_half_the_training_images_and_no_evaluation_im
     assert bool((same | mirrored).all()) and 150 < int(mirrored.sum()) < 250
     data.trainer = SimpleNamespace(training=False)
     assert torch.equal(data.on_after_batch_transfer(images, 0)[0], plain)
+
+
+def test_variate_masks_keep_the_most_informative_share_of_all_groups():
+    from vdvae.pruning import variate_masks
+
+    gen = torch.Generator().manual_seed(0)
+    kl = [torch.rand(8, generator=gen, dtype=torch.float64) * (g + 1) for g in range(5)]
+    masks = variate_masks(kl, 0.1)
+    flat, kept = torch.cat(kl), torch.cat(masks)
+    assert int(kept.sum()) == 4  # 10% of 40, by brute force: the 4 largest
+    assert set(torch.nonzero(kept).flatten().tolist()) == set(flat.argsort(descending=True)[:4].tolist())
+    assert all(m.all() for m in variate_masks(kl, 1.0))
+    with pytest.raises(ValueError, match="quantile of variates to keep"):
+        variate_masks(kl, 0.0)
+
+
+def test_pruned_variates_cost_no_kl_and_all_kept_is_the_plain_elbo():
+    torch.manual_seed(0)
+    model = perturb_(VAE(**TINY_VAE), scale=0.1)
+    x, target = random_batch(model)
+    with torch.no_grad():
+        plain = model(x, target, use_mean=True)
+        every = [torch.ones(z, dtype=torch.bool) for z, _, _ in model.latent_shapes]
+        all_kept = model(x, target, use_mean=True, variate_masks=every)
+        torch.testing.assert_close(all_kept.loss, plain.loss, rtol=0, atol=0)
+        # Group 0 sees only the encoder and the top state: its pruned KL is the kept channels' share of its KL map.
+        _, groups = model.decoder(x.shape[0], model.encoder(x), use_mean=True)
+        keep = torch.zeros(model.latent_shapes[0][0], dtype=torch.bool)
+        keep[::2] = True
+        masks = [keep] + [torch.zeros(z, dtype=torch.bool) for z, _, _ in model.latent_shapes[1:]]
+        pruned = model(x, target, use_mean=True, variate_masks=masks)
+    torch.testing.assert_close(pruned.kl[:, 0], groups[0].kl[:, keep].sum(dim=(1, 2, 3)))
+    assert (pruned.kl[:, 1:] == 0).all()

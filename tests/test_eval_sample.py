@@ -209,3 +209,19 @@ def test_notebook_runs(trained):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6
     assert not [o for o in outputs if o.output_type == "error"]
+
+
+def test_latent_pruning_keeps_its_share_of_the_variates(trained):
+    from vdvae.data import data_module_from_config
+    from vdvae.eval import pruned_variates
+
+    module, checkpoint = load_module(trained)
+    data = data_module_from_config(checkpoint["data_config"])
+    data.setup("test")
+    masks = pruned_variates(module, data, 0.25, 200)
+    assert sum(int(m.sum()) for m in masks) == 5  # a quarter of 5 groups x 4 variates
+    x, target = data.preprocess(torch.stack([data.test_set[i] for i in range(50)]))
+    with torch.no_grad():
+        pruned = module.ema(x, target, variate_masks=masks)
+    assert torch.isfinite(pruned.loss).all()
+    assert (pruned.kl > 0).sum(dim=0).tolist() == [50 * bool(m.any()) for m in masks]  # KL only where kept

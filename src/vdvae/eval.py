@@ -33,6 +33,26 @@ def data_module(cfg: DictConfig, checkpoint: dict, **overrides) -> tuple[ImageDa
         raise CheckpointError(f"{cfg.ckpt_path}: {error}") from error
 
 
+def pruned_variates(module, datamodule, quantile: float, n_images: int) -> list:
+    """Efficient-VDVAE's latent pruning: masks of the `quantile` most informative variates, measured on
+    the first `n_images` validation images."""
+    import torch
+
+    from vdvae.lit_module import seeded
+    from vdvae.pruning import variate_kl, variate_masks
+
+    images = datamodule.val_set
+    n = min(n_images, len(images))
+    batches = (
+        datamodule.preprocess(torch.stack([images[i] for i in range(s, min(s + 100, n))])) for s in range(0, n, 100)
+    )
+    with seeded(torch.device("cpu"), 0):
+        masks = variate_masks(variate_kl(module.ema, batches), quantile)
+    kept, total = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+    log.info("latent pruning: %d of %d variates kept (quantile %g, %d validation images)", kept, total, quantile, n)
+    return masks
+
+
 def evaluate(cfg: DictConfig) -> dict:
     route_library_logs()
     try:
@@ -44,7 +64,8 @@ def evaluate(cfg: DictConfig) -> dict:
     except Exception:
         remove_empty_run_dir()
         raise
-    module.enable_evaluation(cfg.iw_samples, cfg.iw_chunk, cfg.active_units)
+    masks = pruned_variates(module, datamodule, cfg.prune_quantile, cfg.prune_images) if cfg.prune_quantile else None
+    module.enable_evaluation(cfg.iw_samples, cfg.iw_chunk, cfg.active_units, masks)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)

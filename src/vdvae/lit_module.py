@@ -77,6 +77,7 @@ class VDVAEModule(LightningModule):
         self.val_elbo = ELBOMetric(self.vae.n_groups)
         self.test_elbo = ELBOMetric(self.vae.n_groups)
         self.iw_samples, self.iw_chunk, self.test_iw, self.test_active_units = 0, 64, None, None
+        self.variate_masks = None
         self.data_config = None  # stored in checkpoints, so that evaluation can find the data
         self.stall_message, self._stall_warned = None, False
         self._restored_rng = None
@@ -198,15 +199,17 @@ class VDVAEModule(LightningModule):
             log.error(self.stall_message)
             self.trainer.should_stop = True
 
-    def _evaluate(self, batch, batch_idx, metric):
+    def _evaluate(self, batch, batch_idx, metric, variate_masks=None):
         x, target = batch
         # Evaluation noise is fixed per batch and does not disturb the training RNG stream.
         with seeded(self.device, self.hparams.eval_seed + batch_idx):
-            metric.update(self.ema(x, target))
+            masks = [m.to(x.device) for m in variate_masks] if variate_masks is not None else None
+            metric.update(self.ema(x, target, variate_masks=masks))
 
-    def enable_evaluation(self, iw_samples: int = 0, iw_chunk: int = 64, active_units: bool = True):
-        """Also compute, on the test set, the K-sample importance-weighted bound and active units."""
-        self.iw_samples, self.iw_chunk = iw_samples, iw_chunk
+    def enable_evaluation(self, iw_samples: int = 0, iw_chunk: int = 64, active_units: bool = True, variate_masks=None):
+        """Also compute, on the test set, the K-sample importance-weighted bound and active units; with
+        `variate_masks` (vdvae.pruning), the test ELBO keeps only those posterior variates."""
+        self.iw_samples, self.iw_chunk, self.variate_masks = iw_samples, iw_chunk, variate_masks
         self.test_iw = IWMetric() if iw_samples else None
         sizes = [z * h * w for z, h, w in self.vae.latent_shapes]
         self.test_active_units = ActiveUnits(sizes) if active_units else None
@@ -216,7 +219,7 @@ class VDVAEModule(LightningModule):
         self._evaluate(batch, batch_idx, self.val_elbo)
 
     def test_step(self, batch, batch_idx):
-        self._evaluate(batch, batch_idx, self.test_elbo)
+        self._evaluate(batch, batch_idx, self.test_elbo, self.variate_masks)
         x, target = batch
         if self.test_iw is not None:
             with seeded(self.device, self.hparams.eval_seed + 7919 * (batch_idx + 1)):

@@ -140,10 +140,11 @@ class DecoderBlock(nn.Module):
         self.resnet = ResBlock(width, mid, width, spec.resolution, residual=True)
         self.resnet.scale_last(depth_scale(n_blocks))
 
-    def forward(self, x, activation=None, z=None, temperature=1.0, use_mean=False):
+    def forward(self, x, activation=None, z=None, temperature=1.0, use_mean=False, keep=None):
         """x: decoder state (N, W, R, R). With `activation` (the encoder's, passed through GELU)
         the latent comes from the posterior (its mean if `use_mean`), else `z` if given, else the
-        prior at `temperature`."""
+        prior at `temperature`. `keep` (zdim,) bool prunes the posterior's other variates: they are
+        drawn from the prior instead and carry no KL."""
         if not self.latent:
             return self.resnet(x), None
         # Prior and posterior both open with GELU of the state: compute it once. The posterior's
@@ -163,6 +164,10 @@ class DecoderBlock(nn.Module):
             out.posterior = (q_mean, q_logstd)
             out.kl = gaussian_kl(q_mean, q_logstd, p_mean, p_logstd)
             out.z = q_mean if use_mean else gaussian_sample(q_mean, q_logstd)
+            if keep is not None:
+                kept = keep.view(1, -1, 1, 1)
+                out.z = torch.where(kept, out.z, gaussian_sample(p_mean, p_logstd))
+                out.kl = out.kl * kept
         else:
             out.z = z if z is not None else gaussian_sample(p_mean, p_logstd, temperature)
         x = x + residual + self.z_proj(out.z)
@@ -207,6 +212,7 @@ class Decoder(nn.Module):
         use_mean=False,
         checkpointing=False,
         keep_distributions=True,
+        variate_masks=None,
     ):
         """Run the blocks top-down. Groups take the posterior when `activations` is given, else
         `latents[t]` while there are given latents, else the prior at temperature(s).
@@ -236,6 +242,7 @@ class Decoder(nn.Module):
                 z=latents[t] if block.latent and t < len(latents) else None,
                 temperature=temps[t] if block.latent else 1.0,
                 use_mean=use_mean,
+                keep=variate_masks[t] if variate_masks is not None and block.latent else None,
             )
             if checkpointing:
                 x, out = checkpoint(block, x, use_reentrant=False, **kwargs)
@@ -326,15 +333,22 @@ class VAE(nn.Module):
             raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def forward(self, x, target, use_mean=False) -> ELBO:
+    def forward(self, x, target, use_mean=False, variate_masks=None) -> ELBO:
         """ELBO terms for model inputs x (N, C, H, W) and likelihood targets of the same shape.
 
         `use_mean` takes the posterior mean in every group instead of a sample (deterministic).
+        `variate_masks` (one (zdim,) bool tensor per group, see `vdvae.pruning`) keeps only those
+        posterior variates; the others come from the prior and cost no KL.
         """
         x = self._check_input(x)
         activations = self.encoder(x, self.checkpointing)
         h, groups = self.decoder(
-            x.shape[0], activations, use_mean=use_mean, checkpointing=self.checkpointing, keep_distributions=False
+            x.shape[0],
+            activations,
+            use_mean=use_mean,
+            checkpointing=self.checkpointing,
+            keep_distributions=False,
+            variate_masks=variate_masks,
         )
         log_px_z = self.likelihood.log_prob(self.likelihood(h), target)
         kl = torch.stack([g.kl.float().sum(dim=(1, 2, 3)) for g in groups], dim=1)
