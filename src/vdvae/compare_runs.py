@@ -1,0 +1,85 @@
+"""Bits/dim against training minutes for runs trained side by side (a plot and a table), from their run
+directories: the CSV log's bits/dim and train.log's wall clock (each run's updates spread evenly over
+its training time, so compare runs that shared one machine).
+
+    python -m vdvae.compare_runs logs/train/runs/A logs/train/runs/B --labels VDVAE Efficient --out bpd.png
+"""
+
+import argparse
+import csv
+import re
+from datetime import datetime
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\]")
+
+
+def training_minutes(run: Path) -> float:
+    """Wall-clock minutes from the run's first log line to the end of training."""
+    lines = (run / "train.log").read_text().splitlines()
+    times = [datetime.fromisoformat(m.group(1)) for line in lines if (m := STAMP.match(line))]
+    end = next(
+        (datetime.fromisoformat(STAMP.match(line).group(1)) for line in lines if "Trainer.fit` stopped" in line),
+        times[-1],
+    )
+    return (end - times[0]).total_seconds() / 60
+
+
+def curves(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of train/bpd and val/bpd from the run's CSV log."""
+    (metrics,) = run.glob("csv/version_*/metrics.csv")
+    out = {"train/bpd": [], "val/bpd": []}
+    for row in csv.DictReader(metrics.open()):
+        for key in out:
+            if row.get(key):
+                out[key].append((int(row["step"]), float(row[key])))
+    return out
+
+
+def test_bpd(run: Path) -> float | None:
+    found = re.findall(r"test: ([\d.]+) bits/dim", (run / "train.log").read_text())
+    return float(found[-1]) if found else None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--labels", nargs="+")
+    parser.add_argument("--out", type=Path, default=Path("bpd_vs_minutes.png"))
+    args = parser.parse_args(argv)
+    labels = args.labels or [run.name for run in args.runs]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    print(f"{'run':<24} {'minutes':>8} {'steps':>6} {'val bpd':>8} {'test bpd':>8}")
+    for run, label in zip(args.runs, labels, strict=True):
+        data, minutes = curves(run), training_minutes(run)
+        last_step = max(step for step, _ in data["train/bpd"])
+        per_step = minutes / last_step
+        train = data["train/bpd"]
+        smooth = [
+            sum(v for _, v in train[max(0, i - 4) : i + 1]) / len(train[max(0, i - 4) : i + 1])
+            for i in range(len(train))
+        ]
+        (line,) = ax.plot([s * per_step for s, _ in train], smooth, alpha=0.6, label=f"{label}: train (online)")
+        ax.plot(
+            [s * per_step for s, _ in data["val/bpd"]],
+            [v for _, v in data["val/bpd"]],
+            "o-",
+            color=line.get_color(),
+            label=f"{label}: val (EMA)",
+        )
+        val = data["val/bpd"][-1][1] if data["val/bpd"] else float("nan")
+        print(f"{label:<24} {minutes:8.1f} {last_step:6d} {val:8.4f} {test_bpd(run) or float('nan'):8.4f}")
+    ax.set(xlabel="training minutes (side by side on one machine)", ylabel="bits per dim", ylim=(None, 5.0))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
