@@ -12,7 +12,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from lightning import Callback  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
@@ -20,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E40
 from PIL import Image  # noqa: E402
 
 from vdvae import sampling  # noqa: E402
+from vdvae.data.base import first_images  # noqa: E402
 from vdvae.lit_module import seeded  # noqa: E402
 from vdvae.model import NonFiniteOutputError  # noqa: E402
 
@@ -88,7 +88,7 @@ class ImageGrids(Callback):
                 target = self.dirpath / f"{stage}_samples_t{t:g}_step{step:07d}.png"
                 path.replace(target)
                 log_image(trainer, f"{stage}/samples_t{t:g}", target)
-            originals = torch.stack([dataset[i] for i in range(min(self.n_recon, len(dataset)))]).to(module.device)
+            originals = first_images(dataset, self.n_recon).to(module.device)
             x, _ = trainer.datamodule.preprocess(originals)
             ks = sorted({0, 1, vae.n_groups // 4, vae.n_groups // 2, vae.n_groups})
             path = sampling.reconstruction_grid(vae, originals, x, ks, 0.1, self.dirpath / "tmp")

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from vdvae.checkpoints import CheckpointError, load_module
 from vdvae.config import check_model_and_data, remove_empty_run_dir, route_library_logs
 from vdvae.data import ImageDataModule, data_module_from_config
+from vdvae.data.base import first_images
 from vdvae.metrics import format_table
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,9 @@ def pruned_variates(module, datamodule, quantile: float, n_images: int) -> list:
     from vdvae.lit_module import seeded
     from vdvae.pruning import variate_kl, variate_masks
 
-    images = datamodule.val_set
-    n = min(n_images, len(images))
-    batches = (
-        datamodule.preprocess(torch.stack([images[i] for i in range(s, min(s + 100, n))])) for s in range(0, n, 100)
-    )
+    images = first_images(datamodule.val_set, n_images)
+    n = len(images)
+    batches = (datamodule.preprocess(images[s : s + 100]) for s in range(0, n, 100))
     with seeded(torch.device("cpu"), 0):
         masks = variate_masks(variate_kl(module.ema, batches), quantile)
     kept, total = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)

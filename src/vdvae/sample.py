@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from vdvae import sampling
 from vdvae.checkpoints import load_module
 from vdvae.config import remove_empty_run_dir
+from vdvae.data.base import first_images
 from vdvae.eval import data_module
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def input_images(cfg, vae, checkpoint, device):
         images = sampling.read_images(list(cfg.inputs), vae.image_size, vae.image_channels)[: cfg.n_images]
     else:
         datamodule.setup("test")
-        images = torch.stack([datamodule.test_set[i] for i in range(min(cfg.n_images, len(datamodule.test_set)))])
+        images = first_images(datamodule.test_set, cfg.n_images)
     images = images.to(device)
     return images, datamodule.preprocess(images)[0]
 

@@ -119,6 +119,11 @@ def hold_out_as_original(dataset, size: int, seed: int, held_out_first: bool = F
     return _subset(dataset, order[:-size]), _subset(dataset, order[-size:])
 
 
+def first_images(dataset, n: int) -> torch.Tensor:
+    """The first `n` images of a dataset (all of them if it has fewer), stacked: uint8 (N, C, H, W)."""
+    return torch.stack([dataset[i] for i in range(min(n, len(dataset)))])
+
+
 def _subset(dataset, indices):
     if hasattr(dataset, "subset"):
         return dataset.subset(indices.tolist())
