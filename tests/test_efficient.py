@@ -90,6 +90,9 @@ def test_cosine_decay_reaches_its_floor_after_warmup():
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     module.hparams.decay_steps = 50  # or an explicit length
     assert factor(60) == pytest.approx(0.2)
+    module.hparams.decay_steps, module._trainer = None, SimpleNamespace(max_steps=-1)
+    with pytest.raises(ValueError, match="needs model.decay_steps or a trainer.max_steps"):
+        module.configure_optimizers()  # before training starts
     with pytest.raises(ValueError, match="model.lr_schedule must be constant or cosine"):
         VDVAEModule(TINY_VAE, lr_schedule="linear")
 

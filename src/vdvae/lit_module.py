@@ -99,6 +99,8 @@ class VDVAEModule(LightningModule):
             optimizer = torch.optim.Adamax(
                 self.vae.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay
             )
+        if h.lr_schedule == "cosine":
+            self._decay_steps()  # a cosine without a length fails now, not once warm-up is over
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -110,11 +112,16 @@ class VDVAEModule(LightningModule):
         warmup = max(h.warmup_steps, 1)
         if step < warmup or h.lr_schedule == "constant":
             return min(1.0, step / warmup)
-        decay = h.decay_steps or (self.trainer.max_steps - warmup if self.trainer.max_steps > warmup else 0)
-        if decay <= 0:
-            raise ValueError("model.lr_schedule=cosine needs model.decay_steps or a trainer.max_steps above warm-up")
+        decay = self._decay_steps()
         floor = h.lr_min / h.lr
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
+
+    def _decay_steps(self) -> int:
+        """The cosine's length: `decay_steps`, or the updates after warm-up up to `trainer.max_steps`."""
+        decay = self.hparams.decay_steps or self.trainer.max_steps - max(self.hparams.warmup_steps, 1)
+        if decay <= 0:
+            raise ValueError("model.lr_schedule=cosine needs model.decay_steps or a trainer.max_steps above warm-up")
+        return decay
 
     def training_step(self, batch, batch_idx):
         x, target = batch
@@ -203,8 +210,7 @@ class VDVAEModule(LightningModule):
         x, target = batch
         # Evaluation noise is fixed per batch and does not disturb the training RNG stream.
         with seeded(self.device, self.hparams.eval_seed + batch_idx):
-            masks = [m.to(x.device) for m in variate_masks] if variate_masks is not None else None
-            metric.update(self.ema(x, target, variate_masks=masks))
+            metric.update(self.ema(x, target, variate_masks=variate_masks))
 
     def enable_evaluation(self, iw_samples: int = 0, iw_chunk: int = 64, active_units: bool = True, variate_masks=None):
         """Also compute, on the test set, the K-sample importance-weighted bound and active units; with
@@ -214,6 +220,10 @@ class VDVAEModule(LightningModule):
         sizes = [z * h * w for z, h, w in self.vae.latent_shapes]
         self.test_active_units = ActiveUnits(sizes) if active_units else None
         return self
+
+    def on_test_start(self):
+        if self.variate_masks is not None:
+            self.variate_masks = [m.to(self.device) for m in self.variate_masks]
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, batch_idx, self.val_elbo)
