@@ -23,8 +23,12 @@ from tests.conftest import DATA, ROOT
 pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
 
 PROGRAMS = ("make", "python", "vdvae-train", "vdvae-eval", "vdvae-sample", "vdvae-import")
-SCRIPTS = {"train.py": "vdvae-train", "eval.py": "vdvae-eval", "sample.py": "vdvae-sample"}
-SCRIPTS["import_original.py"] = "vdvae-import"
+SCRIPTS = {
+    "train.py": "vdvae-train",
+    "eval.py": "vdvae-eval",
+    "sample.py": "vdvae-sample",
+    "import_original.py": "vdvae-import",
+}
 
 # Smaller data and models; a validation at step 2 (so sweeps have a metric to report).
 SMALL_DATA = ["data.val_size=4", "data.batch_size=2", "data.eval_batch_size=4", "data.num_workers=0"]

@@ -20,14 +20,14 @@ STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\]")
 
 
 def training_minutes(run: Path) -> float:
-    """Wall-clock minutes from the run's first log line to the end of training."""
-    lines = (run / "train.log").read_text().splitlines()
-    times = [datetime.fromisoformat(m.group(1)) for line in lines if (m := STAMP.match(line))]
-    end = next(
-        (datetime.fromisoformat(STAMP.match(line).group(1)) for line in lines if "Trainer.fit` stopped" in line),
-        times[-1],
-    )
-    return (end - times[0]).total_seconds() / 60
+    """Wall-clock minutes from the run's first log line to the end of training (else its last line)."""
+    stamped = [
+        (datetime.fromisoformat(m.group(1)), line)
+        for line in (run / "train.log").read_text().splitlines()
+        if (m := STAMP.match(line))
+    ]
+    end = next((t for t, line in stamped if "Trainer.fit` stopped" in line), stamped[-1][0])
+    return (end - stamped[0][0]).total_seconds() / 60
 
 
 def curves(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -60,10 +60,8 @@ def main(argv=None):
         last_step = max(step for step, _ in data["train/bpd"])
         per_step = minutes / last_step
         train = data["train/bpd"]
-        smooth = [
-            sum(v for _, v in train[max(0, i - 4) : i + 1]) / len(train[max(0, i - 4) : i + 1])
-            for i in range(len(train))
-        ]
+        windows = [[v for _, v in train[max(0, i - 4) : i + 1]] for i in range(len(train))]  # 5 logged steps
+        smooth = [sum(w) / len(w) for w in windows]
         (line,) = ax.plot([s * per_step for s, _ in train], smooth, alpha=0.6, label=f"{label}: train (online)")
         ax.plot(
             [s * per_step for s, _ in data["val/bpd"]],
