@@ -134,3 +134,30 @@ def test_bernoulli_sums_to_one():
     assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
     ref = torch.distributions.Bernoulli(logits=logits).log_prob(values).sum(dim=(1, 2, 3))
     torch.testing.assert_close(log_p, ref)
+
+
+@pytest.mark.parametrize("channels,bits", [(1, 3), (3, 2), (3, 8)])
+def test_channel_pmfs_multiply_to_the_joint_pmf(channels, bits):
+    """What an entropy coder uses, p(x_c | x_<c) per channel, is the mixture's joint pmf taken apart: the
+    product over channels at the target is exp(log_prob), and each channel's pmf sums to one."""
+    torch.manual_seed(channels + bits)
+    head = DiscretizedMixtureLogistics(4, channels, n_mix=3, bits=bits)
+    params = 2 * torch.randn(2, 3 * (1 + channels * head.per_channel), 3, 3)
+    symbols = torch.randint(0, 2**bits, (2, channels, 3, 3))
+    target = head.grid(symbols).float()
+    log_p = torch.zeros(2, dtype=torch.float64)
+    for c in range(channels):
+        pmf = head.channel_pmf(params, target, c).view(2, 9, 2**bits)
+        torch.testing.assert_close(pmf.sum(-1), torch.ones(2, 9, dtype=torch.float64))
+        log_p += pmf.gather(2, symbols[:, c].reshape(2, 9, 1)).log().sum(dim=(1, 2))
+    torch.testing.assert_close(log_p.float(), head.log_prob(params, target), rtol=1e-5, atol=1e-4)
+    assert torch.equal(head.symbols(target), symbols)
+
+
+def test_bernoulli_channel_pmf_matches_log_prob():
+    head = Bernoulli(4, channels=1)
+    logits = 30 * torch.randn(2, 1, 4, 4)
+    target = torch.bernoulli(torch.full((2, 1, 4, 4), 0.5))
+    pmf = head.channel_pmf(logits, target, 0)
+    picked = pmf.gather(1, target.long().reshape(-1, 1)).view(2, 16).log().sum(1)
+    torch.testing.assert_close(picked.float(), head.log_prob(logits, target))

@@ -1,5 +1,5 @@
-"""The commands: `vdvae-train`, `vdvae-eval`, `vdvae-sample` and `vdvae-import` (also `python train.py`
-and the other scripts at the repository root, which call these).
+"""The commands: `vdvae-train`, `vdvae-eval`, `vdvae-sample`, `vdvae-compress` and `vdvae-import` (also
+`python train.py` and the other scripts at the repository root, which call these).
 
 The configs ship inside the package (`vdvae.conf`, the repository's `conf/`), so the commands work from
 any directory after `pip install`. Your own presets live in a directory of yours, added to the search
@@ -58,3 +58,12 @@ def import_original(argv=None):
     from vdvae.import_original import main
 
     main(argv)
+
+
+@hydra.main(config_path=CONFIGS, config_name="compress", version_base="1.3")
+def compress(cfg: DictConfig) -> None:
+    """Compress images losslessly with a checkpoint (bits-back coding), or decompress a file."""
+    from vdvae.compress import compress as run
+
+    for path in run(cfg):
+        log.info("wrote %s", path)

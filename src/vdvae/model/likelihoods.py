@@ -101,25 +101,66 @@ class DiscretizedMixtureLogistics(nn.Module):
             [means[:, 0], means[:, 1] + coeffs[:, 0] * r, means[:, 2] + coeffs[:, 1] * r + coeffs[:, 2] * g], dim=1
         )
 
+    def _log_mass(self, x, means, log_scales):
+        """log of each component's mass on the bin of x: x (N, C, 1, H, W), coupled means (N, C, M, H, W)."""
+        centered = x - means
+        inv_scale = torch.exp(-log_scales)
+        half_bin = 1.0 / self.levels
+        upper = inv_scale * (centered + half_bin)
+        lower = inv_scale * (centered - half_bin)
+        # Edge bins take the open tails, so the bins tile the real line.
+        return torch.where(
+            x < -1 + half_bin,
+            F.logsigmoid(upper),
+            torch.where(x > 1 - half_bin, F.logsigmoid(-lower), _log_bin_mass(upper, lower)),
+        )
+
     def log_prob(self, params, target):
         """log p(target | params) summed over pixels and channels: (N,). target (N, C, H, W) on the grid."""
         with torch.autocast(params.device.type, enabled=False):
             params, target = params.float(), target.float()
             logits, means, log_scales, coeffs = self._split(params)
             x = target.unsqueeze(2)  # (N, C, 1, H, W), broadcast over mixtures
-            centered = x - self._coupled_means(means, coeffs, x)
-            inv_scale = torch.exp(-log_scales)
-            half_bin = 1.0 / self.levels
-            upper = inv_scale * (centered + half_bin)
-            lower = inv_scale * (centered - half_bin)
-            # Edge bins take the open tails, so the bins tile the real line.
-            log_mass = torch.where(
-                x < -1 + half_bin,
-                F.logsigmoid(upper),
-                torch.where(x > 1 - half_bin, F.logsigmoid(-lower), _log_bin_mass(upper, lower)),
-            )
+            log_mass = self._log_mass(x, self._coupled_means(means, coeffs, x), log_scales)
             log_mix = log_mass.sum(dim=1) + torch.log_softmax(logits, dim=1)  # (N, M, H, W)
             return torch.logsumexp(log_mix, dim=1).sum(dim=(1, 2))
+
+    @property
+    def n_symbols(self) -> int:
+        return self.levels + 1
+
+    def symbols(self, target):
+        """Grid values -> the integer levels 0..2^bits - 1 an entropy coder codes."""
+        return torch.round((target + 1) / 2 * self.levels).long()
+
+    def grid(self, symbols):
+        return symbols.double() * (2 / self.levels) - 1
+
+    def channel_pmf(self, params, target, channel: int):
+        """p(x_c = k | x_<c) for every level k and pixel of channel c: (N * H * W, 2^bits) float64.
+
+        The earlier channels' values come from `target` (later channels are ignored). They shift this
+        channel's means and reweight the mixture by their own masses, so the product over channels is
+        the joint pmf of `log_prob`.
+        """
+        with torch.autocast(params.device.type, enabled=False):
+            logits, means, log_scales, coeffs = self._split(params.double())
+            x = target.double().unsqueeze(2)
+            means = self._coupled_means(means, coeffs, x)
+            log_weights = torch.log_softmax(logits, dim=1)
+            if channel:
+                seen = slice(0, channel)
+                log_weights = log_weights + self._log_mass(x[:, seen], means[:, seen], log_scales[:, seen]).sum(1)
+            weights = torch.softmax(log_weights, dim=1)  # (N, M, H, W)
+            edges = torch.arange(self.levels, dtype=torch.float64, device=params.device) * (2 / self.levels)
+            edges = edges + (1 / self.levels - 1)  # the bin boundaries between the levels
+            mu, inv_scale = means[:, channel].unsqueeze(-1), torch.exp(-log_scales[:, channel]).unsqueeze(-1)
+            pmfs = []
+            for i in range(len(params)):  # one image at a time: the CDFs are (M, H, W, levels)
+                cdf = (weights[i].unsqueeze(-1) * torch.sigmoid((edges - mu[i]) * inv_scale[i])).sum(0)
+                cdf = F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0)
+                pmfs.append(cdf.diff(dim=-1).clamp(min=0).reshape(-1, self.n_symbols))
+            return torch.cat(pmfs)
 
     def sample(self, params, mode: bool = False):
         """Values on the target grid, (N, C, H, W). `mode`: the most likely component's means, no noise."""
@@ -167,6 +208,19 @@ class Bernoulli(nn.Module):
         with torch.autocast(params.device.type, enabled=False):
             ll = -F.binary_cross_entropy_with_logits(params.float(), target.float(), reduction="none")
             return ll.sum(dim=(1, 2, 3))
+
+    n_symbols = 2
+
+    def symbols(self, target):
+        return target.long()
+
+    def grid(self, symbols):
+        return symbols.double()
+
+    def channel_pmf(self, params, target, channel: int):
+        """p(x_c = 0) and p(x_c = 1) for every pixel of channel c: (N * H * W, 2) float64."""
+        logit = params[:, channel].double().reshape(-1)
+        return torch.stack([torch.sigmoid(-logit), torch.sigmoid(logit)], dim=1)
 
     def sample(self, params, mode: bool = False):
         probs = torch.sigmoid(params.float())

@@ -6,6 +6,7 @@ The forward pass returns the ELBO's terms per image and per group, so callers ca
 every group; a plain VAE is the case of a single latent group.
 """
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -140,11 +141,12 @@ class DecoderBlock(nn.Module):
         self.resnet = ResBlock(width, mid, width, spec.resolution, residual=True)
         self.resnet.scale_last(depth_scale(n_blocks))
 
-    def forward(self, x, activation=None, z=None, temperature=1.0, use_mean=False, keep=None):
+    def forward(self, x, activation=None, z=None, temperature=1.0, use_mean=False, keep=None, choose=None):
         """x: decoder state (N, W, R, R). With `activation` (the encoder's, passed through GELU)
         the latent comes from the posterior (its mean if `use_mean`), else `z` if given, else the
         prior at `temperature`. `keep` (zdim,) bool prunes the posterior's other variates: they are
-        drawn from the prior instead and carry no KL."""
+        drawn from the prior instead and carry no KL. `choose(out)`, given, picks the latent itself
+        from the group's distributions (bits-back coding draws it from an entropy coder)."""
         if not self.latent:
             return self.resnet(x), None
         # Prior and posterior both open with GELU of the state: compute it once. The posterior's
@@ -163,11 +165,16 @@ class DecoderBlock(nn.Module):
                 q_logstd = softplus_logstd(q_logstd)
             out.posterior = (q_mean, q_logstd)
             out.kl = gaussian_kl(q_mean, q_logstd, p_mean, p_logstd)
-            out.z = q_mean if use_mean else gaussian_sample(q_mean, q_logstd)
+            if choose is not None:
+                out.z = choose(out)
+            else:
+                out.z = q_mean if use_mean else gaussian_sample(q_mean, q_logstd)
             if keep is not None:
                 kept = keep.view(1, -1, 1, 1)
                 out.z = torch.where(kept, out.z, gaussian_sample(p_mean, p_logstd))
                 out.kl = out.kl * kept
+        elif choose is not None:
+            out.z = choose(out)
         else:
             out.z = z if z is not None else gaussian_sample(p_mean, p_logstd, temperature)
         x = x + residual + self.z_proj(out.z)
@@ -213,9 +220,11 @@ class Decoder(nn.Module):
         checkpointing=False,
         keep_distributions=True,
         variate_masks=None,
+        choose=None,
     ):
         """Run the blocks top-down. Groups take the posterior when `activations` is given, else
-        `latents[t]` while there are given latents, else the prior at temperature(s).
+        `latents[t]` while there are given latents, else the prior at temperature(s); or, with
+        `choose`, the latent `choose(t, group_output)` returns for group t.
 
         Without `keep_distributions` the groups keep only z and the KL map, so that (with
         checkpointing) the prior's and posterior's outputs are freed block by block."""
@@ -243,6 +252,7 @@ class Decoder(nn.Module):
                 temperature=temps[t] if block.latent else 1.0,
                 use_mean=use_mean,
                 keep=variate_masks[t] if variate_masks is not None and block.latent else None,
+                choose=functools.partial(choose, t) if choose is not None and block.latent else None,
             )
             if checkpointing:
                 x, out = checkpoint(block, x, use_reentrant=False, **kwargs)
