@@ -1,5 +1,6 @@
 """Efficient-VDVAE's options (Hazami et al. 2022), each against an independent computation: the softplus
-std, Adamax, the cosine learning-rate decay, the KL warm-up and random horizontal flips."""
+std, Adamax, the cosine learning-rate decay, the KL warm-up, random horizontal flips, latent pruning and
+the mixture's log-scale floor."""
 
 import math
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from tests.conftest import TINY_VAE, perturb_, random_batch
 from tests.test_train import fit_on_batches
 from vdvae import VAE, VDVAEModule
-from vdvae.model.likelihoods import gaussian_kl, softplus_logstd
+from vdvae.model.likelihoods import DiscretizedMixtureLogistics, gaussian_kl, softplus_logstd
 
 
 def test_softplus_std_is_its_definition_and_gives_torch_distributions_kl():
@@ -162,3 +163,19 @@ def test_pruned_variates_cost_no_kl_and_all_kept_is_the_plain_elbo():
         pruned = model(x, target, use_mean=True, variate_masks=masks)
     torch.testing.assert_close(pruned.kl[:, 0], groups[0].kl[:, keep].sum(dim=(1, 2, 3)))
     assert (pruned.kl[:, 1:] == 0).all()
+
+
+def test_the_log_scale_floor_is_an_option_and_the_pmf_stays_normalized():
+    """A component narrower than exp(-7) is widened to exp(-7) by the paper's floor and kept by Efficient-VDVAE's
+    -250. With its mean on the edge between two levels, the free one puts half its mass on each; the floored
+    one leaks into the next bins: its mass on [0, 2/255] is that of a logistic of scale exp(-7)."""
+    paper, free = (DiscretizedMixtureLogistics(4, 1, n_mix=1, bits=8, min_log_scale=f) for f in (-7.0, -250.0))
+    params = torch.zeros(1, 3, 1, 1)
+    params[:, 2] = -12.0  # log-scale of the single component; its mean 0 is the edge between two levels
+    target = torch.full((1, 1, 1, 1), 1 / 255)  # level 128, the bin [0, 2/255]
+    p_paper, p_free = (head.log_prob(params, target).exp().item() for head in (paper, free))
+    assert p_free == pytest.approx(0.5, rel=1e-6)
+    assert p_paper == pytest.approx(1 / (1 + math.exp(-(2 / 255) / math.exp(-7.0))) - 0.5, rel=1e-5)
+    for head in (paper, free):
+        assert head.channel_pmf(params, target, 0).sum().item() == pytest.approx(1.0)
+    assert VAE(**TINY_VAE, min_log_scale=-250.0).likelihood.min_log_scale == -250.0

@@ -25,6 +25,7 @@ INSTALLED = [
     if c.startswith(("python train.py -m model.lr", "python train.py -m hydra/launcher=local", "vdvae-train"))
     or c.startswith(("python train.py ckpt_path=", "python eval.py", "python import_original.py"))
     or "mode=decode" in c
+    or "mode=decompress" in c
 ]
 
 
@@ -47,7 +48,7 @@ def installed(tmp_path_factory):
 
 
 def test_the_wheel_ships_the_configs_and_the_commands(installed, tmp_path):
-    for name in ("vdvae-train", "vdvae-eval", "vdvae-sample", "vdvae-import"):
+    for name in ("vdvae-train", "vdvae-eval", "vdvae-sample", "vdvae-compress", "vdvae-import"):
         assert (installed / "bin" / name).is_file(), name
     code = "import vdvae.conf, importlib.resources as r; print(vdvae.__file__); print(r.files('vdvae.conf'))"
     where = subprocess.run(
@@ -56,12 +57,18 @@ def test_the_wheel_ships_the_configs_and_the_commands(installed, tmp_path):
     module, conf = where.stdout.split()
     assert module.startswith(str(installed)), module  # the commands run the installed copy, not the checkout
     assert ROOT / "src" not in Path(module).parents
-    for config in ("train.yaml", "model/cifar10.yaml", "hydra/launcher/local.yaml", "hparams_search/optuna.yaml"):
+    for config in (
+        "train.yaml",
+        "compress.yaml",
+        "model/cifar10.yaml",
+        "hydra/launcher/local.yaml",
+        "hparams_search/optuna.yaml",
+    ):
         assert os.path.isfile(os.path.join(conf, config)), config
 
 
 def test_installed_commands_cover_the_readme():
-    assert len(INSTALLED) == 7, INSTALLED
+    assert len(INSTALLED) == 8, INSTALLED
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,12 @@ from tests.conftest import DATA, ROOT
 
 pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
 
-PROGRAMS = ("make", "python", "vdvae-train", "vdvae-eval", "vdvae-sample", "vdvae-import")
+PROGRAMS = ("make", "python", "vdvae-train", "vdvae-eval", "vdvae-sample", "vdvae-compress", "vdvae-import")
 SCRIPTS = {
     "train.py": "vdvae-train",
     "eval.py": "vdvae-eval",
     "sample.py": "vdvae-sample",
+    "compress.py": "vdvae-compress",
     "import_original.py": "vdvae-import",
 }
 
@@ -128,6 +129,15 @@ class User:
         (out,) = self.runs("sample") - before
         return out / "latents.pt"
 
+    @functools.cached_property
+    def compressed(self) -> Path:
+        """The file of the README's compress command (all 8 test images)."""
+        (command,) = [c for c in readme_commands() if c.startswith("python compress.py") and "mode=" not in c]
+        before = self.runs("compress")
+        self.run(words(command.replace("logs/train/runs/<date>/checkpoints/last.ckpt", self.last_ckpt)))
+        (out,) = self.runs("compress") - before
+        return out / "images.vdvae"
+
 
 def assert_run(run_dir: Path, wandb=True):
     """A finished run: its last state saved, its config kept, one offline W&B run."""
@@ -225,6 +235,20 @@ def check_sample(user, command):
         assert (out / f"{name}.png").stat().st_size > 100, name
 
 
+def check_compress(user, command):
+    text = shlex.join(command).replace("...", user.last_ckpt)
+    text = text.replace("logs/train/runs/<date>/checkpoints/last.ckpt", user.last_ckpt)
+    text = text.replace("logs/compress/runs/<date>/images.vdvae", str(user.compressed.relative_to(user.cwd)))
+    if "mode=decompress" not in text:  # user.compressed ran it
+        report = json.loads((user.compressed.parent / "report.json").read_text())
+        assert report["images"] == 8 and report["net_bits_per_dim"] > 0
+        return
+    before = user.runs("compress")
+    user.run(words(text))
+    (out,) = user.runs("compress") - before
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:05d}.png" for i in range(8)]
+
+
 def check_import(user, command):
     from tests.test_eval_sample import reference_overrides
 
@@ -234,7 +258,7 @@ def check_import(user, command):
 
 
 CHECKS = {"make": check_make, "train.py": check_train, "vdvae-train": check_train, "eval.py": check_eval}
-CHECKS.update({"sample.py": check_sample, "import_original.py": check_import})
+CHECKS.update({"sample.py": check_sample, "compress.py": check_compress, "import_original.py": check_import})
 COMMANDS = readme_commands()
 
 

@@ -105,7 +105,7 @@ class RatePerGroupPlot(Callback):
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
 
-    # The *_end hooks run after the module's epoch-end hooks, which compute the per-group KL.
+    # The *_end hooks run after the module's epoch-end hooks, which log the per-group KL.
     def on_validation_end(self, trainer, module):
         if not trainer.sanity_checking:
             self.write(trainer, module, "val")
@@ -115,12 +115,14 @@ class RatePerGroupPlot(Callback):
 
     @rank_zero_only
     def write(self, trainer, module, stage):
-        kl = module.last_kl_per_group.get(stage)
-        if kl is None:
+        prefix = f"{stage}/kl/group_"
+        logged = {int(k[len(prefix) :]): v for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+        if not logged:
             return
+        kl = np.array([float(logged[t]) for t in sorted(logged)])
         self.dirpath.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(max(6, len(kl) * 0.15), 3))
-        ax.bar(range(len(kl)), kl.numpy())
+        ax.bar(range(len(kl)), kl)
         ax.set(xlabel="latent group (top-down)", ylabel="KL (nats per image)", title=f"{stage} rate per group")
         fig.tight_layout()
         path = self.dirpath / f"{stage}_rate_per_group_step{trainer.global_step:07d}.png"

@@ -18,7 +18,7 @@ from PIL import Image
 
 from vdvae.checkpoints import load_module
 from vdvae.compression import Codec, CodingOptions, CompressedFileError
-from vdvae.config import remove_empty_run_dir
+from vdvae.config import no_run_dir_on_failure
 from vdvae.data.base import first_images
 from vdvae.data.folder import image_files
 from vdvae.eval import data_module
@@ -70,15 +70,15 @@ def unique_names(files) -> list[str]:
 
 
 def safe_name(name: str) -> str:
-    """A file name from a compressed file, kept inside the output folder whatever the file says."""
+    """A PNG file name from a compressed file's header, inside the output folder whatever the header says."""
     base = Path(str(name)).name
     if not base or base in (".", "..") or "\x00" in base:
         raise CompressedFileError(f"the file names an image {name!r}, which is not a file name")
-    return base
+    return base if base.lower().endswith(".png") else f"{base}.png"
 
 
 def compress(cfg: DictConfig) -> list[Path]:
-    try:
+    with no_run_dir_on_failure():
         if cfg.mode not in MODES:
             raise ValueError(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
         if cfg.mode == "decompress" and not cfg.file:
@@ -100,14 +100,11 @@ def compress(cfg: DictConfig) -> list[Path]:
         else:
             datamodule.setup("test")
             images, names = first_images(datamodule.test_set, cfg.n_images or len(datamodule.test_set)), None
-    except Exception:
-        remove_empty_run_dir()
-        raise
     if cfg.mode == "decompress":
         folder = out / "images"
         folder.mkdir(parents=True, exist_ok=True)
         for image, name in zip(images, names, strict=True):
-            Image.fromarray(image.permute(1, 2, 0).squeeze(-1).numpy()).save(folder / name)
+            Image.fromarray(image.permute(1, 2, 0).squeeze(-1).numpy()).save(folder / name, format="PNG")
         log.info("decompressed %d images from %s into %s", len(images), cfg.file, folder)
         return [folder]
     images = images[: cfg.n_images] if cfg.n_images else images

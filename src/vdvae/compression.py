@@ -65,8 +65,8 @@ class CodingOptions:
                 f"latent_range={self.latent_range} with bin_width={self.bin_width}: the range must be at least 1 "
                 f"and span at most 2^21 bins"
             )
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not 1 <= self.batch_size <= 4096:
+            raise ValueError(f"batch_size must be between 1 and 4096, got {self.batch_size}")
 
     @property
     def max_symbol(self) -> int:
@@ -272,6 +272,8 @@ class Codec:
             grid = _Grid(CodingOptions(**header["options"]))
         except (TypeError, ValueError) as error:
             raise CompressedFileError(f"the file's coding options are not valid: {error}") from error
+        if max(header["chunks"]) > grid.options.batch_size:
+            raise CompressedFileError("the file's chunks are larger than its batch size")
         coder = constriction.stream.stack.AnsCoder(words)
         threads = torch.get_num_threads()
         torch.set_num_threads(header["threads"])  # threads can change the order of a kernel's sums

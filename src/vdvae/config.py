@@ -14,6 +14,7 @@ Resolvers (registered on import, before Hydra composes anything):
                            null (nothing saved) in the further ranks of a multi-process run.
 """
 
+import contextlib
 import logging
 import numbers
 import os
@@ -180,10 +181,23 @@ def route_library_logs():
     # ResumableSampler continues an epoch where the checkpoint left it (tests/test_reliability.py), which
     # Lightning cannot see: its warning that a mid-epoch resume is unreliable does not apply.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # Lightning 2.6's own use of torch's pytree API, deprecated by torch 2.14: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+@contextlib.contextmanager
+def no_run_dir_on_failure():
+    """A failure in the block (bad input, checked before any work) deletes what Hydra wrote for this run,
+    if that is all there is, and re-raises."""
+    try:
+        yield
+    except Exception:
+        remove_empty_run_dir()
+        raise
 
 
 def remove_empty_run_dir():
-    """After a failure before training: delete what Hydra wrote for this run, if that is all there is."""
+    """Delete what Hydra wrote for this run, if that is all there is."""
     try:
         out = Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # not under Hydra

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vdvae.checkpoints import CheckpointError, load_module
-from vdvae.config import check_model_and_data, remove_empty_run_dir, route_library_logs
+from vdvae.config import check_model_and_data, no_run_dir_on_failure, route_library_logs
 from vdvae.data import ImageDataModule, data_module_from_config
 from vdvae.data.base import first_images
 from vdvae.metrics import format_table
@@ -54,15 +54,12 @@ def pruned_variates(module, datamodule, quantile: float, n_images: int) -> list:
 
 def evaluate(cfg: DictConfig) -> dict:
     route_library_logs()
-    try:
+    with no_run_dir_on_failure():
         module, checkpoint = load_module(cfg.ckpt_path)
         sizes = {"batch_size": cfg.batch_size, "eval_batch_size": cfg.batch_size} if cfg.batch_size else {}
         datamodule, data = data_module(cfg, checkpoint, **sizes)
         check_model_and_data(module.hparams.vae, data)
         datamodule.setup("test")
-    except Exception:
-        remove_empty_run_dir()
-        raise
     masks = pruned_variates(module, datamodule, cfg.prune_quantile, cfg.prune_images) if cfg.prune_quantile else None
     module.enable_evaluation(cfg.iw_samples, cfg.iw_chunk, cfg.active_units, masks)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]

@@ -81,7 +81,6 @@ class VDVAEModule(LightningModule):
         self.data_config = None  # stored in checkpoints, so that evaluation can find the data
         self.stall_message, self._stall_warned = None, False
         self._restored_rng = None
-        self.last_kl_per_group = {}  # stage -> (groups,) nats per image, for plots
 
     def configure_model(self):
         if self.hparams.compile:
@@ -241,7 +240,6 @@ class VDVAEModule(LightningModule):
         values = metric.compute()
         metric.reset()
         kl = values.pop("kl_per_group").reshape(-1)  # torchmetrics squeezes a one-group vector
-        self.last_kl_per_group[stage] = kl.float().cpu()
         # The metrics are already reduced over ranks; sync_dist averages equal values (and tells Lightning so).
         self.log(f"{stage}/bpd", values.pop("bpd").float(), prog_bar=True, sync_dist=True)
         scalars = {f"{stage}/{k}": v.float() for k, v in values.items()}
@@ -293,10 +291,6 @@ class VDVAEModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self._restored_rng = checkpoint.get("rng_states")
-        # Checkpoints from before the fused optimizer resume with it (the skip decision needs it).
-        for state in checkpoint.get("optimizer_states", []):
-            for group in state.get("param_groups", []):
-                group.update(fused=True, foreach=None)
 
     def on_train_start(self):
         states = self._restored_rng

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vdvae import sampling
 from vdvae.checkpoints import load_module
-from vdvae.config import remove_empty_run_dir
+from vdvae.config import no_run_dir_on_failure
 from vdvae.data.base import first_images
 from vdvae.eval import data_module
 
@@ -38,13 +38,10 @@ def input_images(cfg, vae, checkpoint, device):
 
 
 def sample(cfg: DictConfig) -> list[Path]:
-    try:
+    with no_run_dir_on_failure():
         if cfg.mode not in MODES:
             raise ValueError(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
         module, checkpoint = load_module(cfg.ckpt_path)
-    except Exception:
-        remove_empty_run_dir()
-        raise
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = (module.ema if cfg.use_ema else module.vae).to(device)
     out = Path(HydraConfig.get().runtime.output_dir)

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vdvae.checkpoints import check_resume
-from vdvae.config import CHECKPOINT_DIR, check_config, remove_empty_run_dir, route_library_logs
+from vdvae.config import CHECKPOINT_DIR, check_config, no_run_dir_on_failure, route_library_logs
 from vdvae.loggers import loggers_from_config
 from vdvae.metrics import format_table
 from vdvae.slurm import RequeueOnSignal
@@ -41,7 +41,7 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = cfg.get("ckpt_path") or previous_last_checkpoint()
     if ckpt_path and not cfg.get("ckpt_path"):
         log.warning("this run directory already holds %s: resuming from it", ckpt_path)
-    try:
+    with no_run_dir_on_failure():
         check_config(cfg)
         L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
@@ -51,9 +51,6 @@ def train(cfg: DictConfig) -> float | None:
         module = instantiate(cfg.model)
         module.data_config = OmegaConf.to_container(cfg.data, resolve=True)
         resumed = check_resume(ckpt_path, module) if ckpt_path else None
-    except Exception:
-        remove_empty_run_dir()
-        raise
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = loggers_from_config(cfg.get("logger"), resumed)
     del resumed

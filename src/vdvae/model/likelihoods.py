@@ -15,7 +15,7 @@ from torch import nn
 
 from vdvae.model.blocks import conv
 
-LOG_SCALE_MIN = -7.0  # floor on logistic log-scales, as in PixelCNN++: bins stay resolvable
+LOG_SCALE_MIN = -7.0  # floor on logistic log-scales, as in PixelCNN++ and VDVAE: bins stay resolvable
 
 
 def gaussian_kl(mean_q, logstd_q, mean_p, logstd_p):
@@ -59,10 +59,11 @@ class DiscretizedMixtureLogistics(nn.Module):
     """Output head and pmf of a discretized mixture of logistics over `channels` (1 or 3) at `bits`.
 
     Parameter layout per pixel (the PixelCNN++/VDVAE layout): `n_mix` mixture logits, then per
-    channel `n_mix` means, `n_mix` log-scales and, for RGB, `n_mix` coupling coefficients.
+    channel `n_mix` means, `n_mix` log-scales and, for RGB, `n_mix` coupling coefficients. Log-scales
+    are floored at `min_log_scale` (-7 as in VDVAE; Efficient-VDVAE's -250 leaves them free).
     """
 
-    def __init__(self, width: int, channels: int = 3, n_mix: int = 10, bits: int = 8):
+    def __init__(self, width: int, channels: int = 3, n_mix: int = 10, bits: int = 8, min_log_scale=LOG_SCALE_MIN):
         super().__init__()
         if channels not in (1, 3):
             raise ValueError(f"the mixture-of-logistics likelihood supports 1 or 3 image channels, got {channels}")
@@ -70,7 +71,7 @@ class DiscretizedMixtureLogistics(nn.Module):
             raise ValueError(f"bits must be between 1 and 16, got {bits}")
         if n_mix < 1:
             raise ValueError(f"num_mixtures must be at least 1, got {n_mix}")
-        self.channels, self.n_mix, self.bits = channels, n_mix, bits
+        self.channels, self.n_mix, self.bits, self.min_log_scale = channels, n_mix, bits, min_log_scale
         self.per_channel = 3 if channels == 3 else 2  # means, log-scales (and coefficients for RGB)
         self.out_conv = conv(width, n_mix * (1 + channels * self.per_channel), 1)
 
@@ -87,7 +88,7 @@ class DiscretizedMixtureLogistics(nn.Module):
         m, c = self.n_mix, self.channels
         logits = params[:, :m]
         rest = params[:, m:].reshape(n, c, self.per_channel, m, h, w)
-        means, log_scales = rest[:, :, 0], rest[:, :, 1].clamp(min=LOG_SCALE_MIN)
+        means, log_scales = rest[:, :, 0], rest[:, :, 1].clamp(min=self.min_log_scale)
         coeffs = torch.tanh(rest[:, :, 2]) if c == 3 else None
         return logits, means, log_scales, coeffs
 

@@ -283,6 +283,7 @@ class VAE(nn.Module):
         channels_last: run convolutions in the NHWC memory format (faster on most hardware).
         std: how the prior's and posterior's scale come from the network: "exp" (std = exp(output), the
             paper's) or "softplus" (std = softplus(ln2 * output) / ln2, Efficient-VDVAE's).
+        min_log_scale: floor on the mixture's logistic log-scales (-7, the paper's; Efficient-VDVAE: -250).
     """
 
     def __init__(
@@ -303,6 +304,7 @@ class VAE(nn.Module):
         checkpointing: bool = False,
         channels_last: bool = False,
         std: str = "exp",
+        min_log_scale: float = -7.0,
     ):
         super().__init__()
         if std not in ("exp", "softplus"):
@@ -320,7 +322,9 @@ class VAE(nn.Module):
             widths, dec_specs, image_size, zdim, bottleneck_ratio, no_bias_above, no_latent_above, std
         )
         if likelihood == "dmol":
-            self.likelihood = DiscretizedMixtureLogistics(widths[image_size], image_channels, num_mixtures, bits)
+            self.likelihood = DiscretizedMixtureLogistics(
+                widths[image_size], image_channels, num_mixtures, bits, min_log_scale
+            )
         elif likelihood == "bernoulli":
             self.likelihood = Bernoulli(widths[image_size], image_channels)
         else:
