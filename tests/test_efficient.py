@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tests.conftest import TINY_VAE, perturb_, random_batch
 from tests.test_train import fit_on_batches
 from vdvae import VAE, VDVAEModule
+from vdvae.lit_module import kl_balance
 from vdvae.model.likelihoods import DiscretizedMixtureLogistics, gaussian_kl, softplus_logstd
 
 
@@ -114,6 +115,33 @@ def test_kl_warmup_weights_the_rate_and_leaves_the_logged_elbo_alone():
         torch.testing.assert_close(objective, expected.detach())
         if weight < 1:
             assert objective < out.loss.mean()  # the logged loss stays the negative ELBO
+
+
+def test_kl_balancing_weights_groups_by_their_kl_per_variate_until_its_last_step():
+    kl = torch.tensor([[1.0, 4.0, 0.5], [3.0, 0.0, 1.5]], requires_grad=True)
+    variates = torch.tensor([2.0, 8.0, 1.0])
+    # KL per variate, batch mean: 1, 0.25, 1 (sum 2.25); weights 3 * a / 2.25, constant in the gradient.
+    weights = kl_balance(kl, variates)
+    torch.testing.assert_close(weights, torch.tensor([4 / 3, 1 / 3, 4 / 3]))
+    (kl * weights).sum().backward()
+    torch.testing.assert_close(kl.grad, weights.expand(2, 3))
+
+    torch.manual_seed(0)
+    module = VDVAEModule(TINY_VAE, kl_balancing_steps=3, warmup_steps=1)
+    outputs, objectives = [], []
+    forward = module.vae.forward
+    module.vae.forward = lambda *a, **k: outputs.append(forward(*a, **k)) or outputs[-1]
+    backward = module.manual_backward
+    module.manual_backward = lambda loss, *a, **k: objectives.append(loss.detach()) or backward(loss, *a, **k)
+    x = torch.randint(0, 256, (4, 1, 8, 8)).float()
+    fit_on_batches(module, [((x - 127.5) / 127.5, (x - 127.5) / 127.5)] * 5)
+    variates = torch.tensor([4 * 1, 4 * 16, 4 * 16, 4 * 64, 4 * 64.0])  # TINY_VAE: zdim 4 at 1, 4, 4, 8, 8
+    for n, (out, objective) in enumerate(zip(outputs, objectives, strict=True)):
+        if n < 3:
+            expected = (out.distortion + (out.kl * kl_balance(out.kl, variates)).sum(1) / out.ndims).mean()
+        else:
+            expected = out.loss.mean()
+        torch.testing.assert_close(objective, expected.detach())
 
 
 def test_random_flip_mirrors_about_half_the_training_images_and_no_evaluation_image():

@@ -3,7 +3,7 @@
 AdamW with linear warm-up; the global gradient norm (after the multi-device average, before
 clipping) decides whether an update is skipped: on a non-finite loss on any rank, or a norm at or
 above `skip_threshold`, neither the weights nor the EMA move. Efficient-VDVAE's Adamax, cosine
-decay and KL warm-up are options. Skips are counted and logged, and a
+decay, KL warm-up and KL balancing are options. Skips are counted and logged, and a
 run that keeps skipping warns and then stops with a message instead of stalling silently.
 Validation, test and sampling use the EMA weights.
 """
@@ -35,6 +35,15 @@ def seeded(device: torch.device, seed: int):
         yield
 
 
+def kl_balance(kl: torch.Tensor, group_variates: torch.Tensor) -> torch.Tensor:
+    """NVAE's KL balancing, as Efficient-VDVAE applies it ("gamma"): per-group weights T a_t / sum(a), with
+    a_t the batch's mean KL per variate of group t, held constant in the gradient. Groups that carry more
+    information per variate are pushed harder, so that the others are not left to collapse early.
+    kl: (N, T) nats per image; group_variates: (T,) latent variates per group."""
+    per_variate = kl.detach().mean(dim=0) / group_variates
+    return len(per_variate) * per_variate / per_variate.sum().clamp(min=torch.finfo(per_variate.dtype).tiny)
+
+
 class VDVAEModule(LightningModule):
     def __init__(
         self,
@@ -57,6 +66,7 @@ class VDVAEModule(LightningModule):
         lr_min: float = 0.0,
         decay_steps: int | None = None,
         kl_warmup_steps: int = 0,
+        kl_balancing_steps: int = 0,
     ):
         super().__init__()
         if optimizer not in ("adamw", "adamax"):
@@ -71,6 +81,8 @@ class VDVAEModule(LightningModule):
         self.automatic_optimization = False  # the skip decision sits between backward and step
         self.vae = VAE(**vae)
         self.ema = copy.deepcopy(self.vae).requires_grad_(False)
+        variates = [math.prod(shape) for shape in self.vae.latent_shapes]
+        self.register_buffer("group_variates", torch.tensor(variates, dtype=torch.float32), persistent=False)
         self.register_buffer("attempted_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("consecutive_skips", torch.zeros((), dtype=torch.long))
@@ -128,10 +140,16 @@ class VDVAEModule(LightningModule):
         out = self.vae(x, target)
         loss = out.loss.mean()
         objective = loss
-        if self.hparams.kl_warmup_steps:  # the KL's weight rises linearly to 1 (Efficient-VDVAE; not the ELBO)
-            kl_weight = torch.clamp((self.attempted_steps + 1).float() / self.hparams.kl_warmup_steps, max=1.0)
-            objective = (out.distortion + kl_weight * out.rate).mean()
-            self.log("train/kl_weight", kl_weight, on_step=True, on_epoch=False)
+        h, step = self.hparams, self.attempted_steps + 1
+        if h.kl_warmup_steps or h.kl_balancing_steps:  # Efficient-VDVAE's: the objective, not the logged ELBO
+            rate = out.rate
+            if h.kl_balancing_steps:  # weights while step <= kl_balancing_steps, decided on the device
+                weights = torch.where(step <= h.kl_balancing_steps, kl_balance(out.kl, self.group_variates), 1.0)
+                rate = (out.kl * weights).sum(dim=1) / out.ndims
+            kl_weight = torch.clamp(step.float() / h.kl_warmup_steps, max=1.0) if h.kl_warmup_steps else 1.0
+            objective = (out.distortion + kl_weight * rate).mean()
+            if h.kl_warmup_steps:
+                self.log("train/kl_weight", kl_weight, on_step=True, on_epoch=False)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(objective)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.hparams.grad_clip)
