@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from vdvae.checkpoints import load_module
-from vdvae.compression import Codec, CodingOptions, CompressedFileError
+from vdvae.compression import Codec, CodingOptions, CompressedFileError, negative_elbo
 from vdvae.config import no_run_dir_on_failure
 from vdvae.data.base import first_images
 from vdvae.data.folder import image_files
@@ -112,9 +112,7 @@ def compress(cfg: DictConfig) -> list[Path]:
     data, report = codec.compress(images, options, names)
     path = out / "images.vdvae"
     path.write_bytes(data)
-    with torch.no_grad():
-        torch.manual_seed(cfg.seed)
-        elbo = vae(*datamodule.preprocess(images)).bpd.mean().item()
+    elbo = negative_elbo(codec.vae, codec.preprocess, images)
     summary = {
         "checkpoint": str(cfg.ckpt_path),
         "images": report.images,

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from vdvae.checkpoints import load_module
-from vdvae.compression import Codec, CodingOptions
+from vdvae.compression import Codec, CodingOptions, negative_elbo
 from vdvae.data.base import first_images
 from vdvae.eval import data_module
 
@@ -39,22 +39,11 @@ def classic_bits(images: torch.Tensor) -> dict[str, int]:
     return {"png_optimized": pngs, "webp_lossless": webps, "lzma_raw": 8 * len(raw)}
 
 
-def negative_elbo(vae, preprocess, images, draws: int) -> float:
-    """The images' negative ELBO in bits/dim, averaged over `draws` posterior draws per image."""
-    total = 0.0
-    with torch.no_grad():
-        torch.manual_seed(0)
-        for start in range(0, len(images), 100):
-            batch = images[start : start + 100]
-            total += sum(float(vae(*preprocess(batch)).bpd.sum()) for _ in range(draws))
-    return total / (draws * len(images))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpt")
     parser.add_argument("--images", type=int, default=1000, help="the first n test images")
-    parser.add_argument("--bin-widths", type=float, nargs="+", default=[1 / 64], help="the first is decoded too")
+    parser.add_argument("--bin-widths", type=float, nargs="+", default=[1 / 16], help="the first is decoded too")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--elbo-draws", type=int, default=4)
     parser.add_argument("--out", default="compression.json")
