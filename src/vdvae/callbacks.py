@@ -90,7 +90,7 @@ class ImageGrids(Callback):
                 log_image(trainer, f"{stage}/samples_t{t:g}", target)
             originals = first_images(dataset, self.n_recon).to(module.device)
             x, _ = trainer.datamodule.preprocess(originals)
-            ks = sorted({0, 1, vae.n_groups // 4, vae.n_groups // 2, vae.n_groups})
+            ks = sampling.default_ks(vae.n_groups)
             path = sampling.reconstruction_grid(vae, originals, x, ks, 0.1, self.dirpath / "tmp")
             target = self.dirpath / f"{stage}_reconstructions_step{step:07d}.png"
             path.replace(target)

@@ -1,5 +1,6 @@
 """Checkpoints are written to a temporary file and renamed into place: never left half-written. A save
-also removes the temporary files that interrupted saves (kill -9, out of memory) left behind."""
+also removes the temporary files that interrupted saves (kill -9, out of memory) left behind. Every
+torch file is read weights-only."""
 
 import os
 import re
@@ -9,6 +10,17 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 _TMP = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def load_weights_only(path, what: str, error_type: type[Exception] = ValueError):
+    """torch.load on the CPU, weights-only (a file is data, never code); a damaged file raises `error_type`
+    saying it is not a readable `what`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch.load raises many types on a damaged file
+        raise error_type(f"{path} is not a readable {what} (truncated or corrupt?): {str(error)[:300]}") from error
 
 
 def _alive(pid: int) -> bool:

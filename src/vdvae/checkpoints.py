@@ -4,8 +4,7 @@ checkpoints or do not fit the model."""
 
 from pathlib import Path
 
-import torch
-
+from vdvae.checkpoint_io import load_weights_only
 from vdvae.lit_module import VDVAEModule
 
 
@@ -37,12 +36,7 @@ def resolve(path: str) -> Path:
 def load_checkpoint(path) -> dict:
     """torch.load a checkpoint on the CPU, weights-only (a checkpoint is data, never code), explaining failures."""
     p = resolve(path)
-    try:
-        checkpoint = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many types on a damaged file
-        raise CheckpointError(
-            f"{p} is not a readable checkpoint (truncated or corrupt?): {str(error)[:300]}"
-        ) from error
+    checkpoint = load_weights_only(p, "checkpoint", CheckpointError)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CheckpointError(
             f"{p} is not a vdvae checkpoint (no state_dict and hyper_parameters); weights of the "

@@ -8,6 +8,7 @@ import re
 
 import torch
 
+from vdvae.checkpoint_io import load_weights_only
 from vdvae.model import VAE
 
 _BLOCK_CONVS = {"c1": "conv_in", "c2": "conv_mid1", "c3": "conv_mid2", "c4": "conv_out"}
@@ -72,14 +73,7 @@ def load_original(model: VAE, original: dict) -> VAE:
 
 def read_original(path) -> dict:
     """A state dict saved by the original code (model.th or model-ema.th), loaded safely."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # torch.load raises many types on a damaged file
-        raise ValueError(
-            f"{path} is not a readable PyTorch file (truncated or corrupt?): {str(error)[:200]}"
-        ) from error
+    state = load_weights_only(path, "PyTorch file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state dict (a dict of tensors) as the original code saves")
     return state
@@ -101,7 +95,7 @@ def import_checkpoint(module_hparams: dict, model_file, ema_file=None, data_conf
         except (KeyError, ValueError) as error:
             raise ValueError(f"{prefix} weights in {model_file if prefix == 'vae' else ema_file}: {error}") from error
         checkpoint["state_dict"].update({f"{prefix}.{k}": v for k, v in converted.items()})
-    for name, buffer in module.named_buffers():
+    for name, buffer in module.state_dict().items():  # the module's own counters, zero
         if not name.startswith(("vae.", "ema.")):
             checkpoint["state_dict"][name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
     if data_config is not None:

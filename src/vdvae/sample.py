@@ -57,7 +57,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     images, inputs = input_images(cfg, vae, checkpoint, device)
     if cfg.mode == "reconstruct":
         groups = vae.n_groups
-        ks = list(cfg.ks) if cfg.ks else sorted({0, 1, groups // 4, groups // 2, groups})
+        ks = list(cfg.ks) if cfg.ks else sampling.default_ks(groups)
         log.info("rows: data, then k = %s of %d groups kept", ks, groups)
         return [sampling.reconstruction_grid(vae, images, inputs, ks, temperatures[0], out)]
     if cfg.mode == "interpolate":

@@ -53,6 +53,11 @@ def in_chunks(fn, n: int, chunk: int) -> torch.Tensor:
     return torch.cat([fn(i, min(i + chunk, n)) for i in range(0, n, chunk)])
 
 
+def default_ks(n_groups: int) -> list[int]:
+    """The groups kept in reconstruction grids unless told: none, one, a quarter, half and all."""
+    return sorted({0, 1, n_groups // 4, n_groups // 2, n_groups})
+
+
 def temperature_label(t) -> str:
     return f"{t:g}" if isinstance(t, (int, float)) else "per-group"
 
