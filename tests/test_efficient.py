@@ -207,3 +207,18 @@ def test_the_log_scale_floor_is_an_option_and_the_pmf_stays_normalized():
     for head in (paper, free):
         assert head.channel_pmf(params, target, 0).sum().item() == pytest.approx(1.0)
     assert VAE(**TINY_VAE, min_log_scale=-250.0).likelihood.min_log_scale == -250.0
+
+
+def test_softplus_mixture_scales_are_logistics_of_that_scale():
+    """Efficient-VDVAE's mixture std: scale = softplus(ln2 l) / ln2 = log2(1 + 2^l); with l = -3 the
+    bin [0, 2/255] above a mean of 0 has the mass of a logistic of scale log2(1.125)."""
+    head = DiscretizedMixtureLogistics(4, 1, n_mix=1, bits=8, min_log_scale=-250.0, std="softplus")
+    params = torch.zeros(1, 3, 1, 1)
+    params[:, 2] = -3.0
+    target = torch.full((1, 1, 1, 1), 1 / 255)
+    scale = math.log2(1.125)
+    assert head.log_prob(params, target).exp().item() == pytest.approx(1 / (1 + math.exp(-(2 / 255) / scale)) - 0.5)
+    assert head.channel_pmf(params, target, 0).sum().item() == pytest.approx(1.0)
+    assert VAE(**TINY_VAE, mixture_std="softplus").likelihood.softplus_std
+    with pytest.raises(ValueError, match="mixture's std"):
+        DiscretizedMixtureLogistics(4, 1, std="log")

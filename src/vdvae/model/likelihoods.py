@@ -60,11 +60,20 @@ class DiscretizedMixtureLogistics(nn.Module):
 
     Parameter layout per pixel (the PixelCNN++/VDVAE layout): `n_mix` mixture logits, then per
     channel `n_mix` means, `n_mix` log-scales and, for RGB, `n_mix` coupling coefficients. Log-scales
-    are floored at `min_log_scale` (-7 as in VDVAE; Efficient-VDVAE's -250 leaves them free).
+    come from the head as log-scales (`std="exp"`, VDVAE's) or through softplus (`std="softplus"`,
+    Efficient-VDVAE's: scale = softplus(ln2 l) / ln2), and are floored at `min_log_scale` (-7 as in
+    VDVAE; Efficient-VDVAE's -250 leaves them free).
     """
 
-    def __init__(self, width: int, channels: int = 3, n_mix: int = 10, bits: int = 8, min_log_scale=LOG_SCALE_MIN):
+    def __init__(
+        self, width: int, channels: int = 3, n_mix: int = 10, bits: int = 8, min_log_scale=LOG_SCALE_MIN, std="exp"
+    ):
         super().__init__()
+        if std not in ("exp", "softplus"):
+            raise ValueError(
+                f"the mixture's std must be 'exp' (VDVAE's) or 'softplus' (Efficient-VDVAE's), got {std!r}"
+            )
+        self.softplus_std = std == "softplus"
         if channels not in (1, 3):
             raise ValueError(f"the mixture-of-logistics likelihood supports 1 or 3 image channels, got {channels}")
         if not 1 <= bits <= 16:
@@ -88,7 +97,11 @@ class DiscretizedMixtureLogistics(nn.Module):
         m, c = self.n_mix, self.channels
         logits = params[:, :m]
         rest = params[:, m:].reshape(n, c, self.per_channel, m, h, w)
-        means, log_scales = rest[:, :, 0], rest[:, :, 1].clamp(min=self.min_log_scale)
+        raw = rest[:, :, 1]
+        means, log_scales = (
+            rest[:, :, 0],
+            (softplus_logstd(raw) if self.softplus_std else raw).clamp(min=self.min_log_scale),
+        )
         coeffs = torch.tanh(rest[:, :, 2]) if c == 3 else None
         return logits, means, log_scales, coeffs
 

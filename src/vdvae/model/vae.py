@@ -284,6 +284,7 @@ class VAE(nn.Module):
         std: how the prior's and posterior's scale come from the network: "exp" (std = exp(output), the
             paper's) or "softplus" (std = softplus(ln2 * output) / ln2, Efficient-VDVAE's).
         min_log_scale: floor on the mixture's logistic log-scales (-7, the paper's; Efficient-VDVAE: -250).
+        mixture_std: the mixture's scales as "exp" (of the head's output, the paper's) or "softplus" (as `std`).
     """
 
     def __init__(
@@ -305,6 +306,7 @@ class VAE(nn.Module):
         channels_last: bool = False,
         std: str = "exp",
         min_log_scale: float = -7.0,
+        mixture_std: str = "exp",
     ):
         super().__init__()
         if std not in ("exp", "softplus"):
@@ -323,7 +325,7 @@ class VAE(nn.Module):
         )
         if likelihood == "dmol":
             self.likelihood = DiscretizedMixtureLogistics(
-                widths[image_size], image_channels, num_mixtures, bits, min_log_scale
+                widths[image_size], image_channels, num_mixtures, bits, min_log_scale, mixture_std
             )
         elif likelihood == "bernoulli":
             self.likelihood = Bernoulli(widths[image_size], image_channels)
