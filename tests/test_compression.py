@@ -15,11 +15,9 @@ from PIL import Image
 
 from tests.conftest import ROOT, build_model, perturb_
 from tests.run_helpers import TINY_RUN, run_in_process
-from vdvae.checkpoints import load_module
-from vdvae.compress import read_exact_images, safe_name
+from vdvae.compress import codec_from_checkpoint, read_exact_images, safe_name
 from vdvae.compression import Codec, CodingOptions, CompressedFileError
 from vdvae.data.base import first_images
-from vdvae.eval import data_module
 
 pytestmark = pytest.mark.slow
 ANS_CODER = constriction.stream.stack.AnsCoder
@@ -31,10 +29,9 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     run_in_process(out, *TINY_RUN, "trainer.max_epochs=2", "test=false")
     ckpt = out / "checkpoints" / "last.ckpt"
-    module, checkpoint = load_module(ckpt)
-    datamodule, _ = data_module({"data": None, "ckpt_path": str(ckpt)}, checkpoint)
+    codec, datamodule = codec_from_checkpoint(ckpt)
     datamodule.setup("test")
-    return ckpt, Codec(module.ema, datamodule.preprocess), first_images(datamodule.test_set, 60)
+    return ckpt, codec, first_images(datamodule.test_set, 60)
 
 
 def run_compress(cwd, *args, threads="2"):

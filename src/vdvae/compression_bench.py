@@ -13,13 +13,11 @@ import lzma
 import time
 
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
-from vdvae.checkpoints import load_module
-from vdvae.compression import Codec, CodingOptions, negative_elbo
+from vdvae.compress import codec_from_checkpoint
+from vdvae.compression import CodingOptions, negative_elbo
 from vdvae.data.base import first_images
-from vdvae.eval import data_module
 
 
 def classic_bits(images: torch.Tensor) -> dict[str, int]:
@@ -49,11 +47,9 @@ def main(argv=None):
     parser.add_argument("--out", default="compression.json")
     args = parser.parse_args(argv)
 
-    module, checkpoint = load_module(args.ckpt)
-    datamodule, _ = data_module(OmegaConf.create({"data": None, "ckpt_path": args.ckpt}), checkpoint)
+    codec, datamodule = codec_from_checkpoint(args.ckpt)
     datamodule.setup("test")
     images = first_images(datamodule.test_set, args.images)
-    codec = Codec(module.ema, datamodule.preprocess)
     dims = len(images) * codec.dims
     elbo = negative_elbo(codec.vae, codec.preprocess, images, args.elbo_draws)
     result = {
