@@ -99,17 +99,23 @@ def test_cosine_decay_reaches_its_floor_after_warmup():
         VDVAEModule(TINY_VAE, lr_schedule="linear")
 
 
-def test_kl_warmup_weights_the_rate_and_leaves_the_logged_elbo_alone():
-    torch.manual_seed(0)
-    module = VDVAEModule(TINY_VAE, kl_warmup_steps=4, warmup_steps=1)
+def elbo_and_objective_per_step(module, steps: int):
+    """Train `module` for `steps` updates on one fixed batch; each step's ELBO terms and the objective it
+    back-propagated."""
     outputs, objectives = [], []
     forward = module.vae.forward
     module.vae.forward = lambda *a, **k: outputs.append(forward(*a, **k)) or outputs[-1]
     backward = module.manual_backward
     module.manual_backward = lambda loss, *a, **k: objectives.append(loss.detach()) or backward(loss, *a, **k)
     x = torch.randint(0, 256, (4, 1, 8, 8)).float()
-    fit_on_batches(module, [((x - 127.5) / 127.5, (x - 127.5) / 127.5)] * 6)
-    for n, (out, objective) in enumerate(zip(outputs, objectives, strict=True)):
+    fit_on_batches(module, [((x - 127.5) / 127.5, (x - 127.5) / 127.5)] * steps)
+    return list(zip(outputs, objectives, strict=True))
+
+
+def test_kl_warmup_weights_the_rate_and_leaves_the_logged_elbo_alone():
+    torch.manual_seed(0)
+    module = VDVAEModule(TINY_VAE, kl_warmup_steps=4, warmup_steps=1)
+    for n, (out, objective) in enumerate(elbo_and_objective_per_step(module, steps=6)):
         weight = min(1.0, (n + 1) / 4)
         expected = (out.distortion + weight * out.rate).mean()
         torch.testing.assert_close(objective, expected.detach())
@@ -128,15 +134,8 @@ def test_kl_balancing_weights_groups_by_their_kl_per_variate_until_its_last_step
 
     torch.manual_seed(0)
     module = VDVAEModule(TINY_VAE, kl_balancing_steps=3, warmup_steps=1)
-    outputs, objectives = [], []
-    forward = module.vae.forward
-    module.vae.forward = lambda *a, **k: outputs.append(forward(*a, **k)) or outputs[-1]
-    backward = module.manual_backward
-    module.manual_backward = lambda loss, *a, **k: objectives.append(loss.detach()) or backward(loss, *a, **k)
-    x = torch.randint(0, 256, (4, 1, 8, 8)).float()
-    fit_on_batches(module, [((x - 127.5) / 127.5, (x - 127.5) / 127.5)] * 5)
     variates = torch.tensor([4 * 1, 4 * 16, 4 * 16, 4 * 64, 4 * 64.0])  # TINY_VAE: zdim 4 at 1, 4, 4, 8, 8
-    for n, (out, objective) in enumerate(zip(outputs, objectives, strict=True)):
+    for n, (out, objective) in enumerate(elbo_and_objective_per_step(module, steps=5)):
         if n < 3:
             expected = (out.distortion + (out.kl * kl_balance(out.kl, variates)).sum(1) / out.ndims).mean()
         else:

@@ -21,8 +21,9 @@ from vdvae.compression import Codec, CodingOptions, CompressedFileError, negativ
 from vdvae.config import no_run_dir_on_failure
 from vdvae.data import ImageDataModule
 from vdvae.data.base import first_images
-from vdvae.data.folder import image_files
+from vdvae.data.folder import input_files
 from vdvae.eval import data_module
+from vdvae.sampling import pil_image
 
 log = logging.getLogger(__name__)
 MODES = ("compress", "decompress")
@@ -41,16 +42,7 @@ def codec_from_checkpoint(ckpt_path, use_ema: bool = True) -> tuple[Codec, Image
 def read_exact_images(paths, shape) -> tuple[torch.Tensor, list[str]]:
     """uint8 (N, C, H, W) of image files (or every image in the folders given), unchanged: each must have
     the model's size and channels, since resizing or converting colours would not be lossless."""
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += image_files(p)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"inputs: {p} does not exist")
-    if not files:
-        raise FileNotFoundError(f"inputs: no images found in {[str(p) for p in paths]}")
+    files = input_files(paths)
     channels, height, width = shape
     images = []
     for path in files:
@@ -113,7 +105,7 @@ def compress(cfg: DictConfig) -> list[Path]:
         folder = out / "images"
         folder.mkdir(parents=True, exist_ok=True)
         for image, name in zip(images, names, strict=True):
-            Image.fromarray(image.permute(1, 2, 0).squeeze(-1).numpy()).save(folder / name, format="PNG")
+            pil_image(image).save(folder / name, format="PNG")
         log.info("decompressed %d images from %s into %s", len(images), cfg.file, folder)
         return [folder]
     images = images[: cfg.n_images] if cfg.n_images else images

@@ -13,28 +13,27 @@ import lzma
 import time
 
 import torch
-from PIL import Image
 
 from vdvae.compress import codec_from_checkpoint
 from vdvae.compression import CodingOptions, negative_elbo
 from vdvae.data.base import first_images
+from vdvae.sampling import pil_image
 
 
 def classic_bits(images: torch.Tensor) -> dict[str, int]:
     """Bits of each image as an optimized PNG and a lossless WebP (one file per image), and of lzma on all
     the raw bytes at once."""
-    pngs = webps = 0
+    webp = {"lossless": True, "quality": 100, "method": 6}
+    formats = {"png_optimized": ("PNG", {"optimize": True}), "webp_lossless": ("WEBP", webp)}
+    bits = dict.fromkeys(formats, 0)
     for image in images:
-        picture = Image.fromarray(image.permute(1, 2, 0).squeeze(-1).numpy())
-        for fmt, kwargs in (("PNG", {"optimize": True}), ("WEBP", {"lossless": True, "quality": 100, "method": 6})):
+        picture = pil_image(image)
+        for name, (fmt, options) in formats.items():
             buffer = io.BytesIO()
-            picture.save(buffer, format=fmt, **kwargs)
-            if fmt == "PNG":
-                pngs += 8 * buffer.tell()
-            else:
-                webps += 8 * buffer.tell()
-    raw = lzma.compress(images.numpy().tobytes(), preset=9 | lzma.PRESET_EXTREME)
-    return {"png_optimized": pngs, "webp_lossless": webps, "lzma_raw": 8 * len(raw)}
+            picture.save(buffer, format=fmt, **options)
+            bits[name] += 8 * buffer.tell()
+    bits["lzma_raw"] = 8 * len(lzma.compress(images.numpy().tobytes(), preset=9 | lzma.PRESET_EXTREME))
+    return bits
 
 
 def main(argv=None):

@@ -13,9 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 from vdvae.model import VAE
+
+
+def pil_image(image: torch.Tensor) -> Image.Image:
+    """A uint8 (C, H, W) image as a PIL image, grayscale or RGB."""
+    return Image.fromarray(image.permute(1, 2, 0).squeeze(-1).cpu().numpy())
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
@@ -26,19 +32,9 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
 
 def read_images(paths, image_size: int, channels: int) -> torch.Tensor:
     """Image files (or every image in the folders given) -> uint8 (N, C, S, S), resized and centre-cropped."""
-    from vdvae.data.folder import FolderImages, image_files
+    from vdvae.data.folder import FolderImages, input_files
 
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += image_files(p)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"input image {p} does not exist")
-    if not files:
-        raise FileNotFoundError(f"no images found in {list(map(str, paths))}")
-    images = FolderImages(files, image_size, channels)
+    images = FolderImages(input_files(paths), image_size, channels)
     return torch.stack([images[i] for i in range(len(images))])
 
 

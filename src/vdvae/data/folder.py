@@ -22,6 +22,21 @@ def image_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def input_files(paths) -> list[Path]:
+    """The files of an `inputs=[...]` option: image files as given, folders as every image under them."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += image_files(p)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"inputs: {p} does not exist")
+    if not files:
+        raise FileNotFoundError(f"inputs: no images found in {[str(p) for p in paths]}")
+    return files
+
+
 def check_headers(files: list[Path], shown: int = 5):
     """Every file must open as an image (its header is read, not the pixels): a bad file stops the run at
     setup, named, instead of mid-epoch."""
