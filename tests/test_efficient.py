@@ -92,6 +92,9 @@ def test_cosine_decay_reaches_its_floor_after_warmup():
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     module.hparams.decay_steps = 50  # or an explicit length
     assert factor(60) == pytest.approx(0.2)
+    module.hparams.decay_start, module.hparams.decay_steps = 40, None  # Efficient-VDVAE holds the peak first
+    assert [factor(s) for s in (10, 25, 40)] == [1.0, 1.0, 1.0]
+    assert factor(75) == pytest.approx(0.6) and factor(110) == pytest.approx(0.2)  # halfway over 70 steps
     module.hparams.decay_steps, module._trainer = None, SimpleNamespace(max_steps=-1)
     with pytest.raises(ValueError, match="needs model.decay_steps or a trainer.max_steps"):
         module.configure_optimizers()  # before training starts

@@ -65,6 +65,7 @@ class VDVAEModule(LightningModule):
         lr_schedule: str = "constant",
         lr_min: float = 0.0,
         decay_steps: int | None = None,
+        decay_start: int | None = None,
         kl_warmup_steps: int = 0,
         kl_balancing_steps: int = 0,
     ):
@@ -117,19 +118,22 @@ class VDVAEModule(LightningModule):
 
     def _lr_factor(self, step: int) -> float:
         """The learning rate over `lr`: linear warm-up over `warmup_steps`, then constant, or with
-        `lr_schedule=cosine` half a cosine down to `lr_min` over `decay_steps` (default: the rest of
-        `trainer.max_steps`), and `lr_min` after that."""
+        `lr_schedule=cosine` constant up to `decay_start` (default: the end of warm-up), then half a
+        cosine down to `lr_min` over `decay_steps` (default: up to `trainer.max_steps`), then `lr_min`."""
         h = self.hparams
         warmup = max(h.warmup_steps, 1)
         if step < warmup or h.lr_schedule == "constant":
             return min(1.0, step / warmup)
-        decay = self._decay_steps()
+        start, decay = self._decay_start(), self._decay_steps()
         floor = h.lr_min / h.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(max(step - start, 0), decay) / decay))
+
+    def _decay_start(self) -> int:
+        return max(self.hparams.warmup_steps, 1, self.hparams.decay_start or 0)
 
     def _decay_steps(self) -> int:
-        """The cosine's length: `decay_steps`, or the updates after warm-up up to `trainer.max_steps`."""
-        decay = self.hparams.decay_steps or self.trainer.max_steps - max(self.hparams.warmup_steps, 1)
+        """The cosine's length: `decay_steps`, or the updates after its start up to `trainer.max_steps`."""
+        decay = self.hparams.decay_steps or self.trainer.max_steps - self._decay_start()
         if decay <= 0:
             raise ValueError("model.lr_schedule=cosine needs model.decay_steps or a trainer.max_steps above warm-up")
         return decay

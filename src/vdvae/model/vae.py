@@ -16,7 +16,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vdvae.model.blocks import (
+    LearnedUnpool,
     ResBlock,
+    StridedPool,
+    activation_fn,
     bottleneck,
     conv,
     depth_scale,
@@ -89,12 +92,14 @@ def _as_conv_input(t):
 
 
 class Encoder(nn.Module):
-    """Bottom-up ResNet; returns the last activation at every resolution (zero-padded to its width)."""
+    """Bottom-up ResNet. Network "vdvae": returns the last activation at every resolution (zero-padded
+    to its width), keyed by resolution. Network "efficient": every block sends a 1x1-projected skip
+    (keyed by its index) and pools with a strided conv."""
 
-    def __init__(self, image_channels, widths, specs, image_size, bottleneck_ratio):
+    def __init__(self, image_channels, widths, specs, image_size, bottleneck_ratio, activation, network, n_groups):
         super().__init__()
-        self.widths = widths
-        self.stem = conv(image_channels, widths[image_size], 3)
+        self.widths, self.efficient = widths, network == "efficient"
+        self.stem = conv(image_channels, widths[image_size], 1 if self.efficient else 3)
         self.blocks = nn.ModuleList(
             ResBlock(
                 widths[s.resolution],
@@ -102,18 +107,34 @@ class Encoder(nn.Module):
                 widths[s.resolution],
                 s.resolution,
                 residual=True,
-                down_rate=s.down_rate,
+                down_rate=None if self.efficient else s.down_rate,
+                activation=activation,
             )
             for s in specs
         )
+        # Efficient-VDVAE scales every residual branch by the number of latent groups.
         for block in self.blocks:
-            block.scale_last(depth_scale(len(specs)))
+            block.scale_last(depth_scale(n_groups if self.efficient else len(specs)))
+        if self.efficient:
+            self.skips = nn.ModuleList(conv(widths[s.resolution], widths[s.resolution], 1) for s in specs)
+            self.pools = nn.ModuleDict(
+                {
+                    str(i): StridedPool(widths[s.resolution], widths[s.resolution // s.down_rate], s.down_rate)
+                    for i, s in enumerate(specs)
+                    if s.down_rate
+                }
+            )
 
     def forward(self, x, checkpointing=False):
         x = self.stem(x)
-        activations = {x.shape[-1]: x}
-        for block in self.blocks:
+        activations = {} if self.efficient else {x.shape[-1]: x}
+        for i, block in enumerate(self.blocks):
             x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
+            if self.efficient:
+                activations[i] = self.skips[i](x)
+                if str(i) in self.pools:
+                    x = self.pools[str(i)](x)
+                continue
             width = self.widths[x.shape[-1]]
             if x.shape[1] < width:
                 x = F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1]))
@@ -125,42 +146,71 @@ class DecoderBlock(nn.Module):
     """One top-down block: posterior q(z_t | z_<t, x), prior p(z_t | z_<t), z projection, ResBlock.
 
     A block with `latent=False` keeps only the ResBlock (used to upsample after the last group).
+    `heads` (Efficient-VDVAE's): the prior's ResBlock gives the residual and features of the same
+    width, the posterior's the width, and a 1x1 conv on each gives its (mean, scale); the prior's
+    last conv is not zeroed. `skip_key` names the encoder activation the posterior reads.
     """
 
-    def __init__(self, spec, width, zdim, bottleneck_ratio, n_blocks, latent=True, std="exp"):
+    def __init__(
+        self,
+        spec,
+        width,
+        zdim,
+        bottleneck_ratio,
+        depth,
+        latent=True,
+        std="exp",
+        activation="gelu",
+        heads=False,
+        skip_key=None,
+    ):
         super().__init__()
         self.resolution, self.mixin, self.zdim, self.latent = spec.resolution, spec.mixin, zdim, latent
-        self.softplus_std = std == "softplus"
+        self.softplus_std, self.heads, self.skip_key = std == "softplus", heads, skip_key
+        self.act = activation_fn(activation)
         mid = bottleneck(width, bottleneck_ratio)
+        block = functools.partial(ResBlock, resolution=spec.resolution, activation=activation)
+        if latent and heads:
+            self.posterior = block(2 * width, mid, width, residual=False)
+            self.prior = block(width, mid, 2 * width, residual=False)
+            self.posterior_head = conv(width, 2 * zdim, 1)
+            self.prior_head = conv(width, 2 * zdim, 1)
+        elif latent:
+            self.posterior = block(2 * width, mid, 2 * zdim, residual=False)
+            self.prior = block(width, mid, 2 * zdim + width, residual=False, zero_last=True)
         if latent:
-            self.posterior = ResBlock(2 * width, mid, 2 * zdim, spec.resolution, residual=False)
-            self.prior = ResBlock(width, mid, 2 * zdim + width, spec.resolution, residual=False, zero_last=True)
             self.z_proj = conv(zdim, width, 1)
             with torch.no_grad():
-                self.z_proj.weight.mul_(depth_scale(n_blocks))
-        self.resnet = ResBlock(width, mid, width, spec.resolution, residual=True)
-        self.resnet.scale_last(depth_scale(n_blocks))
+                self.z_proj.weight.mul_(depth_scale(depth))
+        self.resnet = block(width, mid, width, residual=True)
+        self.resnet.scale_last(depth_scale(depth))
 
     def forward(self, x, activation=None, z=None, temperature=1.0, use_mean=False, keep=None, choose=None):
-        """x: decoder state (N, W, R, R). With `activation` (the encoder's, passed through GELU)
+        """x: decoder state (N, W, R, R). With `activation` (the encoder's, passed through act)
         the latent comes from the posterior (its mean if `use_mean`), else `z` if given, else the
         prior at `temperature`. `keep` (zdim,) bool prunes the posterior's other variates: they are
         drawn from the prior instead and carry no KL. `choose(out)`, given, picks the latent itself
         from the group's distributions (bits-back coding draws it from an entropy coder)."""
         if not self.latent:
             return self.resnet(x), None
-        # Prior and posterior both open with GELU of the state: compute it once. The posterior's
-        # GELU(cat[x, a]) is cat[GELU(x), GELU(a)], and GELU(a) is shared by all blocks at R.
-        gelu_x = _as_conv_input(F.gelu(x))
-        p_mean, p_logstd, residual = self.prior(x, gelu_x).split([self.zdim, self.zdim, x.shape[1]], dim=1)
+        # Prior and posterior both open with the activation of the state: compute it once. The
+        # posterior's act(cat[x, a]) is cat[act(x), act(a)], and act(a) is shared by blocks reading a.
+        act_x = _as_conv_input(self.act(x))
+        if self.heads:
+            residual, features = self.prior(x, act_x).chunk(2, dim=1)
+            p_mean, p_logstd = self.prior_head(features).chunk(2, dim=1)
+        else:
+            p_mean, p_logstd, residual = self.prior(x, act_x).split([self.zdim, self.zdim, x.shape[1]], dim=1)
         # Latents and KL in fp32 also under autocast, like the likelihood (no-ops in fp32).
         p_mean, p_logstd = p_mean.float(), p_logstd.float()
         if self.softplus_std:
             p_logstd = softplus_logstd(p_logstd)
         out = GroupOutput(z=None, prior=(p_mean, p_logstd))
         if activation is not None:
-            posterior = self.posterior(None, torch.cat([gelu_x, activation], dim=1)).float()
-            q_mean, q_logstd = posterior.chunk(2, dim=1)
+            posterior = self.posterior(None, torch.cat([act_x, activation], dim=1))
+            if self.heads:
+                posterior = self.posterior_head(posterior)
+            q_mean, q_logstd = posterior.float().chunk(2, dim=1)
             if self.softplus_std:
                 q_logstd = softplus_logstd(q_logstd)
             out.posterior = (q_mean, q_logstd)
@@ -182,29 +232,60 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Top-down stack of DecoderBlocks over learned bias states, then a per-channel gain and bias."""
+    """Top-down stack of DecoderBlocks over learned bias states. Network "vdvae": blocks at R share
+    the encoder's activation at R, upsampling is nearest-neighbour, and a per-channel gain and bias
+    end it. Network "efficient": each block reads its paired encoder block's skip (`skip_keys`),
+    upsampling is learned, and there is no gain or bias."""
 
-    def __init__(self, widths, specs, image_size, zdim, bottleneck_ratio, no_bias_above, no_latent_above, std="exp"):
+    def __init__(
+        self,
+        widths,
+        specs,
+        image_size,
+        zdim,
+        bottleneck_ratio,
+        no_bias_above,
+        no_latent_above,
+        std="exp",
+        activation="gelu",
+        network="vdvae",
+        skip_keys=None,
+    ):
         super().__init__()
         self.widths, self.image_size = widths, image_size
+        efficient = network == "efficient"
+        latent = [no_latent_above is None or s.resolution <= no_latent_above for s in specs]
         self.blocks = nn.ModuleList(
             DecoderBlock(
                 s,
                 widths[s.resolution],
                 zdim,
                 bottleneck_ratio,
-                len(specs),
-                latent=no_latent_above is None or s.resolution <= no_latent_above,
+                sum(latent) if efficient else len(specs),
+                latent=has_latent,
                 std=std,
+                activation=activation,
+                heads=efficient,
+                skip_key=s.resolution if skip_keys is None else skip_keys[i],
             )
-            for s in specs
+            for i, (s, has_latent) in enumerate(zip(specs, latent, strict=True))
         )
         resolutions = sorted({s.resolution for s in specs})
         self.bias = nn.ParameterDict(
             {str(r): nn.Parameter(torch.zeros(1, widths[r], r, r)) for r in resolutions if r <= no_bias_above}
         )
-        self.out_gain = nn.Parameter(torch.ones(1, widths[image_size], 1, 1))
-        self.out_bias = nn.Parameter(torch.zeros(1, widths[image_size], 1, 1))
+        self.unpools = nn.ModuleDict(
+            {
+                str(i): LearnedUnpool(widths[s.mixin], widths[s.resolution], s.resolution, s.resolution // s.mixin)
+                for i, s in enumerate(specs)
+                if efficient and s.mixin is not None
+            }
+        )
+        if efficient:
+            self.out_gain = self.out_bias = None
+        else:
+            self.out_gain = nn.Parameter(torch.ones(1, widths[image_size], 1, 1))
+            self.out_bias = nn.Parameter(torch.zeros(1, widths[image_size], 1, 1))
 
     @property
     def n_groups(self):
@@ -231,9 +312,9 @@ class Decoder(nn.Module):
         temps = list(temperature) if isinstance(temperature, Sequence) else [temperature] * self.n_groups
         if len(temps) != self.n_groups:
             raise ValueError(f"got {len(temps)} temperatures for {self.n_groups} latent groups")
-        ref = self.out_gain
-        states, groups, gelu_activations = {}, [], {}
-        for block in self.blocks:
+        ref = self.blocks[0].resnet.conv_in.weight
+        states, groups, act_activations = {}, [], {}
+        for i, block in enumerate(self.blocks):
             r, w = block.resolution, self.widths[block.resolution]
             if r in states:
                 x = states[r]
@@ -241,13 +322,16 @@ class Decoder(nn.Module):
                 x = self.bias[str(r)].expand(n, -1, -1, -1)
             else:
                 x = ref.new_zeros(n, w, r, r)
-            if block.mixin is not None:
+            if str(i) in self.unpools:
+                x = x + self.unpools[str(i)](states[block.mixin])
+            elif block.mixin is not None:
                 x = x + F.interpolate(states[block.mixin][:, :w], scale_factor=r // block.mixin, mode="nearest")
             t = len(groups)
-            if activations is not None and block.latent and r not in gelu_activations:
-                gelu_activations[r] = _as_conv_input(F.gelu(activations[r]))
+            key = block.skip_key
+            if activations is not None and block.latent and key not in act_activations:
+                act_activations[key] = _as_conv_input(block.act(activations[key]))
             kwargs = dict(
-                activation=gelu_activations.get(r),
+                activation=act_activations.get(key),
                 z=latents[t] if block.latent and t < len(latents) else None,
                 temperature=temps[t] if block.latent else 1.0,
                 use_mean=use_mean,
@@ -261,7 +345,8 @@ class Decoder(nn.Module):
             states[r] = x
             if out is not None:
                 groups.append(out if keep_distributions else GroupOutput(z=out.z, prior=None, kl=out.kl))
-        return states[self.image_size] * self.out_gain + self.out_bias, groups
+        h = states[self.image_size]
+        return (h if self.out_gain is None else h * self.out_gain + self.out_bias), groups
 
 
 class VAE(nn.Module):
@@ -285,6 +370,12 @@ class VAE(nn.Module):
             paper's) or "softplus" (std = softplus(ln2 * output) / ln2, Efficient-VDVAE's).
         min_log_scale: floor on the mixture's logistic log-scales (-7, the paper's; Efficient-VDVAE: -250).
         mixture_std: the mixture's scales as "exp" (of the head's output, the paper's) or "softplus" (as `std`).
+        activation: "gelu" (the paper's) or "silu" (Efficient-VDVAE's).
+        network: "vdvae" (the paper's blocks) or "efficient" (Efficient-VDVAE's, Hazami et al. 2022): a 1x1
+            stem; each encoder block sends a 1x1-projected skip to its mirror decoder block (the decoder's
+            `RrN` blocks reuse the skip before them); strided-conv pooling and learned unpooling, each with
+            LeakyReLU(0.1); separate 1x1 heads for the prior's and posterior's (mean, scale); residual
+            branches scaled by the number of groups; no output gain and bias.
     """
 
     def __init__(
@@ -307,21 +398,40 @@ class VAE(nn.Module):
         std: str = "exp",
         min_log_scale: float = -7.0,
         mixture_std: str = "exp",
+        activation: str = "gelu",
+        network: str = "vdvae",
     ):
         super().__init__()
         if std not in ("exp", "softplus"):
             raise ValueError(f"std must be 'exp' (the paper's) or 'softplus' (Efficient-VDVAE's), got {std!r}")
+        if network not in ("vdvae", "efficient"):
+            raise ValueError(f"network must be 'vdvae' (the paper's) or 'efficient' (Efficient-VDVAE's): {network!r}")
+        activation_fn(activation)
         enc_specs = parse_block_string(enc_blocks, "encoder")
         dec_specs = parse_block_string(dec_blocks, "decoder")
         resolutions = {image_size} | {s.resolution for s in enc_specs + dec_specs}
         resolutions |= {s.resolution // s.down_rate for s in enc_specs if s.down_rate}
         widths = widths_by_resolution(width, custom_widths, resolutions)
-        _check_architecture(image_size, widths, enc_specs, dec_specs, zdim, no_latent_above)
+        _check_architecture(image_size, widths, enc_specs, dec_specs, zdim, no_latent_above, network)
+        skip_keys = mirrored_skips(enc_specs, dec_specs) if network == "efficient" else None
+        n_groups = sum(no_latent_above is None or s.resolution <= no_latent_above for s in dec_specs)
         self.image_size, self.image_channels = image_size, image_channels
         self.checkpointing, self.channels_last = checkpointing, channels_last
-        self.encoder = Encoder(image_channels, widths, enc_specs, image_size, bottleneck_ratio)
+        self.encoder = Encoder(
+            image_channels, widths, enc_specs, image_size, bottleneck_ratio, activation, network, n_groups
+        )
         self.decoder = Decoder(
-            widths, dec_specs, image_size, zdim, bottleneck_ratio, no_bias_above, no_latent_above, std
+            widths,
+            dec_specs,
+            image_size,
+            zdim,
+            bottleneck_ratio,
+            no_bias_above,
+            no_latent_above,
+            std,
+            activation,
+            network,
+            skip_keys,
         )
         if likelihood == "dmol":
             self.likelihood = DiscretizedMixtureLogistics(
@@ -405,7 +515,23 @@ class VAE(nn.Module):
         return self.decode(latents[: self.n_groups if k is None else k], temperature, mode, n=x.shape[0])
 
 
-def _check_architecture(image_size, widths, enc_specs, dec_specs, zdim, no_latent_above):
+def mirrored_skips(enc_specs, dec_specs) -> list[int]:
+    """For each decoder block, the index of the encoder block whose skip it reads (Efficient-VDVAE's
+    pairing): at each resolution the decoder's blocks take the encoder's in reverse order, and `RrN`
+    blocks take the skip of the block before them."""
+    unused = {}
+    for i, s in enumerate(enc_specs):
+        unused.setdefault(s.resolution, []).append(i)
+    keys = []
+    for s in dec_specs:
+        if s.reuses_skip:
+            keys.append(keys[-1])
+        else:
+            keys.append(unused[s.resolution].pop())
+    return keys
+
+
+def _check_architecture(image_size, widths, enc_specs, dec_specs, zdim, no_latent_above, network="vdvae"):
     """Fail at construction, naming the problem, if the block strings cannot form a VDVAE."""
     if zdim < 1:
         raise ValueError(f"zdim must be positive, got {zdim}")
@@ -420,7 +546,7 @@ def _check_architecture(image_size, widths, enc_specs, dec_specs, zdim, no_laten
             if res % s.down_rate:
                 raise ValueError(f"encoder: resolution {res} is not divisible by the pool factor {s.down_rate}")
             res //= s.down_rate
-            if widths[res] < widths[s.resolution]:
+            if network == "vdvae" and widths[res] < widths[s.resolution]:
                 raise ValueError(
                     f"custom widths: width {widths[res]} at resolution {res} is below {widths[s.resolution]} at "
                     f"{s.resolution}; encoder channels can only grow (they are zero-padded)"
@@ -444,5 +570,25 @@ def _check_architecture(image_size, widths, enc_specs, dec_specs, zdim, no_laten
         decoded.add(s.resolution)
     if dec_specs[-1].resolution != image_size:
         raise ValueError(f"decoder ends at resolution {dec_specs[-1].resolution} but image_size is {image_size}")
+    if network == "efficient":
+        _check_mirrored(enc_specs, dec_specs)
     if not any(no_latent_above is None or s.resolution <= no_latent_above for s in dec_specs):
         raise ValueError(f"no_latent_above={no_latent_above} leaves the decoder without a latent group")
+
+
+def _check_mirrored(enc_specs, dec_specs):
+    """Per-block skips pair the decoder's blocks with the encoder's, one to one at each resolution."""
+    previous = None
+    for s in dec_specs:
+        if s.reuses_skip and previous != s.resolution:
+            raise ValueError(f"decoder block {s.resolution}rN: no block at {s.resolution} before it to share a skip")
+        previous = s.resolution
+    resolutions = {s.resolution for s in enc_specs + dec_specs}
+    for r in sorted(resolutions, reverse=True):
+        n_enc = sum(s.resolution == r for s in enc_specs)
+        n_dec = sum(s.resolution == r and not s.reuses_skip for s in dec_specs)
+        if n_enc != n_dec:
+            raise ValueError(
+                f"network=efficient pairs encoder and decoder blocks: at resolution {r} the encoder has {n_enc} "
+                f"blocks but the decoder {n_dec} (not counting RrN blocks, which reuse a skip)"
+            )
