@@ -9,6 +9,18 @@ from vdvae import bench
 from vdvae.model import VAE
 
 
+CHANGED = "fp32-ckpt+batch=2+model.vae.activation=silu"
+
+
+def test_configs_carry_a_batch_size_and_model_overrides():
+    assert bench.parse_config(CHANGED) == ("fp32-ckpt", 2, ["model.vae.activation=silu"])
+    assert bench.parse_config("bf16-cl") == ("bf16-cl", None, [])
+    with pytest.raises(ValueError, match="unknown config 'fp16'"):
+        bench.parse_config("fp16+batch=2")
+    with pytest.raises(ValueError, match="'batch=0' is neither batch=N nor a model.KEY=VALUE override"):
+        bench.parse_config("fp32+batch=0")
+
+
 @pytest.mark.slow
 def test_bench_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
@@ -23,7 +35,7 @@ def test_bench_writes_every_figure(tmp_path):
             "--configs",
             "fp32",
             "bf16-cl",
-            "fp32-ckpt",
+            CHANGED,
             "--steps",
             "2",
             "--warmup",
@@ -37,7 +49,8 @@ def test_bench_writes_every_figure(tmp_path):
     hparams = bench.model_hparams("tiny")
     model = VAE(**hparams["vae"])
     n_params = sum(p.numel() for p in model.parameters())
-    assert set(report["results"]) == {"fp32", "bf16-cl", "fp32-ckpt"}
+    assert set(report["results"]) == {"fp32", "bf16-cl", CHANGED}
+    assert report["results"][CHANGED]["batch"] == 2 and report["results"]["fp32"]["batch"] == 4
     for result in report["results"].values():
         for key in (
             "train_images_per_s",

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from tests.conftest import TINY_VAE, build_model
 from tests.run_helpers import TINY_RUN, LastCheckpointProbe, run_in_process
 from vdvae import VDVAEModule
+from vdvae.config import route_library_logs
 
 
 def val_bpd(run_dir):
@@ -105,6 +106,7 @@ def test_nan_and_huge_gradient_batches_are_skipped_and_counted():
 
 
 def test_a_run_that_skips_every_update_stops_with_a_message(tmp_path):
+    route_library_logs()  # as train() does, before pytest.warns records (else the warning goes to logging)
     with pytest.warns(UserWarning, match="3 consecutive updates skipped"):
         with pytest.raises(RuntimeError, match="consecutive updates were skipped.*model.skip_threshold"):
             run_in_process(

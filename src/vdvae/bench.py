@@ -4,6 +4,9 @@ original VDVAE code from a local copy (never part of this package).
 
     python -m vdvae.bench --preset cifar10 --batch 8 --device cpu --configs fp32 fp32-cl bf16-cl --out bench.json
     python -m vdvae.bench ... --original /path/to/openai-vdvae     # adds the "original" config
+    python -m vdvae.bench --preset small --batch 32 --configs fp32-cl fp32-cl+model.vae.activation=silu+batch=64
+
+A config may carry `+`-joined changes: `batch=N` (its own batch size) or a `model.` override.
 
 A training step is the real one: Lightning, the data pipeline (uint8 to the device, preprocessing
 there), forward, backward, clipping, the skip decision, AdamW and the EMA. Every config runs in its
@@ -191,12 +194,30 @@ def timed(fn, device, repeats, warmup=1, reduce=statistics.median):
     return reduce(times[warmup:] or times)
 
 
-def run_ours(args, name, device, train_only=False):
+def parse_config(spec: str) -> tuple[str, int | None, list[str]]:
+    """"fp32-cl+batch=64+model.vae.activation=silu" -> ("fp32-cl", 64, ["model.vae.activation=silu"])."""
+    name, *changes = spec.split("+")
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r} in {spec!r}; choose from {', '.join(CONFIGS)}")
+    batch, overrides = None, []
+    for change in changes:
+        if change.startswith("batch=") and change[6:].isdigit() and int(change[6:]) > 0:
+            batch = int(change[6:])
+        elif change.startswith("model.") and "=" in change:
+            overrides.append(change)
+        else:
+            raise ValueError(f"config {spec!r}: {change!r} is neither batch=N nor a model.KEY=VALUE override")
+    return name, batch, overrides
+
+
+def run_ours(args, spec, device, train_only=False):
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
     from vdvae.lit_module import VDVAEModule
 
+    name, batch, overrides = parse_config(spec)
+    args.batch = batch or args.batch
     precision, channels_last, compile_, checkpointing = CONFIGS[name]
     hparams = model_hparams(
         args.preset,
@@ -204,6 +225,7 @@ def run_ours(args, name, device, train_only=False):
             f"model.vae.channels_last={channels_last}",
             f"model.vae.checkpointing={checkpointing}",
             f"model.compile={compile_}",
+            *overrides,
         ],
     )
     torch.manual_seed(0)
@@ -232,6 +254,7 @@ def run_ours(args, name, device, train_only=False):
     trainer.fit(module, datamodule=data)
     step = statistics.median(timer.times[args.warmup :])
     result = {
+        "batch": args.batch,
         "train_images_per_s": args.batch / step,
         "train_step_s": step,
         "skipped": int(module.skipped_steps),
@@ -346,7 +369,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--configs", nargs="+", default=["fp32", "fp32-cl", "bf16-cl", "fp32-ckpt"], help=f"any of {', '.join(CONFIGS)}"
+        "--configs",
+        nargs="+",
+        default=["fp32", "fp32-cl", "bf16-cl", "fp32-ckpt"],
+        help=f"any of {', '.join(CONFIGS)}, each with optional +batch=N and +model.KEY=VALUE changes",
     )
     parser.add_argument("--original", help="a local copy of openai/vdvae: adds the 'original' config")
     parser.add_argument("--steps", type=int, default=5)
@@ -363,9 +389,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.single:
         return run_one(args)
-    unknown = [c for c in args.configs if c not in CONFIGS]
-    if unknown:
-        parser.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    for spec in args.configs:
+        try:
+            parse_config(spec)
+        except ValueError as err:
+            parser.error(str(err))
     if args.original and model_hparams(args.preset)["vae"]["image_channels"] != 3:
         parser.error(f"--original runs the original code, which models RGB images only; {args.preset} is not RGB")
     names = (["original"] if args.original else []) + args.configs

@@ -44,6 +44,10 @@ def kl_balance(kl: torch.Tensor, group_variates: torch.Tensor) -> torch.Tensor:
     return len(per_variate) * per_variate / per_variate.sum().clamp(min=torch.finfo(per_variate.dtype).tiny)
 
 
+class TrainingStalled(RuntimeError):
+    """Training stopped because every update in a row was skipped; the message says what to change."""
+
+
 class VDVAEModule(LightningModule):
     def __init__(
         self,
@@ -68,7 +72,10 @@ class VDVAEModule(LightningModule):
         decay_start: int | None = None,
         kl_warmup_steps: int = 0,
         kl_balancing_steps: int = 0,
+        data_config: dict | None = None,
     ):
+        """`data_config`: the data module's config, stored in checkpoints (not in the hyperparameters) so
+        that evaluation and sampling find the data the model was trained on."""
         super().__init__()
         if optimizer not in ("adamw", "adamax"):
             raise ValueError(
@@ -76,7 +83,8 @@ class VDVAEModule(LightningModule):
             )
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"model.lr_schedule must be constant or cosine, got {lr_schedule!r}")
-        self.save_hyperparameters(logger=False)  # the loggers get the whole run config once, from train()
+        # The loggers get the whole run config once, from train().
+        self.save_hyperparameters(ignore=["data_config"], logger=False)
         # As in the original, -1 (or null) turns the norm-based skip off; non-finite updates are always skipped.
         self.skips_on_norm = skip_threshold is not None and skip_threshold != -1
         self.automatic_optimization = False  # the skip decision sits between backward and step
@@ -91,8 +99,8 @@ class VDVAEModule(LightningModule):
         self.test_elbo = ELBOMetric(self.vae.n_groups)
         self.iw_samples, self.iw_chunk, self.test_iw, self.test_active_units = 0, 64, None, None
         self.variate_masks = None
-        self.data_config = None  # stored in checkpoints, so that evaluation can find the data
-        self.stall_message, self._stall_warned = None, False
+        self.data_config = data_config
+        self._stalled, self._stall_warned = None, False
         self._restored_rng = None
 
     def configure_model(self):
@@ -219,13 +227,17 @@ class VDVAEModule(LightningModule):
                 f"{h.skip_threshold}); training makes no progress while this lasts"
             )
         if n >= h.max_consecutive_skips:
-            self.stall_message = (
+            self._stalled = (
                 f"stopped: {n} consecutive updates were skipped (last grad norm {float(grad_norm):.1f}, "
                 f"model.skip_threshold={h.skip_threshold}). Raise model.skip_threshold, lower model.lr, or resume "
                 f"from an earlier checkpoint; model.max_consecutive_skips={h.max_consecutive_skips} sets this limit."
             )
-            log.error(self.stall_message)
-            self.trainer.should_stop = True
+            log.error(self._stalled)
+            self.trainer.should_stop = True  # the last state is saved as the run ends, then on_train_end raises
+
+    def on_train_end(self):
+        if self._stalled:
+            raise TrainingStalled(self._stalled)
 
     def _evaluate(self, batch, batch_idx, metric, variate_masks=None):
         x, target = batch

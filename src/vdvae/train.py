@@ -48,8 +48,9 @@ def train(cfg: DictConfig) -> float | None:
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             datamodule.prepare_data()
         datamodule.setup("fit")  # missing or corrupt data fails here, before any output is written
-        module = instantiate(cfg.model)
-        module.data_config = OmegaConf.to_container(cfg.data, resolve=True)
+        # Not recursive: the data config is stored as plain values, not instantiated.
+        data_config = OmegaConf.to_container(cfg.data, resolve=True)
+        module = instantiate(cfg.model, data_config=data_config, _recursive_=False)
         resumed = check_resume(ckpt_path, module) if ckpt_path else None
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = loggers_from_config(cfg.get("logger"), resumed)
@@ -74,8 +75,6 @@ def train(cfg: DictConfig) -> float | None:
             requeue.requeue()
         log.error("stopped by SIGTERM; exit status %d", SIGTERM_EXIT_CODE)
         raise SystemExit(SIGTERM_EXIT_CODE) from None
-    if module.stall_message:
-        raise RuntimeError(module.stall_message)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
