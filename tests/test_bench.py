@@ -8,7 +8,6 @@ import torch
 from vdvae import bench
 from vdvae.model import VAE
 
-
 CHANGED = "fp32-ckpt+batch=2+model.vae.activation=silu"
 
 

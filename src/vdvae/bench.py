@@ -195,7 +195,7 @@ def timed(fn, device, repeats, warmup=1, reduce=statistics.median):
 
 
 def parse_config(spec: str) -> tuple[str, int | None, list[str]]:
-    """"fp32-cl+batch=64+model.vae.activation=silu" -> ("fp32-cl", 64, ["model.vae.activation=silu"])."""
+    """ "fp32-cl+batch=64+model.vae.activation=silu" -> ("fp32-cl", 64, ["model.vae.activation=silu"])."""
     name, *changes = spec.split("+")
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r} in {spec!r}; choose from {', '.join(CONFIGS)}")
