@@ -75,15 +75,23 @@ def check_resume(path, module) -> dict:
     return checkpoint
 
 
-def load_module(path) -> tuple[VDVAEModule, dict]:
-    """The VDVAEModule stored in a checkpoint (in eval mode), and the checkpoint itself."""
+def load_module(path, **evaluation) -> tuple[VDVAEModule, dict]:
+    """The VDVAEModule stored in a checkpoint (in eval mode), and the checkpoint itself; `evaluation`: the
+    module's test-set extras (iw_samples, iw_chunk, active_units, variate_masks)."""
     checkpoint = load_checkpoint(path)
+    return module_from_checkpoint(checkpoint, path, **evaluation), checkpoint
+
+
+def module_from_checkpoint(checkpoint: dict, path, **evaluation) -> VDVAEModule:
+    """The VDVAEModule of a checkpoint read by `load_checkpoint` (in eval mode); `path` names it in errors."""
+    if set(evaluation) & set(checkpoint["hyper_parameters"]):
+        raise CheckpointError(f"{path}: its hyperparameters hold evaluation options ({sorted(evaluation)})")
     try:
-        module = VDVAEModule(**checkpoint["hyper_parameters"])
+        module = VDVAEModule(**checkpoint["hyper_parameters"], **evaluation)
     except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: its hyperparameters do not describe a model: {str(error)[:300]}") from error
     mismatch = state_mismatch(module.state_dict(), checkpoint["state_dict"])
     if mismatch:
         raise CheckpointError(f"{path}: its weights do not fit the model its hyperparameters describe ({mismatch})")
     module.load_state_dict(checkpoint["state_dict"])
-    return module.eval(), checkpoint
+    return module.eval()

@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vdvae.checkpoints import CheckpointError, load_module
+from vdvae.checkpoints import CheckpointError, load_module, module_from_checkpoint
 from vdvae.config import check_model_and_data, no_run_dir_on_failure, route_library_logs
 from vdvae.data import ImageDataModule, data_module_from_config
 from vdvae.data.base import first_images
@@ -61,7 +61,8 @@ def evaluate(cfg: DictConfig) -> dict:
         check_model_and_data(module.hparams.vae, data)
         datamodule.setup("test")
     masks = pruned_variates(module, datamodule, cfg.prune_quantile, cfg.prune_images) if cfg.prune_quantile else None
-    module.enable_evaluation(cfg.iw_samples, cfg.iw_chunk, cfg.active_units, masks)
+    extras = dict(iw_samples=cfg.iw_samples, iw_chunk=cfg.iw_chunk, active_units=cfg.active_units, variate_masks=masks)
+    module = module_from_checkpoint(checkpoint, cfg.ckpt_path, **extras)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)

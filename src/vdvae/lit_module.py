@@ -73,9 +73,16 @@ class VDVAEModule(LightningModule):
         kl_warmup_steps: int = 0,
         kl_balancing_steps: int = 0,
         data_config: dict | None = None,
+        iw_samples: int = 0,
+        iw_chunk: int = 64,
+        active_units: bool = False,
+        variate_masks: list | None = None,
     ):
         """`data_config`: the data module's config, stored in checkpoints (not in the hyperparameters) so
-        that evaluation and sampling find the data the model was trained on."""
+        that evaluation and sampling find the data the model was trained on. The test set's extras (not
+        hyperparameters either): `iw_samples` > 0 adds the importance-weighted bound with that many samples
+        (`iw_chunk` at a time), `active_units` counts them per group, and `variate_masks` (one bool (zdim,)
+        tensor per group, vdvae.pruning) makes the test ELBO keep only those posterior variates."""
         super().__init__()
         if optimizer not in ("adamw", "adamax"):
             raise ValueError(
@@ -84,7 +91,9 @@ class VDVAEModule(LightningModule):
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"model.lr_schedule must be constant or cosine, got {lr_schedule!r}")
         # The loggers get the whole run config once, from train().
-        self.save_hyperparameters(ignore=["data_config"], logger=False)
+        self.save_hyperparameters(
+            ignore=["data_config", "iw_samples", "iw_chunk", "active_units", "variate_masks"], logger=False
+        )
         # As in the original, -1 (or null) turns the norm-based skip off; non-finite updates are always skipped.
         self.skips_on_norm = skip_threshold is not None and skip_threshold != -1
         self.automatic_optimization = False  # the skip decision sits between backward and step
@@ -97,8 +106,10 @@ class VDVAEModule(LightningModule):
         self.register_buffer("consecutive_skips", torch.zeros((), dtype=torch.long))
         self.val_elbo = ELBOMetric(self.vae.n_groups)
         self.test_elbo = ELBOMetric(self.vae.n_groups)
-        self.iw_samples, self.iw_chunk, self.test_iw, self.test_active_units = 0, 64, None, None
-        self.variate_masks = None
+        self.iw_samples, self.iw_chunk, self.variate_masks = iw_samples, iw_chunk, variate_masks
+        self.test_iw = IWMetric() if iw_samples else None
+        sizes = [z * h * w for z, h, w in self.vae.latent_shapes]
+        self.test_active_units = ActiveUnits(sizes) if active_units else None
         self.data_config = data_config
         self._stalled, self._stall_warned = None, False
         self._restored_rng = None
@@ -244,15 +255,6 @@ class VDVAEModule(LightningModule):
         # Evaluation noise is fixed per batch and does not disturb the training RNG stream.
         with seeded(self.device, self.hparams.eval_seed + batch_idx):
             metric.update(self.ema(x, target, variate_masks=variate_masks))
-
-    def enable_evaluation(self, iw_samples: int = 0, iw_chunk: int = 64, active_units: bool = True, variate_masks=None):
-        """Also compute, on the test set, the K-sample importance-weighted bound and active units; with
-        `variate_masks` (vdvae.pruning), the test ELBO keeps only those posterior variates."""
-        self.iw_samples, self.iw_chunk, self.variate_masks = iw_samples, iw_chunk, variate_masks
-        self.test_iw = IWMetric() if iw_samples else None
-        sizes = [z * h * w for z, h, w in self.vae.latent_shapes]
-        self.test_active_units = ActiveUnits(sizes) if active_units else None
-        return self
 
     def on_test_start(self):
         if self.variate_masks is not None:
