@@ -21,7 +21,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check src tests *.py
 
-# The quick start: a small VDVAE on Fashion-MNIST (~15 minutes on 2 CPU cores).
+# The quick start: a small VDVAE on Fashion-MNIST on the CPU (its time and figures: README).
 train: install fashion-mnist
 	$(PY) train.py
 

@@ -14,7 +14,7 @@ import torch
 from tests.conftest import DATA, ROOT, build_model, perturb_, random_batch
 from tests.run_helpers import TINY_RUN, run_in_process
 from vdvae.checkpoints import CheckpointError, load_module
-from vdvae.evaluation import iw_bound, log_weights
+from vdvae.evaluation import ActiveUnits, IWMetric, iw_bound, log_weights
 
 EXPECTED = json.loads((DATA / "expected.json").read_text())
 
@@ -42,6 +42,22 @@ def test_iw_with_one_sample_is_the_single_sample_elbo():
     with torch.no_grad():
         mc = log_weights(model, x, target)
     torch.testing.assert_close(iw1, mc)
+
+
+def test_iw_metric_and_active_units_agree_with_torch_mean_std_and_var():
+    gen = torch.Generator().manual_seed(0)
+    values = 100 + torch.randn(37, generator=gen)  # an offset that a one-pass variance must survive
+    metric = IWMetric()
+    for chunk in values.split(10):
+        metric.update(chunk)
+    mean, stderr = metric.compute()
+    torch.testing.assert_close(mean, values.double().mean())
+    torch.testing.assert_close(stderr, values.double().std() / math.sqrt(37))
+    means = [torch.randn(9, 2, 3, 3, generator=gen) * torch.tensor([0.05, 1.0]).view(1, 2, 1, 1)]
+    units = ActiveUnits([9, 9], threshold=0.01)  # two groups: the quiet channel, then the loud one
+    units.update(means)
+    expected = (means[0].flatten(1).double().var(dim=0) > 0.01).view(2, 9).sum(1)
+    assert units.compute().tolist() == expected.tolist() and expected[1] == 9
 
 
 def test_iw_bound_is_above_the_elbo_and_grows_with_k():

@@ -192,39 +192,3 @@ class LoggerRunIds(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 checkpoint["wandb_run_id"] = logger.version
-
-
-class BpdCurve(Callback):
-    """Validation (and running training) bits/dim against the step, plotted after every validation."""
-
-    def __init__(self, dirpath: str):
-        self.dirpath, self.steps, self.val, self.train = Path(dirpath), [], [], []
-
-    def on_validation_end(self, trainer, module):
-        metrics = trainer.callback_metrics
-        if trainer.sanity_checking or "val/bpd" not in metrics:
-            return
-        self.steps.append(trainer.global_step)
-        self.val.append(float(metrics["val/bpd"]))
-        self.train.append(float(metrics.get("train/bpd", float("nan"))))
-        self.write(trainer)
-
-    @rank_zero_only
-    def write(self, trainer):
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(self.steps, self.train, "o-", label="train (last step, online weights)")
-        ax.plot(self.steps, self.val, "o-", label="validation (EMA weights)")
-        ax.set(xlabel="step", ylabel="bits per dim (negative ELBO)")
-        ax.legend()
-        fig.tight_layout()
-        path = self.dirpath / "bpd_curve.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        log_image(trainer, "val/bpd_curve", path)
-
-    def state_dict(self):
-        return {"steps": self.steps, "val": self.val, "train": self.train}
-
-    def load_state_dict(self, state):
-        self.steps, self.val, self.train = state["steps"], state["val"], state["train"]

@@ -47,50 +47,52 @@ def iw_bound(vae: VAE, x, target, k: int, chunk: int = 64):
     return torch.logsumexp(weights, dim=0) - math.log(k)
 
 
-class ActiveUnits(Metric):
-    """Per group: how many latent dimensions have Var_x[E_q z] above `threshold` (sums: exact over devices)."""
+class RunningMoments(Metric):
+    """Sums of values and their squares over images, per element of `shape` (float64; exact over devices)."""
 
     full_state_update = False
 
-    def __init__(self, group_sizes: list[int], threshold: float = 0.01, **kwargs):
+    def __init__(self, shape=(), **kwargs):
         super().__init__(**kwargs)
-        self.group_sizes, self.threshold = list(group_sizes), threshold
-        total = sum(self.group_sizes)
-        self.add_state("sum", torch.zeros(total, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("sum_sq", torch.zeros(total, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("sum", "sum_sq"):
+            self.add_state(name, torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
+    def update(self, values):
+        """values: (N, *shape), one row per image."""
+        values = values.double()
+        self.sum += values.sum(0)
+        self.sum_sq += (values**2).sum(0)
+        self.count += values.shape[0]
+
+    def moments(self):
+        """The mean and the unbiased variance over the images seen."""
+        n = self.count
+        mean = self.sum / n.clamp(min=1)
+        return mean, ((self.sum_sq - n * mean**2) / (n - 1).clamp(min=1)).clamp(min=0)
+
+
+class ActiveUnits(RunningMoments):
+    """Per group: how many latent dimensions have Var_x[E_q z] above `threshold`."""
+
+    def __init__(self, group_sizes: list[int], threshold: float = 0.01, **kwargs):
+        super().__init__((sum(group_sizes),), **kwargs)
+        self.group_sizes, self.threshold = list(group_sizes), threshold
+
     def update(self, means: list):
-        flat = torch.cat([m.flatten(1) for m in means], dim=1).double()  # (N, total dims)
-        self.sum += flat.sum(0)
-        self.sum_sq += (flat**2).sum(0)
-        self.count += flat.shape[0]
+        super().update(torch.cat([m.flatten(1) for m in means], dim=1))  # (N, total dims)
 
     def compute(self):
-        n = self.count.clamp(min=2)
-        variance = (self.sum_sq - self.sum**2 / n) / (n - 1)
-        active = (variance > self.threshold).split(self.group_sizes)
+        active = (self.moments()[1] > self.threshold).split(self.group_sizes)
         return torch.stack([a.sum() for a in active])
 
 
-class IWMetric(Metric):
+class IWMetric(RunningMoments):
     """Mean and standard error of a per-image bound (nats per image)."""
 
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        for name in ("sum", "sum_sq", "count"):
-            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
     def update(self, values):
-        values = values.double()
-        self.sum += values.sum()
-        self.sum_sq += (values**2).sum()
-        self.count += values.numel()
+        super().update(values.flatten())
 
     def compute(self):
-        n = self.count.clamp(min=2)
-        mean = self.sum / n
-        variance = (self.sum_sq - n * mean**2) / (n - 1)
-        return mean, (variance.clamp(min=0) / n).sqrt()
+        mean, variance = self.moments()
+        return mean, (variance / self.count.clamp(min=1)).sqrt()

@@ -301,7 +301,7 @@ class VDVAEModule(LightningModule):
                 sync_dist=True,
             )
         if self.test_active_units is not None:
-            active = self.test_active_units.compute()
+            active = self.test_active_units.compute().reshape(-1)  # torchmetrics squeezes a one-group vector
             self.test_active_units.reset()
             self.log_dict({f"test/active_units/group_{t:02d}": a.float() for t, a in enumerate(active)}, sync_dist=True)
             self.log("test/active_units_total", active.sum().float(), sync_dist=True)
