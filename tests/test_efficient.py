@@ -95,6 +95,9 @@ def test_cosine_decay_reaches_its_floor_after_warmup():
     module.hparams.decay_start, module.hparams.decay_steps = 40, None  # Efficient-VDVAE holds the peak first
     assert [factor(s) for s in (10, 25, 40)] == [1.0, 1.0, 1.0]
     assert factor(75) == pytest.approx(0.6) and factor(110) == pytest.approx(0.2)  # halfway over 70 steps
+    module.hparams.decay_start, module._trainer = None, SimpleNamespace(max_steps=5)  # ends within warm-up
+    module.configure_optimizers()  # a run too short to reach the cosine is no error
+    assert factor(3) == pytest.approx(0.3)
     module.hparams.decay_steps, module._trainer = None, SimpleNamespace(max_steps=-1)
     with pytest.raises(ValueError, match="needs model.decay_steps or a trainer.max_steps"):
         module.configure_optimizers()  # before training starts

@@ -151,11 +151,13 @@ class VDVAEModule(LightningModule):
         return max(self.hparams.warmup_steps, 1, self.hparams.decay_start or 0)
 
     def _decay_steps(self) -> int:
-        """The cosine's length: `decay_steps`, or the updates after its start up to `trainer.max_steps`."""
-        decay = self.hparams.decay_steps or self.trainer.max_steps - self._decay_start()
-        if decay <= 0:
-            raise ValueError("model.lr_schedule=cosine needs model.decay_steps or a trainer.max_steps above warm-up")
-        return decay
+        """The cosine's length: `decay_steps`, or the updates after its start up to `trainer.max_steps` (at
+        least 1: a run that ends before the cosine starts never reaches it)."""
+        if self.hparams.decay_steps:
+            return self.hparams.decay_steps
+        if self.trainer.max_steps < 0:
+            raise ValueError("model.lr_schedule=cosine needs model.decay_steps or a trainer.max_steps")
+        return max(1, self.trainer.max_steps - self._decay_start())
 
     def training_step(self, batch, batch_idx):
         x, target = batch
