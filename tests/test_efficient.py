@@ -13,7 +13,8 @@ from tests.conftest import TINY_VAE, perturb_, random_batch
 from tests.test_train import fit_on_batches
 from vdvae import VAE, VDVAEModule
 from vdvae.lit_module import kl_balance
-from vdvae.model.likelihoods import DiscretizedMixtureLogistics, gaussian_kl, softplus_logstd
+from vdvae.model.distributions import gaussian_kl, softplus_logstd
+from vdvae.model.likelihoods import DiscretizedMixtureLogistics
 
 
 def test_softplus_std_is_its_definition_and_gives_torch_distributions_kl():

@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from vdvae.model.likelihoods import Bernoulli, DiscretizedMixtureLogistics, gaussian_kl
+from vdvae.model.distributions import gaussian_kl
+from vdvae.model.likelihoods import Bernoulli, DiscretizedMixtureLogistics
 
 
 def test_gaussian_kl_matches_torch_distributions():

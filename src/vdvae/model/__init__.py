@@ -1,4 +1,4 @@
-"""The VDVAE model: blocks, likelihoods and the hierarchical VAE."""
+"""The VDVAE model: blocks, latent distributions, likelihoods and the hierarchical VAE."""
 
 from vdvae.model.vae import ELBO, VAE, NonFiniteOutputError
 

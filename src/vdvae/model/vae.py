@@ -26,14 +26,8 @@ from vdvae.model.blocks import (
     parse_block_string,
     widths_by_resolution,
 )
-from vdvae.model.likelihoods import (
-    Bernoulli,
-    DiscretizedMixtureLogistics,
-    gaussian_kl,
-    gaussian_sample,
-    nats_to_bits,
-    softplus_logstd,
-)
+from vdvae.model.distributions import gaussian_kl, gaussian_sample, softplus_logstd
+from vdvae.model.likelihoods import Bernoulli, DiscretizedMixtureLogistics, nats_to_bits
 
 
 class NonFiniteOutputError(FloatingPointError):
