@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import compose_config, random_batch
+from tests.conftest import TINY_VAE, compose_config, random_batch
 from vdvae import VAE
 from vdvae.model.blocks import parse_block_string
 from vdvae.model.vae import mirrored_skips
@@ -133,13 +133,8 @@ def test_paper_presets_keep_the_paper_network():
 
 
 TINY_EFFICIENT = dict(
-    image_size=8,
-    image_channels=1,
-    width=16,
-    zdim=4,
-    enc_blocks="8x1,8d2,4x1,4d4,1x1",
+    TINY_VAE,
     dec_blocks="1x1,4m1,4r1,4x1,8m4,8x1",
-    num_mixtures=3,
     no_bias_above=1,
     std="softplus",
     mixture_std="softplus",

@@ -84,8 +84,6 @@ def load_module(path, **evaluation) -> tuple[VDVAEModule, dict]:
 
 def module_from_checkpoint(checkpoint: dict, path, **evaluation) -> VDVAEModule:
     """The VDVAEModule of a checkpoint read by `load_checkpoint` (in eval mode); `path` names it in errors."""
-    if set(evaluation) & set(checkpoint["hyper_parameters"]):
-        raise CheckpointError(f"{path}: its hyperparameters hold evaluation options ({sorted(evaluation)})")
     try:
         module = VDVAEModule(**checkpoint["hyper_parameters"], **evaluation)
     except (TypeError, ValueError, KeyError) as error:

@@ -54,15 +54,16 @@ def pruned_variates(module, datamodule, quantile: float, n_images: int) -> list:
 
 def evaluate(cfg: DictConfig) -> dict:
     route_library_logs()
+    extras = dict(iw_samples=cfg.iw_samples, iw_chunk=cfg.iw_chunk, active_units=cfg.active_units)
     with no_run_dir_on_failure():
-        module, checkpoint = load_module(cfg.ckpt_path)
+        module, checkpoint = load_module(cfg.ckpt_path, **extras)
         sizes = {"batch_size": cfg.batch_size, "eval_batch_size": cfg.batch_size} if cfg.batch_size else {}
         datamodule, data = data_module(cfg, checkpoint, **sizes)
         check_model_and_data(module.hparams.vae, data)
         datamodule.setup("test")
-    masks = pruned_variates(module, datamodule, cfg.prune_quantile, cfg.prune_images) if cfg.prune_quantile else None
-    extras = dict(iw_samples=cfg.iw_samples, iw_chunk=cfg.iw_chunk, active_units=cfg.active_units, variate_masks=masks)
-    module = module_from_checkpoint(checkpoint, cfg.ckpt_path, **extras)
+    if cfg.prune_quantile:  # the masks come from the model itself: then a module that keeps only them
+        masks = pruned_variates(module, datamodule, cfg.prune_quantile, cfg.prune_images)
+        module = module_from_checkpoint(checkpoint, cfg.ckpt_path, **extras, variate_masks=masks)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)

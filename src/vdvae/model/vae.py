@@ -511,17 +511,34 @@ class VAE(nn.Module):
 
 def mirrored_skips(enc_specs, dec_specs) -> list[int]:
     """For each decoder block, the index of the encoder block whose skip it reads (Efficient-VDVAE's
-    pairing): at each resolution the decoder's blocks take the encoder's in reverse order, and `RrN`
-    blocks take the skip of the block before them."""
+    pairing): at each resolution the decoder's blocks take the encoder's in reverse order, one to one,
+    and `RrN` blocks take the skip of the block before them. Fails, naming the resolution, otherwise."""
     unused = {}
     for i, s in enumerate(enc_specs):
         unused.setdefault(s.resolution, []).append(i)
-    keys = []
+
+    def mismatch(r):
+        n_enc = sum(s.resolution == r for s in enc_specs)
+        n_dec = sum(s.resolution == r and not s.reuses_skip for s in dec_specs)
+        return ValueError(
+            f"network=efficient pairs encoder and decoder blocks: at resolution {r} the encoder has {n_enc} "
+            f"blocks but the decoder {n_dec} (not counting RrN blocks, which reuse a skip)"
+        )
+
+    keys, previous = [], None
     for s in dec_specs:
         if s.reuses_skip:
+            if previous != s.resolution:
+                raise ValueError(f"decoder block {s.resolution}rN: no block at {s.resolution} before it to share")
             keys.append(keys[-1])
-        else:
+        elif unused.get(s.resolution):
             keys.append(unused[s.resolution].pop())
+        else:
+            raise mismatch(s.resolution)
+        previous = s.resolution
+    left = [r for r, indices in unused.items() if indices]
+    if left:
+        raise mismatch(left[0])
     return keys
 
 
@@ -564,25 +581,5 @@ def _check_architecture(image_size, widths, enc_specs, dec_specs, zdim, no_laten
         decoded.add(s.resolution)
     if dec_specs[-1].resolution != image_size:
         raise ValueError(f"decoder ends at resolution {dec_specs[-1].resolution} but image_size is {image_size}")
-    if network == "efficient":
-        _check_mirrored(enc_specs, dec_specs)
     if not any(no_latent_above is None or s.resolution <= no_latent_above for s in dec_specs):
         raise ValueError(f"no_latent_above={no_latent_above} leaves the decoder without a latent group")
-
-
-def _check_mirrored(enc_specs, dec_specs):
-    """Per-block skips pair the decoder's blocks with the encoder's, one to one at each resolution."""
-    previous = None
-    for s in dec_specs:
-        if s.reuses_skip and previous != s.resolution:
-            raise ValueError(f"decoder block {s.resolution}rN: no block at {s.resolution} before it to share a skip")
-        previous = s.resolution
-    resolutions = {s.resolution for s in enc_specs + dec_specs}
-    for r in sorted(resolutions, reverse=True):
-        n_enc = sum(s.resolution == r for s in enc_specs)
-        n_dec = sum(s.resolution == r and not s.reuses_skip for s in dec_specs)
-        if n_enc != n_dec:
-            raise ValueError(
-                f"network=efficient pairs encoder and decoder blocks: at resolution {r} the encoder has {n_enc} "
-                f"blocks but the decoder {n_dec} (not counting RrN blocks, which reuse a skip)"
-            )
