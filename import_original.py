@@ -5,7 +5,7 @@
         --out checkpoints/cifar10-original.ckpt
 """
 
-from vdvae.import_original import main
+from vdvae.tasks.import_original import main
 
 if __name__ == "__main__":
     main()

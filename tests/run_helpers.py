@@ -12,7 +12,7 @@ from lightning import Callback
 from omegaconf import open_dict
 
 from tests.conftest import ROOT, compose_config
-from vdvae.train import train
+from vdvae.tasks.train import train
 
 # A tiny model on scikit-learn's digits: seconds per run.
 TINY_RUN = [

@@ -10,7 +10,7 @@ def fake_run(path, minutes, test_bpd):
     (path / "train.log").write_text(
         "[2026-11-29 07:00:00,001][x][INFO] - Seed set to 0\n"
         f"[2026-11-29 07:{minutes:02d}:30,000][x][INFO] - `Trainer.fit` stopped: `max_steps=100` reached.\n"
-        f"[2026-11-29 07:59:00,000][vdvae.train][INFO] - test: {test_bpd} bits/dim (ELBO, 10000 images)\n"
+        f"[2026-11-29 07:59:00,000][vdvae.tasks.train][INFO] - test: {test_bpd} bits/dim (ELBO, 10000 images)\n"
     )
     return path
 

@@ -15,9 +15,9 @@ from PIL import Image
 
 from tests.conftest import ROOT, build_model, perturb_
 from tests.run_helpers import TINY_RUN, run_in_process
-from vdvae.compress import codec_from_checkpoint, read_exact_images, safe_name
-from vdvae.compression import Codec, CodingOptions, CompressedFileError
+from vdvae.compression import Codec, CodingOptions, CompressedFileError, codec_from_checkpoint
 from vdvae.data.base import first_images
+from vdvae.tasks.compress import read_exact_images, safe_name
 
 pytestmark = pytest.mark.slow
 ANS_CODER = constriction.stream.stack.AnsCoder

@@ -14,7 +14,7 @@ import torch
 from tests.conftest import DATA, ROOT, build_model, perturb_, random_batch
 from tests.run_helpers import TINY_RUN, run_in_process
 from vdvae.checkpoints import CheckpointError, load_module
-from vdvae.evaluation import ActiveUnits, IWMetric, iw_bound, log_weights
+from vdvae.metrics import ActiveUnits, IWMetric, iw_bound, log_weights
 
 EXPECTED = json.loads((DATA / "expected.json").read_text())
 
@@ -119,6 +119,21 @@ def test_encode_then_decode(trained, tmp_path):
     inputs, _ = data.preprocess(torch.stack([data.test_set[i] for i in range(8)]))
     torch.testing.assert_close(module.ema.encode(inputs), record["latents"])
     assert torch.equal(module.ema.decode(record["latents"], mode=True), module.ema.reconstruct(inputs, mode=True))
+
+
+def test_a_damaged_or_foreign_latents_file_is_refused_clearly(tmp_path):
+    from vdvae.sampling import load_latents, save_latents
+
+    vae = build_model("tiny").eval()
+    x, _ = random_batch(vae, n=2)
+    good = save_latents(vae, x, tmp_path / "latents.pt", "ckpt")
+    assert [z.shape for z in load_latents(vae, good, "cpu")] == [z.shape for z in vae.encode(x)]
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:100])
+    with pytest.raises(ValueError, match="is not a readable latents file"):
+        load_latents(vae, tmp_path / "cut.pt", "cpu")
+    torch.save({"other": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="is not a latents file"):
+        load_latents(vae, tmp_path / "foreign.pt", "cpu")
 
 
 def test_generation_needs_no_data(trained, tmp_path):
@@ -229,7 +244,7 @@ def test_notebook_runs(trained):
 
 def test_latent_pruning_keeps_its_share_of_the_variates(trained):
     from vdvae.data import data_module_from_config
-    from vdvae.eval import pruned_variates
+    from vdvae.tasks.eval import pruned_variates
 
     module, checkpoint = load_module(trained)
     data = data_module_from_config(checkpoint["data_config"])

@@ -134,7 +134,7 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path, straight):
 
 
 def test_stale_temp_files_of_interrupted_saves_are_removed(tmp_path):
-    from vdvae.checkpoint_io import AtomicCheckpointIO
+    from vdvae.checkpoints import AtomicCheckpointIO
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".last.ckpt.tmp{int(dead.stdout)}"

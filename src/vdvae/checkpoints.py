@@ -1,11 +1,67 @@
-"""Loading checkpoints for resuming, evaluation and sampling: local files or W&B artifacts, always
-unpickled weights-only (a checkpoint is data, never code), with clear errors for files that are not
-checkpoints or do not fit the model."""
+"""Checkpoints as data: written atomically (to a temporary file renamed into place, never left
+half-written; a save also removes what interrupted saves left behind), always read weights-only (a
+checkpoint never names code to run), from local files or W&B artifacts, with clear errors for files that
+are not checkpoints or do not fit the model; and the data module a checkpoint was trained on."""
 
+import os
+import re
 from pathlib import Path
 
-from vdvae.checkpoint_io import load_weights_only
+import torch
+from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from vdvae.data import ImageDataModule, data_module_from_config
 from vdvae.lit_module import VDVAEModule
+
+_TMP = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def load_weights_only(path, what: str, error_type: type[Exception] = ValueError):
+    """torch.load on the CPU, weights-only (a file is data, never code); a damaged file raises `error_type`
+    saying it is not a readable `what`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch.load raises many types on a damaged file
+        raise error_type(f"{path} is not a readable {what} (truncated or corrupt?): {str(error)[:300]}") from error
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: Path):
+    """Delete `.<name>.tmp<pid>` files whose writing process is gone."""
+    for path in directory.glob(".*.tmp*"):
+        match = _TMP.match(path.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path.parent)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        # Checkpoints are data: whatever the caller or torch's default says, nothing is unpickled as code.
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 class CheckpointError(ValueError):
@@ -93,3 +149,19 @@ def module_from_checkpoint(checkpoint: dict, path, **evaluation) -> VDVAEModule:
         raise CheckpointError(f"{path}: its weights do not fit the model its hyperparameters describe ({mismatch})")
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
+
+
+def data_module(cfg: DictConfig, checkpoint: dict, **overrides) -> tuple[ImageDataModule, dict]:
+    """The data module of the config if given (data=..., the user's own config), else the one the checkpoint
+    was trained on (plain values checked by `data_module_from_config`: a checkpoint never names code to run);
+    and its config as a plain dict."""
+    if cfg.get("data") is not None:
+        config = OmegaConf.to_container(cfg.data, resolve=True)
+        return instantiate(cfg.data, **overrides), config
+    if "data_config" not in checkpoint:
+        raise ValueError(f"{cfg.ckpt_path} does not say which data it was trained on: pass data=<name>")
+    config = checkpoint["data_config"]
+    try:
+        return data_module_from_config(config, **overrides), config
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{cfg.ckpt_path}: {error}") from error

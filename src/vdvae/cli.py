@@ -23,7 +23,7 @@ def train(cfg: DictConfig) -> float | None:
     """Train a VDVAE; returns the metric a sweep optimizes."""
     import wandb
 
-    from vdvae.train import train as run
+    from vdvae.tasks.train import train as run
 
     try:
         return run(cfg)
@@ -36,7 +36,7 @@ def evaluate(cfg: DictConfig) -> None:
     """Score a checkpoint on its test set."""
     import wandb
 
-    from vdvae.eval import evaluate as run
+    from vdvae.tasks.eval import evaluate as run
 
     try:
         run(cfg)
@@ -47,7 +47,7 @@ def evaluate(cfg: DictConfig) -> None:
 @hydra.main(config_path=CONFIGS, config_name="sample", version_base="1.3")
 def sample(cfg: DictConfig) -> None:
     """Samples, reconstructions, interpolations, latents from a checkpoint."""
-    from vdvae.sample import sample as run
+    from vdvae.tasks.sample import sample as run
 
     for path in run(cfg):
         log.info("wrote %s", path)
@@ -55,7 +55,7 @@ def sample(cfg: DictConfig) -> None:
 
 def import_original(argv=None):
     """Convert the original VDVAE code's weights into a checkpoint."""
-    from vdvae.import_original import main
+    from vdvae.tasks.import_original import main
 
     main(argv)
 
@@ -63,7 +63,7 @@ def import_original(argv=None):
 @hydra.main(config_path=CONFIGS, config_name="compress", version_base="1.3")
 def compress(cfg: DictConfig) -> None:
     """Compress images losslessly with a checkpoint (bits-back coding), or decompress a file."""
-    from vdvae.compress import compress as run
+    from vdvae.tasks.compress import compress as run
 
     for path in run(cfg):
         log.info("wrote %s", path)

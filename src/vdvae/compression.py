@@ -32,6 +32,10 @@ from dataclasses import asdict, dataclass
 import constriction
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+
+from vdvae.checkpoints import data_module, load_module
+from vdvae.data import ImageDataModule
 
 MAGIC = b"VDVAE-BB"
 VERSION = 1
@@ -383,3 +387,11 @@ def _header_is_valid(header: dict) -> bool:
         and all(isinstance(header[k], str) for k in ("model", "torch", "images_sha256"))
         and names_ok
     )
+
+
+def codec_from_checkpoint(ckpt_path, use_ema: bool = True) -> tuple[Codec, ImageDataModule]:
+    """The codec of a checkpoint's model (its EMA weights by default) with the preprocessing of the data
+    it was trained on, and that data module (for its test split)."""
+    module, checkpoint = load_module(ckpt_path)
+    datamodule, _ = data_module(OmegaConf.create({"data": None, "ckpt_path": str(ckpt_path)}), checkpoint)
+    return Codec(module.ema if use_ema else module.vae, datamodule.preprocess), datamodule

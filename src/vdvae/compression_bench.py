@@ -14,8 +14,7 @@ import time
 
 import torch
 
-from vdvae.compress import codec_from_checkpoint
-from vdvae.compression import CodingOptions, negative_elbo
+from vdvae.compression import CodingOptions, codec_from_checkpoint, negative_elbo
 from vdvae.data.base import first_images
 from vdvae.sampling import pil_image
 

@@ -19,8 +19,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 
-from vdvae.evaluation import ActiveUnits, IWMetric, iw_bound
-from vdvae.metrics import ELBOMetric
+from vdvae.metrics import ActiveUnits, ELBOMetric, IWMetric, iw_bound
 from vdvae.model import VAE
 from vdvae.model.likelihoods import nats_to_bits
 

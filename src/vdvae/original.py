@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from vdvae.checkpoint_io import load_weights_only
+from vdvae.checkpoints import load_weights_only
 from vdvae.model import VAE
 
 _BLOCK_CONVS = {"c1": "conv_in", "c2": "conv_mid1", "c3": "conv_mid2", "c4": "conv_out"}

@@ -109,7 +109,9 @@ def save_latents(vae: VAE, inputs: torch.Tensor, path: Path, checkpoint: str, us
 
 def load_latents(vae: VAE, path: Path, device) -> list[torch.Tensor]:
     """The latents of a file written by `save_latents`, checked against the model's groups."""
-    record = torch.load(path, map_location=device, weights_only=True)
+    from vdvae.checkpoints import load_weights_only
+
+    record = load_weights_only(path, "latents file")
     if not isinstance(record, dict) or "latents" not in record:
         raise ValueError(f"{path} is not a latents file (a dict with 'latents'; see vdvae.sampling)")
     latents, expected = record["latents"], vae.latent_shapes
@@ -118,4 +120,4 @@ def load_latents(vae: VAE, path: Path, device) -> list[torch.Tensor]:
     for t, (z, shape) in enumerate(zip(latents, expected, strict=False)):
         if tuple(z.shape[1:]) != shape:
             raise ValueError(f"{path}: group {t} has shape {tuple(z.shape[1:])}, the model needs {shape}")
-    return latents
+    return [z.to(device) for z in latents]

@@ -5,7 +5,7 @@ job, submitit's own USR2 handler checkpoints the job (Hydra's launcher resubmits
 overrides, into the same run directory) and requeues it at once, wherever training is. Here USR2 is
 turned into Lightning's SIGTERM path instead: every rank stops at the next step boundary and
 `last.ckpt` is saved; then submitit's handler runs, from ordinary code, to requeue the job. The
-requeued job finds `last.ckpt` in its run directory and resumes from it (vdvae.train).
+requeued job finds `last.ckpt` in its run directory and resumes from it (vdvae.tasks.train).
 """
 
 import logging

@@ -7,31 +7,14 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vdvae.checkpoints import CheckpointError, load_module, module_from_checkpoint
+from vdvae.checkpoints import data_module, load_module, module_from_checkpoint
 from vdvae.config import check_model_and_data, no_run_dir_on_failure, route_library_logs
-from vdvae.data import ImageDataModule, data_module_from_config
 from vdvae.data.base import first_images
 from vdvae.metrics import format_table
 
 log = logging.getLogger(__name__)
-
-
-def data_module(cfg: DictConfig, checkpoint: dict, **overrides) -> tuple[ImageDataModule, dict]:
-    """The data module of the config if given (data=..., the user's own config), else the one the checkpoint
-    was trained on (plain values checked by `data_module_from_config`: a checkpoint never names code to run);
-    and its config as a plain dict."""
-    if cfg.get("data") is not None:
-        config = OmegaConf.to_container(cfg.data, resolve=True)
-        return instantiate(cfg.data, **overrides), config
-    if "data_config" not in checkpoint:
-        raise ValueError(f"{cfg.ckpt_path} does not say which data it was trained on: pass data=<name>")
-    config = checkpoint["data_config"]
-    try:
-        return data_module_from_config(config, **overrides), config
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{cfg.ckpt_path}: {error}") from error
 
 
 def pruned_variates(module, datamodule, quantile: float, n_images: int) -> list:

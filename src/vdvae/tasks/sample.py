@@ -16,10 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from vdvae import sampling
-from vdvae.checkpoints import load_module
+from vdvae.checkpoints import data_module, load_module
 from vdvae.config import no_run_dir_on_failure
 from vdvae.data.base import first_images
-from vdvae.eval import data_module
 
 log = logging.getLogger(__name__)
 MODES = ("samples", "reconstruct", "interpolate", "encode", "decode")

@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from vdvae.checkpoint_io import AtomicCheckpointIO
+from vdvae.checkpoints import AtomicCheckpointIO
 from vdvae.original import import_checkpoint
 
 CONF = files("vdvae.conf")

@@ -13,30 +13,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 
-from vdvae.checkpoints import load_module
+from vdvae.checkpoints import data_module, load_module
 from vdvae.compression import Codec, CodingOptions, CompressedFileError, negative_elbo
 from vdvae.config import no_run_dir_on_failure
-from vdvae.data import ImageDataModule
 from vdvae.data.base import first_images
 from vdvae.data.folder import input_files
-from vdvae.eval import data_module
 from vdvae.sampling import pil_image
 
 log = logging.getLogger(__name__)
 MODES = ("compress", "decompress")
 # PIL modes read without loss as the model's channels: 1 -> grayscale, 3 -> RGB.
 EXACT_MODES = {1: {"L": None, "1": "L"}, 3: {"RGB": None}}
-
-
-def codec_from_checkpoint(ckpt_path, use_ema: bool = True) -> tuple[Codec, ImageDataModule]:
-    """The codec of a checkpoint's model (its EMA weights by default) with the preprocessing of the data
-    it was trained on, and that data module (for its test split)."""
-    module, checkpoint = load_module(ckpt_path)
-    datamodule, _ = data_module(OmegaConf.create({"data": None, "ckpt_path": str(ckpt_path)}), checkpoint)
-    return Codec(module.ema if use_ema else module.vae, datamodule.preprocess), datamodule
 
 
 def read_exact_images(paths, shape) -> tuple[torch.Tensor, list[str]]:
