@@ -4,21 +4,27 @@ PY := $(VENV)/bin/python
 # torch and torchvision are pinned to a pair that installs together; override TORCH for another build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint train fashion-mnist bench
+.PHONY: install dev test lint train fashion-mnist bench
 
+# The package (what training needs), then the tools of the tests on top (what `make test` needs).
 install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 # Two workers (one per test file at a time): most tests wait on process start-up, not arithmetic.
-test: install
+test: dev
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-lint: install
+lint: dev
 	$(VENV)/bin/ruff check src tests *.py
 
 # The quick start: a small VDVAE on Fashion-MNIST on the CPU (its time and figures: README).

@@ -33,7 +33,21 @@ def test_default_is_the_quick_start():
     assert cfg.model.vae.image_size == cfg.data.image_size == 28 and cfg.data._target_.endswith(
         "FashionMNISTDataModule"
     )
-    assert cfg.trainer.max_steps == 2000 and "wandb" in cfg.logger
+    assert cfg.trainer.max_steps == 2000 and cfg.trainer.max_time is None and "wandb" in cfg.logger
+
+
+@pytest.mark.parametrize("name", options("model"))
+@pytest.mark.parametrize("trainer", ["default", "cpu", "ddp"])
+def test_every_model_preset_states_its_run_length(name, trainer):
+    """The run length comes with the model preset (its own `trainer:` keys, or its parent's), whatever the
+    trainer choice: the model group is composed after the trainer group."""
+    import yaml
+
+    cfg = compose(f"model={name}", f"trainer={trainer}")
+    preset = name
+    while "trainer" not in (config := yaml.safe_load((CONF / "model" / f"{preset}.yaml").read_text())):
+        preset = config["defaults"][0]  # the preset it extends
+    assert cfg.trainer.max_steps == config["trainer"]["max_steps"], preset
 
 
 @pytest.mark.parametrize("name", options("experiment"))
