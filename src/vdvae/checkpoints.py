@@ -151,17 +151,16 @@ def module_from_checkpoint(checkpoint: dict, path, **evaluation) -> VDVAEModule:
     return module.eval()
 
 
-def data_module(cfg: DictConfig, checkpoint: dict, **overrides) -> tuple[ImageDataModule, dict]:
-    """The data module of the config if given (data=..., the user's own config), else the one the checkpoint
-    was trained on (plain values checked by `data_module_from_config`: a checkpoint never names code to run);
-    and its config as a plain dict."""
-    if cfg.get("data") is not None:
-        config = OmegaConf.to_container(cfg.data, resolve=True)
-        return instantiate(cfg.data, **overrides), config
+def data_module(checkpoint: dict, path, data: DictConfig | None = None, **overrides) -> tuple[ImageDataModule, dict]:
+    """The data module of `data` if given (data=..., the user's own config), else the one the checkpoint
+    at `path` was trained on (plain values checked by `data_module_from_config`: a checkpoint never names
+    code to run); and its config as a plain dict."""
+    if data is not None:
+        return instantiate(data, **overrides), OmegaConf.to_container(data, resolve=True)
     if "data_config" not in checkpoint:
-        raise ValueError(f"{cfg.ckpt_path} does not say which data it was trained on: pass data=<name>")
+        raise ValueError(f"{path} does not say which data it was trained on: pass data=<name>")
     config = checkpoint["data_config"]
     try:
         return data_module_from_config(config, **overrides), config
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{cfg.ckpt_path}: {error}") from error
+        raise CheckpointError(f"{path}: {error}") from error

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 import constriction
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from vdvae.checkpoints import data_module, load_module
 from vdvae.data import ImageDataModule
@@ -393,5 +392,5 @@ def codec_from_checkpoint(ckpt_path, use_ema: bool = True) -> tuple[Codec, Image
     """The codec of a checkpoint's model (its EMA weights by default) with the preprocessing of the data
     it was trained on, and that data module (for its test split)."""
     module, checkpoint = load_module(ckpt_path)
-    datamodule, _ = data_module(OmegaConf.create({"data": None, "ckpt_path": str(ckpt_path)}), checkpoint)
+    datamodule, _ = data_module(checkpoint, ckpt_path)
     return Codec(module.ema if use_ema else module.vae, datamodule.preprocess), datamodule

@@ -76,7 +76,7 @@ def compress(cfg: DictConfig) -> list[Path]:
             raise ValueError("mode=decompress needs file=<a file written by mode=compress>")
         options = CodingOptions(cfg.bin_width, cfg.latent_range, cfg.batch_size)
         module, checkpoint = load_module(cfg.ckpt_path)
-        datamodule, _ = data_module(cfg, checkpoint)
+        datamodule, _ = data_module(checkpoint, cfg.ckpt_path, cfg.get("data"))
         vae = module.ema if cfg.use_ema else module.vae
         codec = Codec(vae, datamodule.preprocess)
         out = Path(HydraConfig.get().runtime.output_dir)

@@ -41,7 +41,7 @@ def evaluate(cfg: DictConfig) -> dict:
     with no_run_dir_on_failure():
         module, checkpoint = load_module(cfg.ckpt_path, **extras)
         sizes = {"batch_size": cfg.batch_size, "eval_batch_size": cfg.batch_size} if cfg.batch_size else {}
-        datamodule, data = data_module(cfg, checkpoint, **sizes)
+        datamodule, data = data_module(checkpoint, cfg.ckpt_path, cfg.get("data"), **sizes)
         check_model_and_data(module.hparams.vae, data)
         datamodule.setup("test")
     if cfg.prune_quantile:  # the masks come from the model itself: then a module that keeps only them

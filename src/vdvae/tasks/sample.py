@@ -26,7 +26,7 @@ MODES = ("samples", "reconstruct", "interpolate", "encode", "decode")
 
 def input_images(cfg, vae, checkpoint, device):
     """uint8 images and model inputs: from `inputs`, else the first `n_images` of the test set."""
-    datamodule, _ = data_module(cfg, checkpoint)
+    datamodule, _ = data_module(checkpoint, cfg.ckpt_path, cfg.get("data"))
     if cfg.inputs:
         images = sampling.read_images(list(cfg.inputs), vae.image_size, vae.image_channels)[: cfg.n_images]
     else:
