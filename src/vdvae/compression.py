@@ -388,9 +388,9 @@ def _header_is_valid(header: dict) -> bool:
     )
 
 
-def codec_from_checkpoint(ckpt_path, use_ema: bool = True) -> tuple[Codec, ImageDataModule]:
+def codec_from_checkpoint(ckpt_path, use_ema: bool = True, data=None) -> tuple[Codec, ImageDataModule]:
     """The codec of a checkpoint's model (its EMA weights by default) with the preprocessing of the data
-    it was trained on, and that data module (for its test split)."""
+    it was trained on (or of the data config `data`), and that data module (for its test split)."""
     module, checkpoint = load_module(ckpt_path)
-    datamodule, _ = data_module(checkpoint, ckpt_path)
+    datamodule, _ = data_module(checkpoint, ckpt_path, data)
     return Codec(module.ema if use_ema else module.vae, datamodule.preprocess), datamodule

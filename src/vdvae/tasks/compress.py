@@ -16,8 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image
 
-from vdvae.checkpoints import data_module, load_module
-from vdvae.compression import Codec, CodingOptions, CompressedFileError, negative_elbo
+from vdvae.compression import CodingOptions, CompressedFileError, codec_from_checkpoint, negative_elbo
 from vdvae.config import no_run_dir_on_failure
 from vdvae.data.base import first_images
 from vdvae.data.folder import input_files
@@ -75,10 +74,7 @@ def compress(cfg: DictConfig) -> list[Path]:
         if cfg.mode == "decompress" and not cfg.file:
             raise ValueError("mode=decompress needs file=<a file written by mode=compress>")
         options = CodingOptions(cfg.bin_width, cfg.latent_range, cfg.batch_size)
-        module, checkpoint = load_module(cfg.ckpt_path)
-        datamodule, _ = data_module(checkpoint, cfg.ckpt_path, cfg.get("data"))
-        vae = module.ema if cfg.use_ema else module.vae
-        codec = Codec(vae, datamodule.preprocess)
+        codec, datamodule = codec_from_checkpoint(cfg.ckpt_path, cfg.use_ema, cfg.get("data"))
         out = Path(HydraConfig.get().runtime.output_dir)
         if cfg.mode == "decompress":
             data = Path(cfg.file).read_bytes()
