@@ -80,3 +80,17 @@ def test_op_counter_counts_operators_but_not_views():
         y = (a + b).view(-1).t()  # one addition, two views
         (y * 2).sum()  # two operators
     assert ops.count == 3
+
+
+def test_covered_time_is_the_union_of_the_intervals():
+    """Against a brute-force timeline: every nanosecond that some interval covers counts once."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        starts = torch.randint(0, 200, (12,), generator=generator)
+        lengths = torch.randint(0, 40, (12,), generator=generator)
+        intervals = [(int(s), int(s + n)) for s, n in zip(starts, lengths, strict=True)]
+        timeline = torch.zeros(300, dtype=torch.bool)
+        for start, end in intervals:
+            timeline[start:end] = True
+        assert bench.covered_ns(intervals) == int(timeline.sum())
+    assert bench.covered_ns([]) == 0

@@ -19,6 +19,7 @@ configs; compare configs of one run only.
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -34,16 +35,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vdvae.original import to_original_hparams
 
-# name -> (precision, channels_last, compile, checkpointing)
+# name -> (precision, channels_last, compile, checkpointing, cuda_graphs)
 CONFIGS = {
-    "fp32": ("32-true", False, False, False),
-    "fp32-cl": ("32-true", True, False, False),
-    "fp32-cl-compile": ("32-true", True, True, False),
-    "fp32-ckpt": ("32-true", True, False, True),
-    "bf16": ("bf16-mixed", False, False, False),
-    "bf16-cl": ("bf16-mixed", True, False, False),
-    "bf16-cl-compile": ("bf16-mixed", True, True, False),
-    "bf16-ckpt": ("bf16-mixed", True, False, True),
+    "fp32": ("32-true", False, False, False, False),
+    "fp32-cl": ("32-true", True, False, False, False),
+    "fp32-cl-compile": ("32-true", True, True, False, False),
+    "fp32-cl-graphs": ("32-true", True, False, False, True),
+    "fp32-ckpt": ("32-true", True, False, True, False),
+    "bf16": ("bf16-mixed", False, False, False, False),
+    "bf16-cl": ("bf16-mixed", True, False, False, False),
+    "bf16-cl-compile": ("bf16-mixed", True, True, False, False),
+    "bf16-cl-graphs": ("bf16-mixed", True, False, False, True),
+    "bf16-ckpt": ("bf16-mixed", True, False, True, False),
 }
 
 
@@ -52,12 +55,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+BASELINE_MB = 0.0  # resident memory before the model exists (CPU), subtracted from the peak
+PROFILED_STEPS = 3  # on a GPU, after the timed steps: how busy the GPU is in a step
+
+
 def resident_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-BASELINE_MB = 0.0  # resident memory before the model exists (CPU), subtracted from the peak
 
 
 def peak_memory_mb(device) -> float:
@@ -134,18 +138,49 @@ def synthetic_data(vae_hparams, batch, n_batches):
 
 
 class StepTimer:
-    """Wall time of every training batch (Lightning's whole step), synchronized with the device."""
+    """Wall time of every training batch (Lightning's whole step), synchronized with the device. On a
+    GPU, the steps from `profile_from` on also run under the profiler, for `busy`: the fraction of
+    their time in which the GPU runs kernels or copies (the rest it waits for the host to dispatch)."""
 
-    def __init__(self, device):
+    def __init__(self, device, profile_from=None):
         self.device, self.times, self._start = device, [], None
+        self.profile_from = profile_from if device.type == "cuda" else None
+        self.profiler, self.busy = None, None
 
     def on_train_batch_start(self, *args):
         sync(self.device)
+        if self.profile_from is not None and len(self.times) == self.profile_from:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.profiler = profile(activities=[ProfilerActivity.CUDA])
+            self.profiler.__enter__()
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, *args):
         sync(self.device)
         self.times.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, *args):
+        if self.profiler is None:
+            return
+        self.profiler.__exit__(None, None, None)
+        self.busy = covered_ns(gpu_intervals(self.profiler)) / 1e9 / sum(self.times[self.profile_from :])
+
+
+def gpu_intervals(profiler) -> list:
+    """(start, end) in ns of everything the profiler saw run on the GPU: kernels, copies, fills."""
+    events = profiler.profiler.kineto_results.events()
+    return [(e.start_ns(), e.end_ns()) for e in events if e.device_type() == torch.autograd.DeviceType.CUDA]
+
+
+def covered_ns(intervals) -> float:
+    """The length of the union of (start, end) intervals: time in which at least one of them runs."""
+    covered, reached = 0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reached:
+            covered += end - max(start, reached)
+            reached = end
+    return covered
 
 
 class OpCounter(TorchDispatchMode):
@@ -218,30 +253,29 @@ def run_ours(args, spec, device, train_only=False):
 
     name, batch, overrides = parse_config(spec)
     args.batch = batch or args.batch
-    precision, channels_last, compile_, checkpointing = CONFIGS[name]
+    precision, channels_last, compile_, checkpointing, cuda_graphs = CONFIGS[name]
     hparams = model_hparams(
         args.preset,
         [
             f"model.vae.channels_last={channels_last}",
             f"model.vae.checkpointing={checkpointing}",
             f"model.compile={compile_}",
+            f"model.cuda_graphs={cuda_graphs}",
             *overrides,
         ],
     )
     torch.manual_seed(0)
     module = VDVAEModule(**hparams)
-    data = synthetic_data(hparams["vae"], args.batch, args.warmup + args.steps)
-    timer = StepTimer(device)
-    callback = type(
-        "Timer",
-        (Callback,),
-        {"on_train_batch_start": timer.on_train_batch_start, "on_train_batch_end": timer.on_train_batch_end},
-    )()
+    steps = args.warmup + args.steps + (PROFILED_STEPS if device.type == "cuda" else 0)
+    data = synthetic_data(hparams["vae"], args.batch, steps)
+    timer = StepTimer(device, profile_from=args.warmup + args.steps)
+    hooks = ("on_train_batch_start", "on_train_batch_end", "on_train_end")
+    callback = type("Timer", (Callback,), {hook: getattr(timer, hook) for hook in hooks})()
     trainer = L.Trainer(
         accelerator=device.type,
         devices=1,
         precision=precision,
-        max_steps=args.warmup + args.steps,
+        max_steps=steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -252,7 +286,7 @@ def run_ours(args, spec, device, train_only=False):
         use_distributed_sampler=False,
     )
     trainer.fit(module, datamodule=data)
-    step = statistics.median(timer.times[args.warmup :])
+    step = statistics.median(timer.times[args.warmup : args.warmup + args.steps])
     result = {
         "batch": args.batch,
         "train_images_per_s": args.batch / step,
@@ -260,6 +294,8 @@ def run_ours(args, spec, device, train_only=False):
         "skipped": int(module.skipped_steps),
         "peak_memory_mb": peak_memory_mb(device),
     }
+    if timer.busy is not None:
+        result["gpu_busy_fraction"] = timer.busy
     if train_only:
         return result
     vae = module.ema.to(device)
@@ -307,6 +343,12 @@ def run_original(args, device):
 
     s = timed(step, device, args.warmup + args.steps, warmup=args.warmup)
     result = {"train_images_per_s": args.batch / s, "train_step_s": s, "peak_memory_mb": peak_memory_mb(device)}
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            wall = timed(step, device, PROFILED_STEPS, warmup=0, reduce=sum)
+        result["gpu_busy_fraction"] = covered_ns(gpu_intervals(profiler)) / 1e9 / wall
     vae.zero_grad()
     with OpCounter() as ops:
         vae(x, target)["elbo"].backward()

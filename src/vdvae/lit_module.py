@@ -5,7 +5,8 @@ clipping) decides whether an update is skipped: on a non-finite loss on any rank
 above `skip_threshold`, neither the weights nor the EMA move. Efficient-VDVAE's Adamax, cosine
 decay, KL warm-up and KL balancing are options. Skips are counted and logged, and a
 run that keeps skipping warns and then stops with a message instead of stalling silently.
-Validation, test and sampling use the EMA weights.
+Validation, test and sampling use the EMA weights. With `cuda_graphs` on one GPU the whole step
+(vdvae.whole_step) runs as one captured graph instead of op by op.
 """
 
 import contextlib
@@ -22,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from vdvae.metrics import ActiveUnits, ELBOMetric, IWMetric, iw_bound
 from vdvae.model import VAE
 from vdvae.model.likelihoods import nats_to_bits
+from vdvae.whole_step import compile_whole_step, unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class VDVAEModule(LightningModule):
         skip_warn_after: int = 20,
         max_consecutive_skips: int = 200,
         compile: bool = False,
+        cuda_graphs: bool = False,
         eval_seed: int = 0,
         optimizer: str = "adamw",
         lr_schedule: str = "constant",
@@ -112,6 +115,7 @@ class VDVAEModule(LightningModule):
         self.data_config = data_config
         self._stalled, self._stall_warned = None, False
         self._restored_rng = None
+        self._whole_step = None  # built at the first training step (after a resume has loaded the optimizer)
 
     def configure_model(self):
         if self.hparams.compile:
@@ -161,19 +165,55 @@ class VDVAEModule(LightningModule):
     def training_step(self, batch, batch_idx):
         x, target = batch
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        if self._whole_step is None:
+            self._whole_step = self._build_whole_step(optimizer.optimizer)
+        if self._whole_step:
+            stats = {}
+            # Through the wrapped optimizer, so that Lightning counts the update; it finds no gradients
+            # left to apply (the whole step applied them).
+            optimizer.step(closure=lambda: stats.update(self._whole_step(x, target)))
+        else:
+            stats = self._eager_step(x, target, optimizer)
+        schedule.step()
+        # Reading the counter syncs an accelerator with the host: there, look only every 10 steps.
+        if self.device.type == "cpu" or batch_idx % 10 == 0:
+            self._check_stall(stats["grad_norm"])
+        if self.hparams.kl_warmup_steps:
+            self.log("train/kl_weight", stats["kl_weight"], on_step=True, on_epoch=False)
+        self.log_dict(
+            {
+                "train/loss": stats["loss"],
+                "train/bpd": stats["bpd"],
+                "train/distortion": stats["distortion"],
+                "train/rate": stats["rate"],
+                "train/grad_norm": stats["grad_norm"],
+                "train/skipped": stats["skipped"],
+                "train/skipped_total": self.skipped_steps.float(),
+                "train/skip_rate": self.skipped_steps.float() / self.attempted_steps,
+            },
+            prog_bar=False,
+            on_step=True,
+            on_epoch=False,
+        )
+        self.log("train/bpd_avg", stats["bpd"], prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        return stats["loss"]
+
+    def _build_whole_step(self, optimizer):
+        """With `cuda_graphs`, the whole step compiled for CUDA graphs; else (or where it cannot run, with a
+        warning saying why) False: the eager step."""
+        if not self.hparams.cuda_graphs:
+            return False
+        reason = unavailable_reason(self)
+        if reason:
+            rank_zero_warn(f"model.cuda_graphs=true: {reason}; training runs the eager step instead")
+            return False
+        return compile_whole_step(self, optimizer, mode="reduce-overhead")
+
+    def _eager_step(self, x, target, optimizer) -> dict:
+        """Forward, backward, clipping, the skip decision, the update, the EMA and the counters, op by op."""
         out = self.vae(x, target)
         loss = out.loss.mean()
-        objective = loss
-        h, step = self.hparams, self.attempted_steps + 1
-        if h.kl_warmup_steps or h.kl_balancing_steps:  # Efficient-VDVAE's: the objective, not the logged ELBO
-            rate = out.rate
-            if h.kl_balancing_steps:  # weights while step <= kl_balancing_steps, decided on the device
-                weights = torch.where(step <= h.kl_balancing_steps, kl_balance(out.kl, self.group_variates), 1.0)
-                rate = (out.kl * weights).sum(dim=1) / out.ndims
-            kl_weight = torch.clamp(step.float() / h.kl_warmup_steps, max=1.0) if h.kl_warmup_steps else 1.0
-            objective = (out.distortion + kl_weight * rate).mean()
-            if h.kl_warmup_steps:
-                self.log("train/kl_weight", kl_weight, on_step=True, on_epoch=False)
+        objective, kl_weight = self.objective(out, self.attempted_steps + 1)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(objective)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.hparams.grad_clip)
@@ -188,33 +228,29 @@ class VDVAEModule(LightningModule):
             optimizer.step()
         elif not bool(skip):  # Adamax has no such kernel: decided on the host (a sync on accelerators)
             optimizer.step()
-        self._update_ema(weight=(1.0 - self._ema_decay()) * (1.0 - skip))
-        schedule.step()
-        self.attempted_steps += 1
-        self.skipped_steps += skip.long()
-        self.consecutive_skips.add_(1).mul_(skip.long())
-        # Reading the counter syncs an accelerator with the host: there, look only every 10 steps.
-        if self.device.type == "cpu" or batch_idx % 10 == 0:
-            self._check_stall(grad_norm)
-        self.log_dict(
-            {
-                "train/loss": loss,
-                "train/bpd": out.bpd.mean(),
-                "train/distortion": out.distortion.mean(),
-                "train/rate": out.rate.mean(),
-                "train/grad_norm": grad_norm,
-                "train/skipped": skip,
-                "train/skipped_total": self.skipped_steps.float(),
-                "train/skip_rate": self.skipped_steps.float() / self.attempted_steps,
-            },
-            prog_bar=False,
-            on_step=True,
-            on_epoch=False,
-        )
-        self.log("train/bpd_avg", out.bpd.mean(), prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
-        return loss
+        self.update_ema(weight=(1.0 - self.ema_decay()) * (1.0 - skip))
+        self.count_step(skip)
+        terms = {"bpd": out.bpd.mean(), "distortion": out.distortion.mean(), "rate": out.rate.mean()}
+        return {"loss": loss, **terms, "grad_norm": grad_norm, "skipped": skip, "kl_weight": kl_weight}
 
-    def _ema_decay(self):
+    def objective(self, out, step):
+        """What training minimizes, and the KL's weight in it: the mean loss, or with Efficient-VDVAE's KL
+        warm-up and balancing (which change the objective, not the logged ELBO) the reweighted one. `step`
+        is the update's 1-based number, a tensor: the weights are decided on the device."""
+        h = self.hparams
+        loss = out.loss.mean()
+        if not (h.kl_warmup_steps or h.kl_balancing_steps):
+            return loss, torch.ones_like(loss)
+        rate = out.rate
+        if h.kl_balancing_steps:  # weights while step <= kl_balancing_steps
+            weights = torch.where(step <= h.kl_balancing_steps, kl_balance(out.kl, self.group_variates), 1.0)
+            rate = (out.kl * weights).sum(dim=1) / out.ndims
+        kl_weight = torch.ones_like(loss)
+        if h.kl_warmup_steps:
+            kl_weight = torch.clamp(step.float() / h.kl_warmup_steps, max=1.0)
+        return (out.distortion + kl_weight * rate).mean(), kl_weight
+
+    def ema_decay(self):
         """The EMA's decay: `ema_decay`, or with `ema_warmup` min(ema_decay, (1 + n) / (10 + n)) after n applied
         updates, so that the EMA follows the weights from the first hundred steps (a short run's figures mean
         something) and long runs keep `ema_decay` (from n = 9 / (1 - ema_decay) - 1 on). On the device."""
@@ -224,9 +260,16 @@ class VDVAEModule(LightningModule):
         return torch.clamp((1 + n) / (10 + n), max=self.hparams.ema_decay).float()
 
     @torch.no_grad()
-    def _update_ema(self, weight):
+    def update_ema(self, weight):
         """ema += weight * (online - ema); a zero weight (a skipped update) leaves it exactly as it was."""
         torch._foreach_lerp_(list(self.ema.parameters()), list(self.vae.parameters()), weight)
+
+    @torch.no_grad()
+    def count_step(self, skip):
+        """Count an attempted update, and `skip` (0. or 1.) as skipped, in place on the device."""
+        self.attempted_steps.add_(1)
+        self.skipped_steps.add_(skip.long())
+        self.consecutive_skips.add_(1).mul_(skip.long())
 
     def _check_stall(self, grad_norm):
         n, h = int(self.consecutive_skips), self.hparams

@@ -1,0 +1,83 @@
+"""The whole training step (`model.cuda_graphs`): one graph with no breaks, the eager step's updates,
+skips that change nothing, and a clear fallback to the eager step where CUDA graphs cannot run.
+
+On the CPU the graph runs with eager kernels, so that its random draws equal the eager step's: with the
+aot_eager backend (the graph and its autograd as inductor receives them) for AdamW, with dynamo's graph
+alone for the Efficient-VDVAE options (each compile takes tens of seconds here)."""
+
+import pytest
+import torch
+
+from tests.conftest import TINY_VAE
+from tests.test_train import fit_on_batches
+from vdvae import VDVAEModule
+from vdvae.config import route_library_logs
+from vdvae.whole_step import WholeStep, compile_whole_step
+
+# Two blocks each way, two latent groups: the graph's trace time grows with the blocks.
+SMALL_VAE = {**TINY_VAE, "enc_blocks": "8d8,1x1", "dec_blocks": "1x1,8m1"}
+# Efficient-VDVAE's options: Adamax, and the KL warm-up and balancing decided on the device.
+EFFICIENT = dict(optimizer="adamax", kl_warmup_steps=3, kl_balancing_steps=2, ema_warmup=False, ema_decay=0.9)
+
+
+def batches():
+    """Good, NaN, good, huge (a gradient norm far above the threshold), good."""
+    x = (torch.randint(0, 256, (4, 1, 8, 8), generator=torch.Generator().manual_seed(0)).float() - 127.5) / 127.5
+    good = (x, x)
+    return [good, (torch.full_like(x, float("nan")), x), good, (x * 1e6, x), good]
+
+
+def module(**options):
+    torch.manual_seed(0)
+    return VDVAEModule(SMALL_VAE, warmup_steps=2, lr=1e-3, skip_threshold=1e4, **options)
+
+
+@pytest.mark.slow
+def test_the_whole_step_is_one_graph():
+    m = module(**EFFICIENT)
+    optimizer = m.configure_optimizers()["optimizer"]
+    x, target = batches()[0]
+    explained = torch._dynamo.explain(WholeStep(m, optimizer).run)(x, target)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options, backend", [({}, "aot_eager"), (EFFICIENT, "eager")], ids=["adamw", "adamax-kl-warmup-balancing"]
+)
+def test_the_compiled_whole_step_trains_as_the_eager_step(options, backend):
+    eager = module(**options)
+    torch.manual_seed(1)
+    eager_states = fit_on_batches(eager, batches())
+    whole = module(**options)
+    whole._build_whole_step = lambda optimizer: compile_whole_step(whole, optimizer, backend=backend)
+    torch.manual_seed(1)
+    whole_states = fit_on_batches(whole, batches())
+
+    assert isinstance(whole._whole_step, WholeStep) and whole.trainer.global_step == 5  # Lightning counted it
+    assert int(whole.skipped_steps) == int(eager.skipped_steps) == 2
+    assert int(whole.attempted_steps) == 5 and int(whole.consecutive_skips) == 0
+    for i, ((weights, ema), (eager_weights, eager_ema)) in enumerate(zip(whole_states, eager_states, strict=True)):
+        for a, b in zip(weights + ema, eager_weights + eager_ema, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"before step {i}")
+    for skipped in (1, 3):  # the NaN and the huge batch change nothing, bit for bit
+        for a, b in zip(sum(whole_states[skipped], []), sum(whole_states[skipped + 1], []), strict=True):
+            assert torch.equal(a, b)
+    # The same optimizer state, in the same layout: a checkpoint of either step resumes with the other.
+    state, eager_state = whole.trainer.optimizers[0].state_dict(), eager.trainer.optimizers[0].state_dict()
+    assert state["state"].keys() == eager_state["state"].keys()
+    for key, values in eager_state["state"].items():
+        assert values.keys() == state["state"][key].keys()
+        for name, value in values.items():
+            assert state["state"][key][name].dtype == value.dtype, name
+            # The first moment is (1 - beta1)-weighted clipped gradients: equal moments, equal gradients.
+            torch.testing.assert_close(state["state"][key][name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_cuda_graphs_on_the_cpu_warns_and_trains_with_the_eager_step():
+    route_library_logs()  # as train() does, before pytest.warns records
+    m = module(cuda_graphs=True)
+    with pytest.warns(UserWarning, match="model.cuda_graphs=true: CUDA graphs need a CUDA device.*eager step"):
+        fit_on_batches(m, batches()[:2])
+    assert m._whole_step is False and int(m.attempted_steps) == 2
