@@ -47,17 +47,24 @@ def test_the_whole_step_is_one_graph():
     "options, backend", [({}, "aot_eager"), (EFFICIENT, "eager")], ids=["adamw", "adamax-kl-warmup-balancing"]
 )
 def test_the_compiled_whole_step_trains_as_the_eager_step(options, backend):
+    losses = {}
+
+    def fit(m):
+        losses[m] = []
+        m.on_train_batch_end = lambda outputs, batch, idx: losses[m].append(outputs["loss"].item())
+        torch.manual_seed(1)
+        return fit_on_batches(m, batches())
+
     eager = module(**options)
-    torch.manual_seed(1)
-    eager_states = fit_on_batches(eager, batches())
+    eager_states = fit(eager)
     whole = module(**options)
     whole._build_whole_step = lambda optimizer: compile_whole_step(whole, optimizer, backend=backend)
-    torch.manual_seed(1)
-    whole_states = fit_on_batches(whole, batches())
+    whole_states = fit(whole)
 
     assert isinstance(whole._whole_step, WholeStep) and whole.trainer.global_step == 5  # Lightning counted it
     assert int(whole.skipped_steps) == int(eager.skipped_steps) == 2
     assert int(whole.attempted_steps) == 5 and int(whole.consecutive_skips) == 0
+    assert losses[whole] == pytest.approx(losses[eager], rel=1e-5, nan_ok=True)
     for i, ((weights, ema), (eager_weights, eager_ema)) in enumerate(zip(whole_states, eager_states, strict=True)):
         for a, b in zip(weights + ema, eager_weights + eager_ema, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"before step {i}")
