@@ -164,13 +164,14 @@ class StepTimer:
         if self.profiler is None:
             return
         self.profiler.__exit__(None, None, None)
-        self.busy = covered_ns(gpu_intervals(self.profiler)) / 1e9 / sum(self.times[self.profile_from :])
+        self.busy = gpu_busy_fraction(self.profiler, sum(self.times[self.profile_from :]))
 
 
-def gpu_intervals(profiler) -> list:
-    """(start, end) in ns of everything the profiler saw run on the GPU: kernels, copies, fills."""
+def gpu_busy_fraction(profiler, wall_s: float) -> float:
+    """The share of `wall_s` in which the GPU ran anything the profiler saw: kernels, copies, fills."""
     events = profiler.profiler.kineto_results.events()
-    return [(e.start_ns(), e.end_ns()) for e in events if e.device_type() == torch.autograd.DeviceType.CUDA]
+    gpu = [(e.start_ns(), e.end_ns()) for e in events if e.device_type() == torch.autograd.DeviceType.CUDA]
+    return covered_ns(gpu) / 1e9 / wall_s
 
 
 def covered_ns(intervals) -> float:
@@ -348,7 +349,7 @@ def run_original(args, device):
 
         with profile(activities=[ProfilerActivity.CUDA]) as profiler:
             wall = timed(step, device, PROFILED_STEPS, warmup=0, reduce=sum)
-        result["gpu_busy_fraction"] = covered_ns(gpu_intervals(profiler)) / 1e9 / wall
+        result["gpu_busy_fraction"] = gpu_busy_fraction(profiler, wall)
     vae.zero_grad()
     with OpCounter() as ops:
         vae(x, target)["elbo"].backward()

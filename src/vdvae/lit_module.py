@@ -217,12 +217,8 @@ class VDVAEModule(LightningModule):
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(objective)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.hparams.grad_clip)
-        # The skip decision stays on the device (no host sync): 1.0 on a non-finite loss on any
-        # rank, or a non-finite or too large norm (the same on every rank after the all-reduce).
-        bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
-        if self.skips_on_norm:
-            bad = bad | (grad_norm >= self.hparams.skip_threshold)
-        skip = self.trainer.strategy.reduce(bad.float(), reduce_op="max")
+        # 1.0 on a bad update on any rank (the norm is the same on every rank after the all-reduce).
+        skip = self.trainer.strategy.reduce(self.bad_update(loss, grad_norm).float(), reduce_op="max")
         if self.hparams.optimizer == "adamw":
             optimizer.optimizer.found_inf = skip  # the fused AdamW kernel does nothing when it is 1
             optimizer.step()
@@ -232,6 +228,14 @@ class VDVAEModule(LightningModule):
         self.count_step(skip)
         terms = {"bpd": out.bpd.mean(), "distortion": out.distortion.mean(), "rate": out.rate.mean()}
         return {"loss": loss, **terms, "grad_norm": grad_norm, "skipped": skip, "kl_weight": kl_weight}
+
+    def bad_update(self, loss, grad_norm):
+        """Whether to skip the update, decided on the device (no host sync): a non-finite loss, or a
+        non-finite or too large gradient norm (before clipping)."""
+        bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+        if self.skips_on_norm:
+            bad = bad | (grad_norm >= self.hparams.skip_threshold)
+        return bad
 
     def objective(self, out, step):
         """What training minimizes, and the KL's weight in it: the mean loss, or with Efficient-VDVAE's KL

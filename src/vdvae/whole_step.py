@@ -88,12 +88,10 @@ class WholeStep:
         params = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
         grads, (_, terms) = grad_and_value(objective, has_aux=True)(params)
         grads = [grads[n] for n in self.names]
-        # As torch.nn.utils.clip_grad_norm_: the norm decides the skip, then clips.
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        # As torch.nn.utils.clip_grad_norm_ (on gradients, not .grad): the norm decides the skip, then clips.
+        grad_norm = torch.nn.utils.get_total_norm(grads)
         torch._foreach_mul_(grads, torch.clamp(h.grad_clip / (grad_norm + 1e-6), max=1.0))
-        bad = ~torch.isfinite(terms[0]) | ~torch.isfinite(grad_norm)
-        if module.skips_on_norm:
-            bad = bad | (grad_norm >= h.skip_threshold)
+        bad = module.bad_update(terms[0], grad_norm)
         skip = bad.float()
         with torch.no_grad():
             self._update(grads, bad)
