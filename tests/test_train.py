@@ -221,7 +221,14 @@ def _tiny_architecture(size, channels):
         ("imagenet32", "imagenet32-npz", 32, 3, []),
         ("imagenet64", "imagenet64-png", 64, 3, []),
         ("ffhq256", "ffhq256", 256, 3, ["model.vae.bits=5"]),
-        ("ffhq1024", "ffhq1024", 1024, 3, ["data.val_size=1", "~callbacks.image_grids"]),  # 1024x1024 grids: a minute
+        # 1024x1024: one image per batch, and no image grids (a minute)
+        (
+            "ffhq1024",
+            "ffhq1024",
+            1024,
+            3,
+            ["data.val_size=1", "data.batch_size=1", "data.eval_batch_size=1", "~callbacks.image_grids"],
+        ),
         ("image_folder", "image_folder", 16, 3, ["data.image_size=16"]),
         ("digits", "digits", 8, 1, []),
     ],

@@ -113,15 +113,17 @@ def _cpu_devices(trainer) -> int | None:
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator not in ("cpu", "auto"):
         return None
-    if accelerator == "auto":
-        import torch
-
-        if torch.cuda.is_available():
-            return None
     devices = trainer.get("devices", "auto")
     if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
         devices = int(devices)
-    return devices if isinstance(devices, int) and not isinstance(devices, bool) else None
+    if not isinstance(devices, int) or isinstance(devices, bool):
+        return None
+    if accelerator == "auto":
+        import torch  # only now: importing it takes seconds, and most configs never get here
+
+        if torch.cuda.is_available():
+            return None
+    return devices
 
 
 def check_model_and_data(vae, data):
