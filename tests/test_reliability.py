@@ -317,7 +317,20 @@ def test_slurm_preemption_saves_requeues_and_the_requeued_job_resumes(tmp_path, 
     assert_same_state(load(straight / "checkpoints" / "last.ckpt"), load(last))
 
 
-def test_sample_with_an_unknown_mode_fails_and_leaves_no_run_directory(tmp_path, straight):
-    result = run("sample.py", tmp_path, f"ckpt_path={straight}/checkpoints/last.ckpt", "mode=foo")
-    assert result.returncode != 0 and "mode='foo': choose one of samples" in result.stderr
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["mode=foo"], "mode='foo': choose one of samples"),
+        (["mode=decode"], "mode=decode needs latents=<file written by mode=encode>"),
+        (["mode=interpolate", "inputs=[a.png]"], "mode=interpolate needs two images or more; the inputs hold 1"),
+    ],
+    ids=["unknown-mode", "decode-without-latents", "interpolate-one-image"],
+)
+def test_a_bad_sampling_request_fails_and_leaves_no_run_directory(tmp_path, straight, args, message):
+    from tests.fixtures import write_pngs
+
+    write_pngs(tmp_path / "inputs", 1, 8)
+    (tmp_path / "inputs" / "00000.png").rename(tmp_path / "a.png")
+    result = run("sample.py", tmp_path, f"ckpt_path={straight}/checkpoints/last.ckpt", *args)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not list((tmp_path / "logs" / "sample" / "runs").glob("*")) if (tmp_path / "logs").exists() else True

@@ -37,31 +37,36 @@ def input_images(cfg, vae, checkpoint, device):
 
 
 def sample(cfg: DictConfig) -> list[Path]:
+    # Everything that reads the request's files runs first: a mistake leaves no run directory behind.
     with no_run_dir_on_failure():
         if cfg.mode not in MODES:
             raise ValueError(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
+        if cfg.mode == "decode" and not cfg.latents:
+            raise ValueError("mode=decode needs latents=<file written by mode=encode>")
+        if cfg.mode == "interpolate" and not cfg.inputs and cfg.n_images < 2:
+            raise ValueError(f"mode=interpolate needs two images or more: n_images={cfg.n_images}")
         module, checkpoint = load_module(cfg.ckpt_path)
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae = (module.ema if cfg.use_ema else module.vae).to(device)
+        device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        vae = (module.ema if cfg.use_ema else module.vae).to(device)
+        if cfg.mode == "decode":
+            latents = sampling.load_latents(vae, Path(cfg.latents), device)
+        elif cfg.mode != "samples":
+            images, inputs = input_images(cfg, vae, checkpoint, device)
+            if cfg.mode == "interpolate" and len(images) < 2:
+                raise ValueError(f"mode=interpolate needs two images or more; the inputs hold {len(images)}")
     out = Path(HydraConfig.get().runtime.output_dir)
     temperatures = OmegaConf.to_container(cfg.temperatures)
     torch.manual_seed(cfg.seed)
     if cfg.mode == "samples":
         return sampling.sample_grids(vae, cfg.n, temperatures, out)
     if cfg.mode == "decode":
-        if not cfg.latents:
-            raise ValueError("mode=decode needs latents=<file written by mode=encode>")
-        latents = sampling.load_latents(vae, Path(cfg.latents), device)
         return [sampling.save_grid(vae.decode(latents, temperatures[0]), out / "decoded.png", len(latents[0]))]
-    images, inputs = input_images(cfg, vae, checkpoint, device)
     if cfg.mode == "reconstruct":
         groups = vae.n_groups
         ks = list(cfg.ks) if cfg.ks else sampling.default_ks(groups)
         log.info("rows: data, then k = %s of %d groups kept", ks, groups)
         return [sampling.reconstruction_grid(vae, images, inputs, ks, temperatures[0], out)]
     if cfg.mode == "interpolate":
-        if len(images) < 2:
-            raise ValueError("mode=interpolate needs at least two images")
         rows = [sampling.interpolate(vae, inputs[i], inputs[i + 1], cfg.steps) for i in range(0, len(inputs) - 1, 2)]
         return [sampling.save_grid(torch.cat(rows), out / "interpolations.png", cfg.steps)]
     path = sampling.save_latents(vae, inputs, out / "latents.pt", cfg.ckpt_path)
