@@ -51,6 +51,7 @@ def test_the_wheel_ships_the_configs_and_the_commands(installed, tmp_path):
     for name in ("vdvae-train", "vdvae-eval", "vdvae-sample", "vdvae-compress", "vdvae-import"):
         assert (installed / "bin" / name).is_file(), name
     code = "import vdvae.conf, importlib.resources as r; print(vdvae.__file__); print(r.files('vdvae.conf'))"
+    code += "; import vdvae.tasks.eval, vdvae.tasks.sample, vdvae.tasks.compress"  # what the commands load
     where = subprocess.run(
         [installed / "bin" / "python", "-c", f"import vdvae; {code}"], cwd=tmp_path, capture_output=True, text=True
     )
