@@ -1,5 +1,6 @@
-"""Run train.py's recipe in-process (composed with Hydra's compose API) or as a subprocess, and a callback that
-watches last.ckpt."""
+"""Run train.py's recipe in-process (composed with Hydra's compose API), or a command as a user starts it
+(`python /path/to/<script> ...` in a working directory of its own, run directories chosen by the framework),
+and a callback that watches last.ckpt."""
 
 import os
 import subprocess
@@ -43,12 +44,22 @@ def run_in_process(out: Path, *overrides: str):
     return train(cfg), cfg
 
 
-def run_script(*args: str, timeout=600, env=None) -> subprocess.CompletedProcess:
-    """python train.py *args, from the repository root, W&B offline."""
+def start(script: str, cwd: Path, *args: str, env=None, **kwargs) -> subprocess.Popen:
+    """`python /path/to/<script> *args` started in the working directory `cwd`, W&B offline (no server here)."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
-    )
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, text=True, **kwargs)
+
+
+def run(script: str, cwd: Path, *args: str, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """As `start`, to the end; its output captured."""
+    proc = start(script, cwd, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_dirs(cwd: Path, task: str = "train") -> list[Path]:
+    """The run directories the commands of `task` (train, eval, sample) made under `cwd`, oldest first."""
+    return sorted((cwd / "logs" / task / "runs").glob("*"))
 
 
 class LastCheckpointProbe(Callback):

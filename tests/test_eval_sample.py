@@ -5,14 +5,12 @@ sampling mode as the README runs it: test_readme.py)."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.conftest import DATA, ROOT, build_model, perturb_, random_batch
-from tests.run_helpers import TINY_RUN, run_in_process
+from tests.run_helpers import TINY_RUN, run, run_dirs, run_in_process
 from vdvae.checkpoints import CheckpointError, load_module
 from vdvae.metrics import ActiveUnits, IWMetric, iw_bound, log_weights
 
@@ -24,13 +22,6 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     run_in_process(out, *TINY_RUN, "trainer.max_epochs=3", "test=false")
     return out / "checkpoints" / "last.ckpt"
-
-
-def run(script, *args, timeout=300):
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
-    )
 
 
 def test_iw_with_one_sample_is_the_single_sample_elbo():
@@ -77,16 +68,11 @@ def test_iw_bound_is_above_the_elbo_and_grows_with_k():
     assert bounds[512] > elbo + 1.0
 
 
-def test_eval_script_scores_every_test_image_once(trained):
-    result = run(
-        "eval.py",
-        f"ckpt_path={trained}",
-        "iw_samples=4",
-        "trainer=cpu",
-        "hydra.run.dir=" + str(trained.parent.parent / "eval"),
-    )
+def test_eval_script_scores_every_test_image_once(trained, tmp_path):
+    result = run("eval.py", tmp_path, f"ckpt_path={trained}", "iw_samples=4", "trainer=cpu")
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((trained.parent.parent / "eval" / "eval.json").read_text())
+    (out,) = run_dirs(tmp_path, "eval")
+    report = json.loads((out / "eval.json").read_text())
     m = report["metrics"]
     assert m["test/n_images"] == 297
     assert m["test/bpd"] == pytest.approx(m["test/nats_per_dim"] / math.log(2), rel=1e-5)
@@ -96,20 +82,22 @@ def test_eval_script_scores_every_test_image_once(trained):
 
 
 def test_encode_then_decode(trained, tmp_path):
-    result = run("sample.py", f"ckpt_path={trained}", "mode=encode", f"hydra.run.dir={tmp_path / 'enc'}")
+    result = run("sample.py", tmp_path, f"ckpt_path={trained}", "mode=encode")
     assert result.returncode == 0, result.stderr[-3000:]
-    record = torch.load(tmp_path / "enc" / "latents.pt", weights_only=True)
+    (encoded,) = run_dirs(tmp_path, "sample")
+    record = torch.load(encoded / "latents.pt", weights_only=True)
     assert [z.shape[-1] for z in record["latents"]] == record["resolutions"] == [1, 4, 4, 8, 8]
     result = run(
         "sample.py",
+        tmp_path,
         f"ckpt_path={trained}",
         "mode=decode",
-        f"latents={tmp_path / 'enc' / 'latents.pt'}",
+        f"latents={encoded / 'latents.pt'}",
         "temperatures=[0.0]",
-        f"hydra.run.dir={tmp_path / 'dec'}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "dec" / "decoded.png").is_file()
+    (decoded,) = set(run_dirs(tmp_path, "sample")) - {encoded}
+    assert (decoded / "decoded.png").is_file()
     # The saved latents are those of the first 8 test images: decoding them is their reconstruction.
     module, checkpoint = load_module(trained)
     from hydra.utils import instantiate
@@ -141,7 +129,7 @@ def test_generation_needs_no_data(trained, tmp_path):
     checkpoint["data_config"]["root"] = "/nonexistent"
     moved = tmp_path / "moved.ckpt"
     torch.save(checkpoint, moved)
-    result = run("sample.py", f"ckpt_path={moved}", "mode=samples", "n=4", f"hydra.run.dir={tmp_path / 's'}")
+    result = run("sample.py", tmp_path, f"ckpt_path={moved}", "mode=samples", "n=4")
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -151,11 +139,11 @@ def test_truncated_or_corrupt_checkpoints_give_a_clear_error(trained, tmp_path, 
     truncated.write_bytes(trained.read_bytes()[:5000])
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"this is not a checkpoint")
-    result = run(script, f"ckpt_path={truncated}", f"hydra.run.dir={tmp_path / 'out'}")
+    result = run(script, tmp_path, f"ckpt_path={truncated}")
     assert result.returncode != 0 and f"{truncated} is not a readable checkpoint" in result.stderr, result.stderr[
         -2000:
     ]
-    assert not (tmp_path / "out").exists()
+    assert run_dirs(tmp_path, script.removesuffix(".py")) == []
     with pytest.raises(CheckpointError, match=f"{garbage} is not a readable checkpoint"):
         load_module(garbage)  # the loader both commands use
     with pytest.raises(CheckpointError, match="checkpoint not found"):

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT
-from tests.run_helpers import TINY_RUN
+from tests.run_helpers import TINY_RUN, run, run_dirs, start
 
 pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
 
@@ -34,21 +33,6 @@ RUN = [
     "test=false",
 ]
 WITH_WANDB = [*[o for o in RUN if not o.startswith("logger=")], "logger=many"]  # W&B offline, CSV, TensorBoard
-
-
-def start(script: str, cwd: Path, *args: str, env=None, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, text=True, **kwargs)
-
-
-def run(script: str, cwd: Path, *args: str, timeout=300, env=None) -> subprocess.CompletedProcess:
-    proc = start(script, cwd, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def run_dirs(cwd: Path) -> list[Path]:
-    return sorted((cwd / "logs" / "train" / "runs").glob("*"))
 
 
 def load(path: Path) -> dict:
@@ -333,4 +317,4 @@ def test_a_bad_sampling_request_fails_and_leaves_no_run_directory(tmp_path, stra
     (tmp_path / "inputs" / "00000.png").rename(tmp_path / "a.png")
     result = run("sample.py", tmp_path, f"ckpt_path={straight}/checkpoints/last.ckpt", *args)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
-    assert not list((tmp_path / "logs" / "sample" / "runs").glob("*")) if (tmp_path / "logs").exists() else True
+    assert run_dirs(tmp_path, "sample") == []

@@ -5,21 +5,23 @@ import json
 
 import pytest
 
-from tests.run_helpers import TINY_RUN, run_script
+from tests.run_helpers import TINY_RUN, run, run_dirs
 
 pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
 
 
 def test_two_process_ddp_keeps_ranks_identical_and_tests_every_image_once(tmp_path):
     probe = f"+callbacks.probe._target_=tests.ddp_probe.RankProbe +callbacks.probe.dirpath={tmp_path / 'probe'}"
-    result = run_script(
+    result = run(
+        "train.py",
+        tmp_path,
         *TINY_RUN,
         "trainer=ddp",
         "trainer.accelerator=cpu",
-        "trainer.max_epochs=2",
+        "trainer.max_steps=52",  # two epochs of 1,300 images in 2 x 25
         "data.batch_size=25",
         *probe.split(),
-        f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -57,11 +59,10 @@ def test_two_process_ddp_keeps_ranks_identical_and_tests_every_image_once(tmp_pa
     ],
 )
 def test_config_and_data_errors_are_clear_and_leave_nothing(tmp_path, args, message):
-    run_dir = tmp_path / "run"
-    result = run_script(*args, "logger=csv", f"hydra.run.dir={run_dir}")
+    result = run("train.py", tmp_path, *args, "logger=csv")
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
-    assert not run_dir.exists()
+    assert run_dirs(tmp_path) == []
 
 
 def test_corrupt_data_file_is_named_and_leaves_nothing(tmp_path):
@@ -69,16 +70,16 @@ def test_corrupt_data_file_is_named_and_leaves_nothing(tmp_path):
 
     make_mnist(tmp_path / "mnist", gz=False)
     (tmp_path / "mnist" / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03garbage")
-    run_dir = tmp_path / "run"
-    result = run_script(
+    result = run(
+        "train.py",
+        tmp_path,
         "model=small",
         "data=mnist",
         f"data.root={tmp_path / 'mnist'}",
         "data.download=false",
         "data.val_size=5",
         "logger=csv",
-        f"hydra.run.dir={run_dir}",
     )
     assert result.returncode != 0
     assert "t10k-images-idx3-ubyte is not an idx3-ubyte image file (bad header)" in result.stderr
-    assert not run_dir.exists()
+    assert run_dirs(tmp_path) == []
