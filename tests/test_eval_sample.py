@@ -133,17 +133,21 @@ def test_generation_needs_no_data(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("script", ["eval.py", "sample.py"])
+@pytest.mark.parametrize("script", ["eval.py", "sample.py", "compress.py"])
 def test_truncated_or_corrupt_checkpoints_give_a_clear_error(trained, tmp_path, script):
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(trained.read_bytes()[:5000])
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"this is not a checkpoint")
-    result = run(script, tmp_path, f"ckpt_path={truncated}")
+    # Refused before the run directory exists and before Lightning is imported (python -X importtime).
+    result = run(script, tmp_path, f"ckpt_path={truncated}", env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode != 0 and f"{truncated} is not a readable checkpoint" in result.stderr, result.stderr[
         -2000:
     ]
     assert run_dirs(tmp_path, script.removesuffix(".py")) == []
+    lines = result.stderr.splitlines()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time")]
+    assert "torch" in imported and "lightning" not in imported
     with pytest.raises(CheckpointError, match=f"{garbage} is not a readable checkpoint"):
         load_module(garbage)  # the loader both commands use
     with pytest.raises(CheckpointError, match="checkpoint not found"):

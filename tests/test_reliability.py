@@ -118,7 +118,7 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path, straight):
 
 
 def test_stale_temp_files_of_interrupted_saves_are_removed(tmp_path):
-    from vdvae.checkpoints import AtomicCheckpointIO
+    from vdvae.callbacks import AtomicCheckpointIO
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".last.ckpt.tmp{int(dead.stdout)}"
@@ -242,6 +242,8 @@ def test_a_checkpoint_with_code_in_its_pickle_runs_nothing_anywhere(tmp_path, st
         assert result.returncode != 0, script
         assert not marker.exists(), script
         assert "hostile.ckpt" in result.stderr, (script, result.stderr[-1500:])
+        # It says why, and not torch's advice to load the file with weights_only=False (which would run it).
+        assert "asks to run code" in result.stderr and "weights_only" not in result.stderr, result.stderr[-1500:]
     assert not (tmp_path / "o.ckpt").exists()
 
 

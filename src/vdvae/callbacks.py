@@ -1,6 +1,7 @@
 """Optional training behaviour: sample and reconstruction grids, the rate-per-group plot, `last.ckpt`
 as the latest state (also on SIGTERM and crashes), and the W&B run id in checkpoints. Images are
-saved in the run directory and sent to the loggers that take images (W&B, TensorBoard)."""
+saved in the run directory and sent to the loggers that take images (W&B, TensorBoard). And the
+trainer's checkpoint plugin: atomic saves, weights-only loads."""
 
 import logging
 import shutil
@@ -13,17 +14,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from lightning import Callback  # noqa: E402
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vdvae import sampling  # noqa: E402
+from vdvae.checkpoints import save_atomically  # noqa: E402
 from vdvae.data.base import first_images  # noqa: E402
 from vdvae.lit_module import seeded  # noqa: E402
 from vdvae.model import NonFiniteOutputError  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O with saves that are never left half-written and loads that run no code."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        save_atomically(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        # Checkpoints are data: whatever the caller or torch's default says, nothing is unpickled as code.
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 def log_image(trainer, key: str, path: Path):

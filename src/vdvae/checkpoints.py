@@ -1,32 +1,53 @@
 """Checkpoints as data: written atomically (to a temporary file renamed into place, never left
 half-written; a save also removes what interrupted saves left behind), always read weights-only (a
 checkpoint never names code to run), from local files or W&B artifacts, with clear errors for files that
-are not checkpoints or do not fit the model; and the data module a checkpoint was trained on."""
+are not checkpoints or do not fit the model; and the data module a checkpoint was trained on.
+
+Reading and checking a checkpoint needs torch alone, not Lightning: the commands check the checkpoint a
+request names before they load the rest, so that a wrong file is refused in seconds.
+"""
+
+from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from hydra.utils import instantiate
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from vdvae.data import ImageDataModule, data_module_from_config
-from vdvae.lit_module import VDVAEModule
+from vdvae.data import check_stored_data_config
+
+if TYPE_CHECKING:
+    from vdvae.data import ImageDataModule
+    from vdvae.lit_module import VDVAEModule
 
 _TMP = re.compile(r"^\..+\.tmp(\d+)$")
+# The reason inside torch's refusal of a file that is not plain data (its advice to load the file with
+# weights_only=False, which would run what the file names, is left out).
+_REFUSED_CODE = re.compile(r"(Trying to load unsupported GLOBAL[^\n]*)")
+_REFUSED_OTHER = re.compile(r"WeightsUnpickler error:\s*(.*?)\s*Check the documentation", re.DOTALL)
 
 
-def load_weights_only(path, what: str, error_type: type[Exception] = ValueError):
+def load_weights_only(path, what: str, error_type: type[Exception] = ValueError, mmap: bool = False):
     """torch.load on the CPU, weights-only (a file is data, never code); a damaged file raises `error_type`
-    saying it is not a readable `what`."""
+    saying it is not a readable `what`. `mmap`: map the tensors' storage instead of reading it (shapes and
+    structure at once; the data is read where it is used), for files in torch's zip format."""
+    import torch  # here, not above: a wrong path is reported without waiting for torch to load
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except FileNotFoundError:
         raise
     except Exception as error:  # torch.load raises many types on a damaged file
-        raise error_type(f"{path} is not a readable {what} (truncated or corrupt?): {str(error)[:300]}") from error
+        text = str(error)
+        if code := _REFUSED_CODE.search(text):
+            why = f": it asks to run code, which is never loaded ({code.group(1).strip()})"
+        else:
+            other = _REFUSED_OTHER.search(text)
+            why = f" (truncated or corrupt?): {(other.group(1) if other else text)[:300]}"
+        raise error_type(f"{path} is not a readable {what}{why}") from error
 
 
 def _alive(pid: int) -> bool:
@@ -47,21 +68,19 @@ def remove_stale_temp_files(directory: Path):
             path.unlink(missing_ok=True)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(path.parent)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-        finally:
-            tmp.unlink(missing_ok=True)
+def save_atomically(checkpoint: dict, path):
+    """torch.save to a temporary file renamed into place: readers see the old file or the new one."""
+    import torch
 
-    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
-        # Checkpoints are data: whatever the caller or torch's default says, nothing is unpickled as code.
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)  # atomic on POSIX
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class CheckpointError(ValueError):
@@ -89,10 +108,11 @@ def resolve(path: str) -> Path:
     return p
 
 
-def load_checkpoint(path) -> dict:
-    """torch.load a checkpoint on the CPU, weights-only (a checkpoint is data, never code), explaining failures."""
+def load_checkpoint(path, mmap: bool = False) -> dict:
+    """torch.load a checkpoint on the CPU, weights-only (a checkpoint is data, never code), explaining failures;
+    `mmap`: its tensors mapped, not read (see `load_weights_only`)."""
     p = resolve(path)
-    checkpoint = load_weights_only(p, "checkpoint", CheckpointError)
+    checkpoint = load_weights_only(p, "checkpoint", CheckpointError, mmap=mmap)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CheckpointError(
             f"{p} is not a vdvae checkpoint (no state_dict and hyper_parameters); weights of the "
@@ -118,10 +138,22 @@ def state_mismatch(expected: dict, found: dict, limit: int = 5) -> str:
     return "; ".join(parts)
 
 
+def check_checkpoint(path, stored_data: bool) -> dict:
+    """The checkpoint at `path`, its tensors mapped (not read), after checking that it is one and, where
+    `stored_data` (the data it was trained on will be used), that its data config is plain data."""
+    checkpoint = load_checkpoint(path, mmap=True)
+    if stored_data and "data_config" in checkpoint:
+        try:
+            check_stored_data_config(checkpoint["data_config"])
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from error
+    return checkpoint
+
+
 def check_resume(path, module) -> dict:
-    """The checkpoint to resume `module`'s training from, read weights-only, after checking that it is one
-    and that its weights fit the model (the first few mismatched keys are named)."""
-    checkpoint = load_checkpoint(path)
+    """The checkpoint to resume `module`'s training from, read weights-only with its tensors mapped, after
+    checking that it is one and that its weights fit the model (the first few mismatched keys are named)."""
+    checkpoint = load_checkpoint(path, mmap=True)
     mismatch = state_mismatch(module.state_dict(), checkpoint["state_dict"])
     if mismatch:
         raise CheckpointError(
@@ -140,6 +172,8 @@ def load_module(path, **evaluation) -> tuple[VDVAEModule, dict]:
 
 def module_from_checkpoint(checkpoint: dict, path, **evaluation) -> VDVAEModule:
     """The VDVAEModule of a checkpoint read by `load_checkpoint` (in eval mode); `path` names it in errors."""
+    from vdvae.lit_module import VDVAEModule
+
     try:
         module = VDVAEModule(**checkpoint["hyper_parameters"], **evaluation)
     except (TypeError, ValueError, KeyError) as error:
@@ -155,6 +189,10 @@ def data_module(checkpoint: dict, path, data: DictConfig | None = None, **overri
     """The data module of `data` if given (data=..., the user's own config), else the one the checkpoint
     at `path` was trained on (plain values checked by `data_module_from_config`: a checkpoint never names
     code to run); and its config as a plain dict."""
+    from hydra.utils import instantiate
+
+    from vdvae.data import data_module_from_config
+
     if data is not None:
         return instantiate(data, **overrides), OmegaConf.to_container(data, resolve=True)
     if "data_config" not in checkpoint:

@@ -211,15 +211,43 @@ def remove_empty_run_dir():
 
 def check_resume_on_meta(config: DictConfig):
     """The checkpoint to resume from must be readable and fit the configured model (built on the meta
-    device: shapes only, no memory), before a run directory exists."""
+    device: shapes only, no memory), before a run directory exists. The file is read first: a wrong one
+    is refused before Lightning is imported."""
+    from vdvae.checkpoints import check_checkpoint, check_resume
+
+    check_checkpoint(config.ckpt_path, stored_data=False)
     import torch
     from hydra.utils import instantiate
 
-    from vdvae.checkpoints import check_resume
-
     with torch.device("meta"):
-        module = instantiate(config.model)
+        module = instantiate(config.model)  # imports Lightning
     check_resume(config.ckpt_path, module)
+
+
+# What sample.py and compress.py can do.
+SAMPLE_MODES = ("samples", "reconstruct", "interpolate", "encode", "decode")
+COMPRESS_MODES = ("compress", "decompress")
+
+
+def check_request(cfg: DictConfig):
+    """eval.py, sample.py, compress.py: the request's values, and the checkpoint it names (readable, a
+    vdvae checkpoint, and its data config plain data where it will be used), before any work."""
+    task = cfg.get("task_name")
+    if task == "sample":
+        if cfg.mode not in SAMPLE_MODES:
+            raise ConfigError(f"mode={cfg.mode!r}: choose one of {', '.join(SAMPLE_MODES)}")
+        if cfg.mode == "decode" and not cfg.latents:
+            raise ConfigError("mode=decode needs latents=<file written by mode=encode>")
+        if cfg.mode == "interpolate" and not cfg.inputs and cfg.n_images < 2:
+            raise ConfigError(f"mode=interpolate needs two images or more: n_images={cfg.n_images}")
+    if task == "compress":
+        if cfg.mode not in COMPRESS_MODES:
+            raise ConfigError(f"mode={cfg.mode!r}: choose one of {', '.join(COMPRESS_MODES)}")
+        if cfg.mode == "decompress" and not cfg.file:
+            raise ConfigError("mode=decompress needs file=<a file written by mode=compress>")
+    from vdvae.checkpoints import check_checkpoint
+
+    check_checkpoint(cfg.ckpt_path, stored_data=cfg.get("data") is None)
 
 
 class RunDirGuard(Callback):
@@ -241,6 +269,8 @@ class RunDirGuard(Callback):
             check_config(config)
             if config.get("ckpt_path"):
                 check_resume_on_meta(config)
+        elif config.get("task_name") in ("eval", "sample", "compress"):
+            check_request(config)
         run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
         if not holds_a_run(run_dir) or is_worker_process():
             return

@@ -17,13 +17,12 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from vdvae.compression import CodingOptions, CompressedFileError, codec_from_checkpoint, negative_elbo
-from vdvae.config import no_run_dir_on_failure
+from vdvae.config import check_request, no_run_dir_on_failure
 from vdvae.data.base import first_images
 from vdvae.data.folder import input_files
 from vdvae.sampling import pil_image
 
 log = logging.getLogger(__name__)
-MODES = ("compress", "decompress")
 # PIL modes read without loss as the model's channels: 1 -> grayscale, 3 -> RGB.
 EXACT_MODES = {1: {"L": None, "1": "L"}, 3: {"RGB": None}}
 
@@ -69,10 +68,7 @@ def safe_name(name: str) -> str:
 
 def compress(cfg: DictConfig) -> list[Path]:
     with no_run_dir_on_failure():
-        if cfg.mode not in MODES:
-            raise ValueError(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
-        if cfg.mode == "decompress" and not cfg.file:
-            raise ValueError("mode=decompress needs file=<a file written by mode=compress>")
+        check_request(cfg)  # also checked before the run directory exists, except in sweeps
         options = CodingOptions(cfg.bin_width, cfg.latent_range, cfg.batch_size)
         codec, datamodule = codec_from_checkpoint(cfg.ckpt_path, cfg.use_ema, cfg.get("data"))
         out = Path(HydraConfig.get().runtime.output_dir)

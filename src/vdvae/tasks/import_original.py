@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from vdvae.checkpoints import AtomicCheckpointIO
+from vdvae.checkpoints import save_atomically
 from vdvae.original import import_checkpoint
 
 CONF = files("vdvae.conf")
@@ -51,5 +51,5 @@ def main(argv=None):
                 "model.vae.enc_blocks='...'"
             )
         sys.exit(f"import_original: {error}{hint}")
-    AtomicCheckpointIO().save_checkpoint(checkpoint, args.out)
+    save_atomically(checkpoint, args.out)
     print(f"wrote {args.out} ({args.preset}, {len(checkpoint['state_dict'])} tensors)")

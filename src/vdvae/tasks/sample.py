@@ -17,11 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from vdvae import sampling
 from vdvae.checkpoints import data_module, load_module
-from vdvae.config import no_run_dir_on_failure
+from vdvae.config import check_request, no_run_dir_on_failure
 from vdvae.data.base import first_images
 
 log = logging.getLogger(__name__)
-MODES = ("samples", "reconstruct", "interpolate", "encode", "decode")
 
 
 def input_images(cfg, vae, checkpoint, device):
@@ -39,12 +38,7 @@ def input_images(cfg, vae, checkpoint, device):
 def sample(cfg: DictConfig) -> list[Path]:
     # Everything that reads the request's files runs first: a mistake leaves no run directory behind.
     with no_run_dir_on_failure():
-        if cfg.mode not in MODES:
-            raise ValueError(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
-        if cfg.mode == "decode" and not cfg.latents:
-            raise ValueError("mode=decode needs latents=<file written by mode=encode>")
-        if cfg.mode == "interpolate" and not cfg.inputs and cfg.n_images < 2:
-            raise ValueError(f"mode=interpolate needs two images or more: n_images={cfg.n_images}")
+        check_request(cfg)  # also checked before the run directory exists, except in sweeps
         module, checkpoint = load_module(cfg.ckpt_path)
         device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         vae = (module.ema if cfg.use_ema else module.vae).to(device)
