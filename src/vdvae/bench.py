@@ -379,16 +379,15 @@ def run_one(args):
     BASELINE_MB = resident_mb()
     if device.type == "cpu":
         torch.set_num_threads(args.threads or torch.get_num_threads())
-    if args.allocated_memory:  # a second process per config: the profiler would distort the timings
+    result = run_original(args, device) if args.single == "original" else run_ours(args, args.single, device)
+    if args.allocated_memory:  # after the timings (the profiler would distort them), with a new model
         args.steps, args.warmup = 2, 0  # the second step runs with the optimizer state in place
         run = (
             (lambda: run_original(args, device))
             if args.single == "original"
             else lambda: run_ours(args, args.single, device, train_only=True)
         )
-        print(json.dumps({"allocated_peak_mb": allocated_peak_mb(run)}))
-        return
-    result = run_original(args, device) if args.single == "original" else run_ours(args, args.single, device)
+        result["allocated_peak_mb"] = allocated_peak_mb(run)
     dtype = torch.bfloat16 if args.single.startswith("bf16") else torch.float32
     peak = peak_flops(device, dtype)
     result["device_peak_gflops"] = peak / 1e9
@@ -425,7 +424,7 @@ def main(argv=None):
     parser.add_argument(
         "--allocated-memory",
         action="store_true",
-        help="CPU: also measure the peak of live tensor memory (one more profiled step per config)",
+        help="CPU: also measure the peak of live tensor memory (a profiled run of a new model after the timed one)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one config in this process
@@ -442,11 +441,15 @@ def main(argv=None):
     names = (["original"] if args.original else []) + args.configs
     passed = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--allocated-memory"]
     # Rounds over all configs, the original included: a drift in the machine's speed then hits
-    # every config alike, and each figure is the median of its rounds.
+    # every config alike, and each figure is the median of its rounds. Live tensor memory does not drift:
+    # the last round measures it.
     rounds = {name: [] for name in names}
     for i in range(args.repeats):
+        last = i == args.repeats - 1
         for name in names:
-            rounds[name].append(run_config(name, passed))
+            rounds[name].append(
+                run_config(name, [*passed, *(["--allocated-memory"] if args.allocated_memory and last else [])])
+            )
             print(
                 f"round {i + 1}/{args.repeats} {name:>16}: {rounds[name][-1]['train_images_per_s']:6.2f} img/s",
                 flush=True,
@@ -456,7 +459,7 @@ def main(argv=None):
         results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         results[name]["train_images_per_s_rounds"] = [r["train_images_per_s"] for r in runs]
         if args.allocated_memory:
-            results[name].update(run_config(name, [*passed, "--allocated-memory"]))
+            results[name]["allocated_peak_mb"] = runs[-1]["allocated_peak_mb"]
         allocated = results[name].get("allocated_peak_mb")
         print(
             f"{name:>16}: {results[name]['train_images_per_s']:8.2f} train img/s, "
