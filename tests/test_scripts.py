@@ -10,7 +10,7 @@ from tests.run_helpers import TINY_RUN, run, run_dirs
 pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
 
 
-def test_two_process_ddp_keeps_ranks_identical_and_tests_every_image_once(tmp_path):
+def test_two_process_ddp_with_accumulation_keeps_ranks_identical_and_tests_every_image_once(tmp_path):
     probe = f"+callbacks.probe._target_=tests.ddp_probe.RankProbe +callbacks.probe.dirpath={tmp_path / 'probe'}"
     result = run(
         "train.py",
@@ -19,13 +19,14 @@ def test_two_process_ddp_keeps_ranks_identical_and_tests_every_image_once(tmp_pa
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.max_steps=52",  # two epochs of 1,300 images in 2 x 25
-        "data.batch_size=25",
+        "data.batch_size=5",  # ... each 25 in 5 parts, their gradients all-reduced once per update
+        "trainer.accumulate_grad_batches=5",
         *probe.split(),
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["world"] == 2 and ranks[0]["steps"] > 0
+    assert ranks[0]["world"] == 2 and ranks[0]["steps"] == ranks[1]["steps"] == 52
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"] and ranks[0]["ema_sum"] == ranks[1]["ema_sum"]
     # 297 test images: 149 + 148, none padded or dropped, and the metric counts each once.
@@ -43,6 +44,8 @@ def test_two_process_ddp_keeps_ranks_identical_and_tests_every_image_once(tmp_pa
             "data.binarize=True needs model.vae.likelihood=bernoulli",
         ),
         (["model=tiny", "data=digits", "trainer.precision=16-mixed"], "use trainer.precision=bf16-mixed"),
+        (["model=tiny", "data=digits", "trainer.accumulate_grad_batches=0"], "it must be an integer >= 1"),
+        (["model=tiny", "data=digits", "+trainer.gradient_clip_val=1"], "set model.grad_clip"),
         (
             [
                 "model=tiny",

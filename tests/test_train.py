@@ -1,6 +1,7 @@
 """Training end to end: a short run improves, resume is exact, bad updates are skipped and counted,
 a run that skips forever stops with a message, options (bf16, debug presets) run."""
 
+import csv
 import math
 
 import pytest
@@ -14,11 +15,14 @@ from vdvae import VDVAEModule
 from vdvae.config import route_library_logs
 
 
-def val_bpd(run_dir):
-    import csv
+def logged(run_dir, key: str) -> list[float]:
+    """The values of `key` in a run's CSV log, in order."""
+    with open(next(run_dir.glob("csv/version_*/metrics.csv"))) as file:
+        return [float(r[key]) for r in csv.DictReader(file) if r.get(key)]
 
-    rows = list(csv.DictReader(open(next(run_dir.glob("csv/version_*/metrics.csv")))))
-    return [float(r["val/bpd"]) for r in rows if r.get("val/bpd")]
+
+def val_bpd(run_dir):
+    return logged(run_dir, "val/bpd")
 
 
 def test_short_run_reduces_val_bpd_and_writes_outputs(tmp_path):
@@ -53,6 +57,26 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a["exp_avg"], b["exp_avg"])
     assert full["lr_schedulers"] == resumed["lr_schedulers"]
     assert val_bpd(tmp_path / "full")[-1] == val_bpd(tmp_path / "resumed")[-1]
+
+
+def test_accumulated_batches_make_the_update_of_their_whole_batch(tmp_path, monkeypatch):
+    # 2 x 25 images per update against 50 at once: the same images in every update (the loaded batch holds
+    # both parts), so the same gradient (its norm, before clipping, is logged), loss and weights; with the
+    # posterior's noise fixed, as the parts would draw it in another order.
+    monkeypatch.setattr(
+        "vdvae.model.vae.gaussian_sample", lambda mean, logstd, temperature=1.0: mean + logstd.exp() / 2
+    )
+    run = [*TINY_RUN, "trainer.max_steps=5", "test=false", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1"]
+    whole, _ = run_in_process(tmp_path / "whole", *run, "data.batch_size=50")
+    parts, cfg = run_in_process(tmp_path / "parts", *run, "data.batch_size=25", "trainer.accumulate_grad_batches=2")
+    assert cfg.trainer.accumulate_grad_batches == 2
+    a, b = (torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True) for name in ("whole", "parts"))
+    assert a["global_step"] == b["global_step"] == 5  # updates, not parts
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    for key in ("train/grad_norm", "train/loss"):
+        assert len(logged(tmp_path / "parts", key)) == 5
+        assert logged(tmp_path / "parts", key) == pytest.approx(logged(tmp_path / "whole", key), rel=1e-5), key
 
 
 class Snapshots:

@@ -161,6 +161,13 @@ def check_config(cfg: DictConfig):
     _require(cfg, "data.eval_batch_size", "int", 1, nullable=True)
     _require(cfg, "data.num_workers", "int", 0)
     _require(cfg, "seed", "int")
+    _require(cfg, "trainer.accumulate_grad_batches", "int", 1, nullable=True)
+    for key in ("gradient_clip_val", "gradient_clip_algorithm"):
+        if OmegaConf.select(cfg, f"trainer.{key}", default=None) is not None:
+            raise ConfigError(
+                f"trainer.{key} is not used: the model clips the gradient norm itself, after measuring it for the "
+                f"skip decision; set model.grad_clip (now {OmegaConf.select(cfg, 'model.grad_clip')}) instead"
+            )
     trainer = cfg.get("trainer") or {}
     devices, cores = _cpu_devices(trainer), os.cpu_count() or 1
     if devices is not None and devices > cores:

@@ -6,7 +6,9 @@ above `skip_threshold`, neither the weights nor the EMA move. Efficient-VDVAE's 
 decay, KL warm-up and KL balancing are options. Skips are counted and logged, and a
 run that keeps skipping warns and then stops with a message instead of stalling silently.
 Validation, test and sampling use the EMA weights. With `cuda_graphs` on one GPU the whole step
-(vdvae.whole_step) runs as one captured graph instead of op by op.
+(vdvae.whole_step) runs as one captured graph instead of op by op. Gradient accumulation happens inside
+one training step (each loaded batch holds all the batches of one update), so that clipping, the skip
+decision and the EMA see the whole update and every checkpoint falls between updates.
 """
 
 import contextlib
@@ -18,6 +20,7 @@ import random
 import numpy as np
 import torch
 from lightning import LightningModule
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from vdvae.metrics import ActiveUnits, ELBOMetric, IWMetric, iw_bound
@@ -75,13 +78,16 @@ class VDVAEModule(LightningModule):
         kl_warmup_steps: int = 0,
         kl_balancing_steps: int = 0,
         data_config: dict | None = None,
+        accumulate_grad_batches: int = 1,
         iw_samples: int = 0,
         iw_chunk: int = 64,
         active_units: bool = False,
         variate_masks: list | None = None,
     ):
         """`data_config`: the data module's config, stored in checkpoints (not in the hyperparameters) so
-        that evaluation and sampling find the data the model was trained on. The test set's extras (not
+        that evaluation and sampling find the data the model was trained on. `accumulate_grad_batches`
+        (`trainer.accumulate_grad_batches`, a training option): how many parts each training batch is split
+        into, one forward and backward pass each, for one update. The test set's extras (not
         hyperparameters either): `iw_samples` > 0 adds the importance-weighted bound with that many samples
         (`iw_chunk` at a time), `active_units` counts them per group, and `variate_masks` (one bool (zdim,)
         tensor per group, vdvae.pruning) makes the test ELBO keep only those posterior variates."""
@@ -94,7 +100,15 @@ class VDVAEModule(LightningModule):
             raise ValueError(f"model.lr_schedule must be constant or cosine, got {lr_schedule!r}")
         # The loggers get the whole run config once, from train().
         self.save_hyperparameters(
-            ignore=["data_config", "iw_samples", "iw_chunk", "active_units", "variate_masks"], logger=False
+            ignore=[
+                "data_config",
+                "accumulate_grad_batches",
+                "iw_samples",
+                "iw_chunk",
+                "active_units",
+                "variate_masks",
+            ],
+            logger=False,
         )
         # As in the original, -1 (or null) turns the norm-based skip off; non-finite updates are always skipped.
         self.skips_on_norm = skip_threshold is not None and skip_threshold != -1
@@ -113,6 +127,7 @@ class VDVAEModule(LightningModule):
         sizes = [z * h * w for z, h, w in self.vae.latent_shapes]
         self.test_active_units = ActiveUnits(sizes) if active_units else None
         self.data_config = data_config
+        self.accumulate_grad_batches = accumulate_grad_batches
         self._stalled, self._stall_warned = None, False
         self._restored_rng = None
         self._whole_step = None  # built at the first training step (after a resume has loaded the optimizer)
@@ -210,12 +225,23 @@ class VDVAEModule(LightningModule):
         return compile_whole_step(self, optimizer, mode="reduce-overhead")
 
     def _eager_step(self, x, target, optimizer) -> dict:
-        """Forward, backward, clipping, the skip decision, the update, the EMA and the counters, op by op."""
-        out = self.vae(x, target)
-        loss = out.loss.mean()
-        objective, kl_weight = self.objective(out, self.attempted_steps + 1)
+        """Forward, backward, clipping, the skip decision, the update, the EMA and the counters, op by op.
+        With accumulation, forward and backward run on each part of the batch, its objective weighted by its
+        share of the images: the summed gradients are the whole batch's."""
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(objective)
+        k = self.accumulate_grad_batches
+        parts = list(zip(x.tensor_split(k), target.tensor_split(k), strict=True))
+        terms = dict.fromkeys(("loss", "bpd", "distortion", "rate"), 0.0)
+        for i, (x_part, target_part) in enumerate(parts):
+            share = len(x_part) / len(x)
+            # Gradients are all-reduced across devices once, in the last part's backward pass.
+            with self._backward_sync(enabled=i == len(parts) - 1):
+                out = self.vae(x_part, target_part)
+                objective, kl_weight = self.objective(out, self.attempted_steps + 1)
+                self.manual_backward(objective * share)
+            for name in terms:
+                terms[name] = terms[name] + getattr(out, name).detach().mean() * share
+        loss = terms.pop("loss")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.hparams.grad_clip)
         # 1.0 on a bad update on any rank (the norm is the same on every rank after the all-reduce).
         skip = self.trainer.strategy.reduce(self.bad_update(loss, grad_norm).float(), reduce_op="max")
@@ -226,8 +252,14 @@ class VDVAEModule(LightningModule):
             optimizer.step()
         self.update_ema(weight=(1.0 - self.ema_decay()) * (1.0 - skip))
         self.count_step(skip)
-        terms = {"bpd": out.bpd.mean(), "distortion": out.distortion.mean(), "rate": out.rate.mean()}
         return {"loss": loss, **terms, "grad_norm": grad_norm, "skipped": skip, "kl_weight": kl_weight}
+
+    def _backward_sync(self, enabled: bool):
+        """A block whose backward pass all-reduces gradients across devices if `enabled`, else not."""
+        strategy = self.trainer.strategy
+        if enabled or not isinstance(strategy, ParallelStrategy):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
 
     def bad_update(self, loss, grad_norm):
         """Whether to skip the update, decided on the device (no host sync): a non-finite loss, or a

@@ -25,6 +25,8 @@ def unavailable_reason(module) -> str | None:
         return f"the captured step does not all-reduce gradients across the {module.trainer.world_size} processes"
     if module.vae.checkpointing:
         return "activation checkpointing (model.vae.checkpointing=true) recomputes inside the backward pass"
+    if module.accumulate_grad_batches > 1:
+        return "gradient accumulation (trainer.accumulate_grad_batches) runs several backward passes per update"
     return None
 
 

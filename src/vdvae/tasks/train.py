@@ -44,18 +44,25 @@ def train(cfg: DictConfig) -> float | None:
     with no_run_dir_on_failure():
         check_config(cfg)
         L.seed_everything(cfg.seed, workers=True)
-        datamodule = instantiate(cfg.data)
+        # Gradient accumulation runs inside the training step (vdvae.lit_module): each loaded batch holds
+        # all the batches of one update, and Lightning sees one batch per update.
+        accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
+        sizes = {
+            "batch_size": cfg.data.batch_size * accumulate,
+            "eval_batch_size": cfg.data.get("eval_batch_size") or cfg.data.batch_size,
+        }
+        datamodule = instantiate(cfg.data, **sizes) if accumulate > 1 else instantiate(cfg.data)
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             datamodule.prepare_data()
         datamodule.setup("fit")  # missing or corrupt data fails here, before any output is written
         # Not recursive: the data config is stored as plain values, not instantiated.
         data_config = OmegaConf.to_container(cfg.data, resolve=True)
-        module = instantiate(cfg.model, data_config=data_config, _recursive_=False)
+        module = instantiate(cfg.model, data_config=data_config, accumulate_grad_batches=accumulate, _recursive_=False)
         resumed = check_resume(ckpt_path, module) if ckpt_path else None
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = loggers_from_config(cfg.get("logger"), resumed)
     del resumed
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, accumulate_grad_batches=1)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     n_params = sum(p.numel() for p in module.vae.parameters())
