@@ -4,6 +4,7 @@ before any output (sweeps, resume and signals: test_readme.py and test_reliabili
 import json
 
 import pytest
+import torch
 
 from tests.run_helpers import TINY_RUN, run, run_dirs
 
@@ -46,6 +47,8 @@ def test_two_process_ddp_with_accumulation_keeps_ranks_identical_and_tests_every
         (["model=tiny", "data=digits", "trainer.precision=16-mixed"], "use trainer.precision=bf16-mixed"),
         (["model=tiny", "data=digits", "trainer.accumulate_grad_batches=0"], "it must be an integer >= 1"),
         (["model=tiny", "data=digits", "+trainer.gradient_clip_val=1"], "set model.grad_clip"),
+        (["model=tiny", "data=digits", "trainer.max_steps=1e3"], "trainer.max_steps=1000.0 is not valid"),
+        (["model=tiny", "data=digits", "trainer.strategy=dpp"], "invalid strategy name"),  # refused by Lightning
         (
             [
                 "model=tiny",
@@ -65,6 +68,13 @@ def test_config_and_data_errors_are_clear_and_leave_nothing(tmp_path, args, mess
     result = run("train.py", tmp_path, *args, "logger=csv")
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
+    assert run_dirs(tmp_path) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_a_gpu_trainer_on_a_machine_without_one_says_so_and_leaves_nothing(tmp_path):
+    result = run("train.py", tmp_path, "model=tiny", "data=digits", "trainer=gpu", "logger=csv")
+    assert result.returncode != 0 and "torch finds no CUDA GPU on this machine: use trainer=cpu" in result.stderr
     assert run_dirs(tmp_path) == []
 
 

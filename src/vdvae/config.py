@@ -151,6 +151,11 @@ def check_config(cfg: DictConfig):
             f"trainer.precision={precision} is not supported: fp16 loss scaling would take over the skip decision "
             f"of the fused optimizer; use trainer.precision=bf16-mixed (or 32-true)"
         )
+    if precision.startswith("64"):
+        raise ConfigError(
+            f"trainer.precision={precision} is not supported: the data reach the model in float32; use "
+            f"trainer.precision=32-true (or bf16-mixed)"
+        )
     _require(cfg, "model.lr", "number", 0, open_low=True)
     _require(cfg, "model.grad_clip", "number", 0, open_low=True)
     _require(cfg, "model.ema_decay", "number", 0, 1)
@@ -162,6 +167,8 @@ def check_config(cfg: DictConfig):
     _require(cfg, "data.num_workers", "int", 0)
     _require(cfg, "seed", "int")
     _require(cfg, "trainer.accumulate_grad_batches", "int", 1, nullable=True)
+    _require(cfg, "trainer.max_steps", "int", -1, nullable=True)
+    _require(cfg, "trainer.max_epochs", "int", -1, nullable=True)
     for key in ("gradient_clip_val", "gradient_clip_algorithm"):
         if OmegaConf.select(cfg, f"trainer.{key}", default=None) is not None:
             raise ConfigError(
@@ -169,6 +176,14 @@ def check_config(cfg: DictConfig):
                 f"skip decision; set model.grad_clip (now {OmegaConf.select(cfg, 'model.grad_clip')}) instead"
             )
     trainer = cfg.get("trainer") or {}
+    if str(trainer.get("accelerator", "auto")) in ("gpu", "cuda"):
+        import torch  # only now: importing it takes seconds
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"trainer.accelerator={trainer.accelerator}, but torch finds no CUDA GPU on this machine: use "
+                f"trainer=cpu (or trainer=default: every device the machine has)"
+            )
     devices, cores = _cpu_devices(trainer), os.cpu_count() or 1
     if devices is not None and devices > cores:
         raise ConfigError(

@@ -59,10 +59,12 @@ def train(cfg: DictConfig) -> float | None:
         data_config = OmegaConf.to_container(cfg.data, resolve=True)
         module = instantiate(cfg.model, data_config=data_config, accumulate_grad_batches=accumulate, _recursive_=False)
         resumed = check_resume(ckpt_path, module) if ckpt_path else None
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = loggers_from_config(cfg.get("logger"), resumed)
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        # The trainer before the loggers, which write into the run directory: a trainer option Lightning
+        # refuses (an accelerator the machine lacks, a misspelt strategy) leaves nothing behind.
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, accumulate_grad_batches=1)
+    trainer.loggers = loggers_from_config(cfg.get("logger"), resumed)
     del resumed
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, accumulate_grad_batches=1)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     n_params = sum(p.numel() for p in module.vae.parameters())
