@@ -152,8 +152,13 @@ def check_checkpoint(path, stored_data: bool) -> dict:
 
 def check_resume(path, module) -> dict:
     """The checkpoint to resume `module`'s training from, read weights-only with its tensors mapped, after
-    checking that it is one and that its weights fit the model (the first few mismatched keys are named)."""
-    checkpoint = load_checkpoint(path, mmap=True)
+    checking that it is one and that its weights fit the model (see `check_fits`)."""
+    return check_fits(load_checkpoint(path, mmap=True), path, module)
+
+
+def check_fits(checkpoint: dict, path, module) -> dict:
+    """`checkpoint` (read from `path`), after checking that its weights fit `module` for resuming its
+    training (the first few mismatched keys are named)."""
     mismatch = state_mismatch(module.state_dict(), checkpoint["state_dict"])
     if mismatch:
         raise CheckpointError(

@@ -235,15 +235,15 @@ def check_resume_on_meta(config: DictConfig):
     """The checkpoint to resume from must be readable and fit the configured model (built on the meta
     device: shapes only, no memory), before a run directory exists. The file is read first: a wrong one
     is refused before Lightning is imported."""
-    from vdvae.checkpoints import check_checkpoint, check_resume
+    from vdvae.checkpoints import check_fits, load_checkpoint
 
-    check_checkpoint(config.ckpt_path, stored_data=False)
+    checkpoint = load_checkpoint(config.ckpt_path, mmap=True)
     import torch
     from hydra.utils import instantiate
 
     with torch.device("meta"):
         module = instantiate(config.model)  # imports Lightning
-    check_resume(config.ckpt_path, module)
+    check_fits(checkpoint, config.ckpt_path, module)
 
 
 # What sample.py and compress.py can do.
@@ -251,9 +251,8 @@ SAMPLE_MODES = ("samples", "reconstruct", "interpolate", "encode", "decode")
 COMPRESS_MODES = ("compress", "decompress")
 
 
-def check_request(cfg: DictConfig):
-    """eval.py, sample.py, compress.py: the request's values, and the checkpoint it names (readable, a
-    vdvae checkpoint, and its data config plain data where it will be used), before any work."""
+def check_mode(cfg: DictConfig):
+    """sample.py and compress.py: the mode, and what it needs."""
     task = cfg.get("task_name")
     if task == "sample":
         if cfg.mode not in SAMPLE_MODES:
@@ -267,6 +266,12 @@ def check_request(cfg: DictConfig):
             raise ConfigError(f"mode={cfg.mode!r}: choose one of {', '.join(COMPRESS_MODES)}")
         if cfg.mode == "decompress" and not cfg.file:
             raise ConfigError("mode=decompress needs file=<a file written by mode=compress>")
+
+
+def check_request(cfg: DictConfig):
+    """eval.py, sample.py, compress.py: the mode, and the checkpoint the request names (readable, a vdvae
+    checkpoint, and its data config plain data where it will be used), before any work."""
+    check_mode(cfg)
     from vdvae.checkpoints import check_checkpoint
 
     check_checkpoint(cfg.ckpt_path, stored_data=cfg.get("data") is None)

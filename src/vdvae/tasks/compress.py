@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from vdvae.compression import CodingOptions, CompressedFileError, codec_from_checkpoint, negative_elbo
-from vdvae.config import check_request, no_run_dir_on_failure
+from vdvae.config import check_mode, no_run_dir_on_failure
 from vdvae.data.base import first_images
 from vdvae.data.folder import input_files
 from vdvae.sampling import pil_image
@@ -68,7 +68,7 @@ def safe_name(name: str) -> str:
 
 def compress(cfg: DictConfig) -> list[Path]:
     with no_run_dir_on_failure():
-        check_request(cfg)  # also checked before the run directory exists, except in sweeps
+        check_mode(cfg)  # with the checkpoint, checked before the run directory exists, except in sweeps
         options = CodingOptions(cfg.bin_width, cfg.latent_range, cfg.batch_size)
         codec, datamodule = codec_from_checkpoint(cfg.ckpt_path, cfg.use_ema, cfg.get("data"))
         out = Path(HydraConfig.get().runtime.output_dir)

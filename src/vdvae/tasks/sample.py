@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vdvae import sampling
 from vdvae.checkpoints import data_module, load_module
-from vdvae.config import check_request, no_run_dir_on_failure
+from vdvae.config import check_mode, no_run_dir_on_failure
 from vdvae.data.base import first_images
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def input_images(cfg, vae, checkpoint, device):
 def sample(cfg: DictConfig) -> list[Path]:
     # Everything that reads the request's files runs first: a mistake leaves no run directory behind.
     with no_run_dir_on_failure():
-        check_request(cfg)  # also checked before the run directory exists, except in sweeps
+        check_mode(cfg)  # with the checkpoint, checked before the run directory exists, except in sweeps
         module, checkpoint = load_module(cfg.ckpt_path)
         device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         vae = (module.ema if cfg.use_ema else module.vae).to(device)
