@@ -4,7 +4,6 @@ independently, the size against the ELBO, and files that must fail."""
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import constriction
@@ -14,6 +13,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import ROOT, build_model, perturb_
+from tests.interpreters import python
 from tests.run_helpers import TINY_RUN, run_in_process
 from vdvae.compression import Codec, CodingOptions, CompressedFileError, codec_from_checkpoint
 from vdvae.data.base import first_images
@@ -38,7 +38,7 @@ def run_compress(cwd, *args, threads="2"):
     """compress.py run from `cwd` (its logs/ go there) with `threads` threads."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": threads}
     return subprocess.run(
-        [sys.executable, str(ROOT / "compress.py"), *args],
+        python(str(ROOT / "compress.py"), *args, env=env),
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -19,6 +19,7 @@ import torch
 
 from tests import fixtures
 from tests.conftest import DATA, ROOT
+from tests.interpreters import python
 
 pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
 
@@ -84,18 +85,23 @@ class User:
             "defaults:\n  - cifar10\n  - _self_\nvae:\n  zdim: 8\n"
         )
 
-    def program(self, command: list[str]) -> list[str]:
-        """How `command` starts here: `python <script> ...` or `vdvae-<name> ...`."""
+    def program(self, command: list[str], env: dict) -> list[str]:
+        """How `command` starts here: `python <script> ...` or `vdvae-<name> ...`, both run by the
+        interpreter of the checkout or of the installed package (forked, tests/interpreters.py: the
+        console scripts are Python scripts of that interpreter), and `make` as itself."""
+        if self.bin_dir is not None:  # the installed commands, run by the installed interpreter
+            script, args = (SCRIPTS[command[1]], command[2:]) if command[0] == "python" else (command[0], command[1:])
+            return python(str(self.bin_dir / script), *args, env=env, interpreter=self.bin_dir / "python")
         if command[0] == "python":
-            if self.bin_dir is None:
-                return [sys.executable, str(ROOT / command[1]), *command[2:]]
-            return [str(self.bin_dir / SCRIPTS[command[1]]), *command[2:]]
-        return [str((self.bin_dir or Path(sys.executable).parent) / command[0]), *command[1:]]
+            return python(str(ROOT / command[1]), *command[2:], env=env)
+        if command[0] in SCRIPTS.values():
+            return python(str(Path(sys.executable).parent / command[0]), *command[1:], env=env)
+        return command
 
     def run(self, command: list[str], *extra: str, timeout=600) -> subprocess.CompletedProcess:
         """`command` (README words) plus `extra` overrides, W&B offline (no server here)."""
         env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-        args = [*self.program(command), *extra]
+        args = self.program([*command, *extra], env)
         result = subprocess.run(args, cwd=self.cwd, env=env, capture_output=True, text=True, timeout=timeout)
         assert result.returncode == 0, f"{shlex.join(command)}\n{result.stderr[-4000:]}"
         return result
@@ -293,5 +299,5 @@ def test_readme_command_runs_as_written(user, command):
 def test_readme_python_example_runs_from_any_directory(tmp_path):
     script = tmp_path / "example.py"
     script.write_text(readme_python_block())
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(python(str(script)), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

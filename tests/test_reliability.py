@@ -1,7 +1,8 @@
 """The fault battery: a run never loses work and a file never runs code.
 
-Runs are subprocesses started as a user starts them (`python /path/to/train.py ...` in a working
-directory of its own, run directories chosen by the framework), on a tiny model: kill -9 then resume
+Runs are processes started as a user starts them (`python /path/to/train.py ...` in a working
+directory of its own, run directories chosen by the framework; the interpreter forked from one that
+has imported torch, tests/interpreters.py, except where the test sends SIGKILL), on a tiny model: kill -9 then resume
 bit for bit, SIGTERM's exit status, stale temporary files of interrupted saves, two runs in one second,
 a diverging run, and hostile checkpoints and data files."""
 
@@ -73,7 +74,8 @@ def straight(tmp_path_factory):
 
 
 def test_kill_9_mid_epoch_then_resume_in_place_continues_bit_for_bit(tmp_path, straight):
-    proc = start("train.py", tmp_path, *WITH_WANDB, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A fresh interpreter: SIGKILL cannot be forwarded to a forked one (tests/interpreters.py).
+    proc = start("train.py", tmp_path, *WITH_WANDB, fresh=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (run_dir,) = run_dirs(tmp_path) or [None]
     deadline = time.time() + 60
     while run_dir is None and time.time() < deadline:

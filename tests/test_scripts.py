@@ -72,10 +72,13 @@ def test_config_and_data_errors_are_clear_and_leave_nothing(tmp_path, args, mess
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
-def test_a_gpu_trainer_on_a_machine_without_one_says_so_and_leaves_nothing(tmp_path):
-    result = run("train.py", tmp_path, "model=tiny", "data=digits", "trainer=gpu", "logger=csv")
+@pytest.mark.parametrize(
+    "script, args", [("train.py", ["model=tiny", "data=digits"]), ("eval.py", ["ckpt_path=checkpoints/last.ckpt"])]
+)
+def test_a_gpu_trainer_on_a_machine_without_one_says_so_and_leaves_nothing(tmp_path, script, args):
+    result = run(script, tmp_path, *args, "trainer=gpu", "logger=csv")
     assert result.returncode != 0 and "torch finds no CUDA GPU on this machine: use trainer=cpu" in result.stderr
-    assert run_dirs(tmp_path) == []
+    assert run_dirs(tmp_path, script.removesuffix(".py")) == []
 
 
 def test_corrupt_data_file_is_named_and_leaves_nothing(tmp_path):

@@ -175,7 +175,11 @@ def check_config(cfg: DictConfig):
                 f"trainer.{key} is not used: the model clips the gradient norm itself, after measuring it for the "
                 f"skip decision; set model.grad_clip (now {OmegaConf.select(cfg, 'model.grad_clip')}) instead"
             )
-    trainer = cfg.get("trainer") or {}
+    check_trainer(cfg.get("trainer") or {})
+
+
+def check_trainer(trainer):
+    """The trainer's accelerator must exist on this machine, and its CPU processes fit the cores."""
     if str(trainer.get("accelerator", "auto")) in ("gpu", "cuda"):
         import torch  # only now: importing it takes seconds
 
@@ -272,6 +276,7 @@ def check_request(cfg: DictConfig):
     """eval.py, sample.py, compress.py: the mode, and the checkpoint the request names (readable, a vdvae
     checkpoint, and its data config plain data where it will be used), before any work."""
     check_mode(cfg)
+    check_trainer(cfg.get("trainer") or {})
     from vdvae.checkpoints import check_checkpoint
 
     check_checkpoint(cfg.ckpt_path, stored_data=cfg.get("data") is None)
