@@ -19,6 +19,7 @@ import sys
 # Libraries that take seconds to import and keep nothing per process. Not W&B: it makes temporary
 # directories as it is imported, which the first child to exit would delete for all the others.
 HEAVY = ("torch", "torchvision", "lightning", "hydra", "omegaconf", "PIL.Image", "numpy", "matplotlib")
+THREADS = 3  # the server's exit status where importing started threads (OMP_NUM_THREADS above 1)
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
 
 
@@ -61,9 +62,9 @@ def serve(socket_path: str) -> tuple[dict, list[int]]:
 
     for name in HEAVY:
         importlib.import_module(name)
-    gc.freeze()  # what the server holds is never collected (nor copied) in its children
+    gc.freeze()  # the children's collections skip what the server holds (and leave its pages shared)
     if len(os.listdir("/proc/self/task")) != 1:  # forking a process with threads is not safe
-        sys.exit("forkserver: threads started while importing; start commands as fresh processes")
+        sys.exit(THREADS)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(socket_path + ".tmp")
     server.listen(16)
@@ -104,6 +105,7 @@ def serve(socket_path: str) -> tuple[dict, list[int]]:
                 except OSError:  # the client is gone
                     pass
                 conn.close()
+    sys.exit(0)
 
 
 def become(request: dict, fds: list[int]):
