@@ -41,12 +41,15 @@ def receive_exactly(conn: socket.socket, n: int) -> bytes:
 
 def client(socket_path: str, argv: list[str]):
     """Run `argv` (script and arguments) in a child of the server; exit as it did."""
+    # Signals wait until the child's pid is known: one sent as soon as the child runs reaches it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(socket_path)
     send_request(conn, {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}, [0, 1, 2])
     (pid,) = struct.unpack("!q", receive_exactly(conn, 8))
     for signum in FORWARDED:
         signal.signal(signum, lambda signum, frame: os.kill(pid, signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     (code,) = struct.unpack("!q", receive_exactly(conn, 8))
     if code < 0:  # killed by a signal: die of it too, as Popen's returncode then says
         signal.signal(-code, signal.SIG_DFL)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tests import forkserver
 
-FORKSERVER = str(Path(__file__).resolve().parent / "forkserver.py")
+FORKSERVER = forkserver.__file__
 READ_AT_STARTUP = re.compile(r"^(PYTHON|OMP_|MKL_|OPENBLAS_|KMP_|GOMP_|TORCH|CUDA|NCCL|LD_|MALLOC|NUMEXPR|HYDRA_FULL)")
 
 

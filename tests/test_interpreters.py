@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.interpreters import python
+from tests.interpreters import FORKSERVER, python
 
 PROBE = """
 import os, signal, sys, time
@@ -20,7 +20,9 @@ if what == "raise":
     raise ValueError("a failure in the script")
 if what == "wait":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    open(sys.argv[2], "w").write(str(os.getpid()))
+    with open(sys.argv[2] + ".tmp", "w") as f:  # the pid file appears whole, closed: a signal then finds us asleep
+        f.write(str(os.getpid()))
+    os.rename(sys.argv[2] + ".tmp", sys.argv[2])
     time.sleep(60)
 sys.exit(int(what))
 """
@@ -32,7 +34,7 @@ def both(script, *args, env):
     fresh = python(str(script), *args, env=env, fresh=True)
     python(str(script), *args, env=env)
     forked = python(str(script), *args, env=env)
-    assert forked[:3] == [sys.executable, "-S", str(os.path.dirname(__file__) + "/forkserver.py")]
+    assert forked[:3] == [sys.executable, "-S", FORKSERVER]
     return fresh, forked
 
 
