@@ -183,6 +183,10 @@ def test_a_diverging_run_stops_saved_with_a_nonzero_status_and_no_crash_in_the_i
         (["data.batch_size=abc"], "data.batch_size='abc' is not valid"),
         (["trainer.devices=999", "trainer.accelerator=cpu"], "trainer.devices=999 on the CPU would start 999"),
         (["ckpt_path=missing.ckpt"], "checkpoint not found"),
+        (["model.lr=nan"], "model.lr=nan is not valid: no option takes NaN"),
+        (["model.lr=inf"], "model.lr=inf is not valid: it must be a number > 0"),
+        (["data.eval_batch_size=nan"], "data.eval_batch_size=nan is not valid"),
+        (["seed=-1"], "seed=-1 is not valid: it must be an integer >= 0 and <= 4294967295"),
     ],
 )
 def test_bad_values_are_refused_by_the_check_that_runs_before_the_run_directory(args, message):
@@ -322,3 +326,149 @@ def test_a_bad_sampling_request_fails_and_leaves_no_run_directory(tmp_path, stra
     result = run("sample.py", tmp_path, f"ckpt_path={straight}/checkpoints/last.ckpt", *args)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert run_dirs(tmp_path, "sample") == []
+
+
+# Nothing outside a run's own files is ever deleted.
+
+
+def test_a_crafted_record_of_kept_checkpoints_deletes_nothing_outside_the_run(tmp_path, straight):
+    # The ModelCheckpoint state in last.ckpt names the kept "best" checkpoint as <run>/checkpoints/../../../victim,
+    # scored worse than anything, so that Lightning would remove it at the resumed run's first new best.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("precious")
+    first = run("train.py", tmp_path, *RUN, "trainer.max_steps=6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = load(last)
+    (key,) = [k for k in checkpoint["callbacks"] if "best_k_models" in checkpoint["callbacks"][k]]
+    crafted = str(run_dir / "checkpoints" / ".." / ".." / ".." / "victim")
+    state = checkpoint["callbacks"][key]
+    state.update(best_k_models={crafted: torch.tensor(1e9)}, kth_best_model_path=crafted, kth_value=torch.tensor(1e9))
+    state.update(best_model_path=crafted, best_model_score=torch.tensor(1e9))
+    torch.save(checkpoint, last)
+    resumed = run("train.py", tmp_path, *RUN, "trainer.max_steps=12", f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (victim / "thesis.tex").read_text() == "precious"
+    said = resumed.stdout + resumed.stderr
+    assert "which is not a file in" in said and "forgotten, never loaded or removed" in said
+    assert any(load(p)["global_step"] > 6 for p in (run_dir / "checkpoints").glob("best-*.ckpt"))  # a new best
+
+
+def test_kept_checkpoints_restored_from_a_file_are_confined_to_the_checkpoints_folder(tmp_path):
+    from vdvae.callbacks import AtomicCheckpointIO, BestCheckpoint
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    own = folder / "best-1.ckpt"
+    own.write_bytes(b"x")
+    outside = tmp_path / "outside.ckpt"
+    outside.write_bytes(b"y")
+    (folder / "link.ckpt").symlink_to(outside)
+    (folder / "sub").mkdir()
+    crafted = [
+        str(folder / ".." / "checkpoints" / ".." / "x.ckpt"),
+        str(outside),
+        str(folder / "link.ckpt"),
+        str(folder / "sub"),
+    ]
+    callback = BestCheckpoint(dirpath=str(folder), monitor="val/bpd", save_top_k=2)
+    state = callback.state_dict()
+    state.update(best_k_models={str(own): torch.tensor(1.0), **{p: torch.tensor(2.0) for p in crafted}})
+    state.update(best_model_path=crafted[0], kth_best_model_path=crafted[1], best_model_score=torch.tensor(0.5))
+    callback.load_state_dict(state)
+    assert list(callback.best_k_models) == [str(own)] and callback.kth_best_model_path == str(own)
+    assert callback.best_model_path == "" and callback.best_model_score is None
+    # The trainer's checkpoint plugin removes files only, whatever Lightning asks.
+    AtomicCheckpointIO().remove_checkpoint(folder / "sub")
+    assert (folder / "sub").is_dir()
+
+
+def test_a_run_that_fails_in_a_folder_of_the_users_leaves_the_folder(tmp_path):
+    # The user's folder holds a file named as the run's log; the run fails its config check inside the task
+    # (hydra.run.dir is the user's, so the guard cannot refuse it: it holds no run).
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.log").write_text("my notes")
+    no_data = [o for o in TINY_RUN if o != "data=digits"]
+    no_data += ["data=image_folder", "data.image_size=8", "data.channels=1", f"data.root={tmp_path / 'none'}"]
+    result = run("train.py", tmp_path, *no_data, f"hydra.run.dir={mine}")
+    assert result.returncode != 0 and "no data found" in result.stderr, result.stderr[-2000:]
+    assert mine.is_dir() and (mine / "train.log").read_text().startswith("my notes")
+    # A run directory that the failed run made itself is removed.
+    result = run("train.py", tmp_path, *no_data)
+    assert result.returncode != 0 and "Error: " in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert run_dirs(tmp_path) == []
+
+
+def test_damaged_generator_states_are_refused_before_the_run_and_last_ckpt_is_never_rewritten(tmp_path, straight):
+    checkpoint = load(straight / "checkpoints" / "last.ckpt")
+    checkpoint["rng_states"][0]["torch"] = torch.zeros(3, dtype=torch.uint8)
+    bogus = tmp_path / "bogus.ckpt"
+    torch.save(checkpoint, bogus)
+    before = bogus.read_bytes()
+    result = run("train.py", tmp_path, *RUN, f"ckpt_path={bogus}")
+    assert result.returncode != 0 and "random number generator states cannot be restored" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert bogus.read_bytes() == before and not (tmp_path / "logs").exists()
+
+
+def test_a_failure_before_the_first_step_leaves_last_ckpt_and_a_failed_save_hides_nothing(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from vdvae.callbacks import LastCheckpoint
+    from vdvae.checkpoints import save_atomically
+
+    saves = []
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), global_step=7, save_checkpoint=saves.append)
+    callback = LastCheckpoint(str(tmp_path))
+    callback.on_exception(trainer, None, RuntimeError("restoring the optimizer failed"))
+    assert saves == []  # resumed at step 7, failed before training: last.ckpt already holds step 7
+
+    def unwritable(path, weights_only=False):
+        raise PermissionError(f"[Errno 13] Permission denied: '{path}'")
+
+    callback._stepped, trainer.save_checkpoint = True, unwritable
+    callback.on_exception(trainer, None, RuntimeError("the real failure"))  # reported by the caller, not hidden
+    assert "could not be saved" in caplog.text and "Permission denied" in caplog.text
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.raises(OSError, match=r"cannot save the checkpoint .*a_file/last.ckpt.* is writable"):
+        save_atomically({"x": 1}, blocked / "last.ckpt")
+
+
+def test_eval_refuses_nan_weights_in_one_line_and_stops_on_sigterm_with_143_and_no_results(tmp_path, straight):
+    checkpoint = load(straight / "checkpoints" / "last.ckpt")
+    name = next(k for k, v in checkpoint["state_dict"].items() if k.startswith("ema.") and v.is_floating_point())
+    checkpoint["state_dict"][name] = torch.full_like(checkpoint["state_dict"][name], float("nan"))
+    torch.save(checkpoint, tmp_path / "nan.ckpt")
+    result = run("eval.py", tmp_path, f"ckpt_path={tmp_path / 'nan.ckpt'}", "logger=csv")
+    assert result.returncode == 1 and "hold NaN or inf" in result.stderr and "best-" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert run_dirs(tmp_path, "eval") == []
+
+    # SIGTERM once the trainer exists: exit 143 at once, no eval.json, one line.
+    ckpt = straight / "checkpoints" / "last.ckpt"
+    proc = start(
+        "eval.py",
+        tmp_path,
+        f"ckpt_path={ckpt}",
+        "logger=csv",
+        "iw_samples=2000",
+        "trainer=cpu",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        logs = list((tmp_path / "logs" / "eval" / "runs").glob("*/eval.log"))
+        if logs and "GPU available" in logs[0].read_text():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "stopped by SIGTERM" in stdout + stderr
+    assert run_dirs(tmp_path, "eval") == []  # it held only its config, its log and an empty CSV folder

@@ -1,7 +1,8 @@
 """Optional training behaviour: sample and reconstruction grids, the rate-per-group plot, `last.ckpt`
-as the latest state (also on SIGTERM and crashes), and the W&B run id in checkpoints. Images are
-saved in the run directory and sent to the loggers that take images (W&B, TensorBoard). And the
-trainer's checkpoint plugin: atomic saves, weights-only loads."""
+as the latest state (also on SIGTERM and crashes), the best checkpoints (Lightning's ModelCheckpoint
+confined to the run's checkpoints folder), and the W&B run id in checkpoints. Images are saved in the
+run directory and sent to the loggers that take images (W&B, TensorBoard). And the trainer's
+checkpoint plugin: atomic saves, weights-only loads, removals of checkpoint files only."""
 
 import logging
 import shutil
@@ -15,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from lightning import Callback  # noqa: E402
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
@@ -38,6 +40,53 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
         # Checkpoints are data: whatever the caller or torch's default says, nothing is unpickled as code.
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+    def remove_checkpoint(self, path):
+        # Lightning's removes recursively whatever the path names; a checkpoint is one file, never a folder.
+        path = Path(path)
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+        elif path.exists():
+            log.warning("%s is not a checkpoint file: not removed", path)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (the best `save_top_k` checkpoints by a metric), whose paths restored
+    from a checkpoint are kept only where they name a file inside its own `dirpath`: Lightning deletes the
+    kept checkpoints it replaces, and a crafted file (`<dirpath>/../../some_dir`) must not choose what."""
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        dropped = [p for p in self.best_k_models if not self._owns(p)]
+        self.best_k_models = {p: score for p, score in self.best_k_models.items() if self._owns(p)}
+        for name in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            path = getattr(self, name)
+            if path and not self._owns(path):
+                dropped.append(path)
+                setattr(self, name, "")
+        if not self.best_model_path:
+            self.best_model_score = None
+        if not self.kth_best_model_path and self.best_k_models:  # the worst kept one, as Lightning picks it
+            pick = max if self.mode == "min" else min
+            self.kth_best_model_path = pick(self.best_k_models, key=self.best_k_models.get)
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+        for path in dict.fromkeys(dropped):
+            log.warning(
+                "the checkpoint's record of kept checkpoints names %r, which is not a file in %s: forgotten, "
+                "never loaded or removed",
+                path,
+                self.dirpath,
+            )
+
+    def _owns(self, path) -> bool:
+        """Whether `path` resolves (links and `..` followed) to an entry of this callback's own folder."""
+        if not isinstance(path, str) or not path or self.dirpath is None:
+            return False
+        folder = Path(self.dirpath).resolve()
+        return Path(path).resolve().parent == folder and not Path(path).resolve().is_dir()
+
+    def _should_remove_checkpoint(self, trainer, previous, current):
+        return self._owns(previous) and super()._should_remove_checkpoint(trainer, previous, current)
 
 
 def log_image(trainer, key: str, path: Path):
@@ -164,6 +213,7 @@ class LastCheckpoint(Callback):
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps, self.train_time_interval = every_n_train_steps, train_time_interval
         self._saved_step, self._saved_time = -1, time.monotonic()
+        self._stepped = False  # whether this process trained: before that, last.ckpt already holds the state
 
     def save(self, trainer):
         if trainer.global_step != self._saved_step:
@@ -171,6 +221,7 @@ class LastCheckpoint(Callback):
             self._saved_step, self._saved_time = trainer.global_step, time.monotonic()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._stepped = True
         by_steps = self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0
         by_time = bool(self.train_time_interval) and time.monotonic() - self._saved_time >= self.train_time_interval
         if trainer.world_size > 1:  # every rank takes part in a save: rank 0's clock decides, every 50 steps
@@ -189,11 +240,17 @@ class LastCheckpoint(Callback):
         self.save(trainer)
 
     def on_exception(self, trainer, module, exception):
-        if trainer.state.fn != "fit" or trainer.global_step == 0:
+        # A failure before the first step of this process (a resume that cannot restore its state) leaves
+        # last.ckpt as it was: it already holds the latest state, which a save now could only spoil.
+        if trainer.state.fn != "fit" or trainer.global_step == 0 or not self._stepped:
             return
-        self._saved_step = -1
-        self.save(trainer)
         what = "SIGTERM" if isinstance(exception, SIGTERMException) else type(exception).__name__
+        self._saved_step = -1
+        try:
+            self.save(trainer)
+        except Exception as error:  # the failure being handled is the one to report
+            log.error("%s at step %d, and %s could not be saved: %s", what, trainer.global_step, self.path, error)
+            return
         log.warning(
             "%s at step %d: saved %s; resume with ckpt_path=%s", what, trainer.global_step, self.path, self.path
         )

@@ -9,6 +9,7 @@ request names before they load the rest, so that a wrong file is refused in seco
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import zipfile
@@ -73,14 +74,20 @@ def save_atomically(checkpoint: dict, path):
     import torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(path.parent)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path.parent)
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)  # atomic on POSIX
+    except (OSError, RuntimeError) as error:  # torch.save reports an unwritable file as a RuntimeError
+        raise OSError(
+            f"cannot save the checkpoint {path}: {' '.join(str(error).split())[:300]}. Check that "
+            f"{path.parent} is writable and its disk has room"
+        ) from error
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder that refused the file may refuse this too
+            tmp.unlink(missing_ok=True)
 
 
 class CheckpointError(ValueError):
@@ -165,7 +172,39 @@ def check_fits(checkpoint: dict, path, module) -> dict:
             f"{path} does not fit the configured model ({mismatch}). Resume with the model config it was "
             f"trained with (its .hydra/config.yaml), or start a new run without ckpt_path"
         )
+    try:
+        check_rng_states(checkpoint.get("rng_states"))
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path}: its random number generator states cannot be restored ({' '.join(str(error).split())[:200]}); "
+            f"the file is damaged: resume from another checkpoint of the run"
+        ) from error
     return checkpoint
+
+
+def check_rng_states(states):
+    """The generator states a training checkpoint stores (VDVAEModule.on_save_checkpoint), each set on a
+    scratch generator of its library: a state that would fail as training starts fails now."""
+    import random
+
+    import numpy as np
+    import torch
+
+    if states is None:
+        return
+    if not isinstance(states, list) or not states or not all(isinstance(s, dict) for s in states):
+        raise TypeError("not a list of one state per process")
+    for state in states:
+        torch.Generator().set_state(state["torch"])
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        if not torch.is_tensor(keys) or keys.dtype != torch.int64:
+            raise TypeError("numpy's key is not an int64 tensor")
+        np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.Random().setstate(state["python"])
+        if not isinstance(state["cuda"], list) or not all(
+            torch.is_tensor(t) and t.dtype == torch.uint8 for t in state["cuda"]
+        ):
+            raise TypeError("the CUDA states are not a list of uint8 tensors")
 
 
 def load_module(path, **evaluation) -> tuple[VDVAEModule, dict]:
@@ -186,6 +225,16 @@ def module_from_checkpoint(checkpoint: dict, path, **evaluation) -> VDVAEModule:
     mismatch = state_mismatch(module.state_dict(), checkpoint["state_dict"])
     if mismatch:
         raise CheckpointError(f"{path}: its weights do not fit the model its hyperparameters describe ({mismatch})")
+    import torch
+
+    broken = [
+        k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if broken:
+        raise CheckpointError(
+            f"{path}: {len(broken)} of its weight tensors hold NaN or inf (first: {broken[0]}): the run had "
+            f"diverged when it was saved; use an earlier checkpoint of the run (its best-*.ckpt)"
+        )
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
 

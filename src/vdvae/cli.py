@@ -7,7 +7,9 @@ path with Hydra's `--config-dir`: `vdvae-train --config-dir my_conf model=my_mod
 `my_conf/model/my_model.yaml`.
 """
 
+import contextlib
 import logging
+import os
 
 import hydra
 from omegaconf import DictConfig
@@ -18,6 +20,41 @@ CONFIGS = "pkg://vdvae.conf"
 log = logging.getLogger(__name__)
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _in_a_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@contextlib.contextmanager
+def refusals_in_one_line(interruptible: bool):
+    """A refusal (a ValueError or OSError: bad input, a damaged file, a folder it cannot write) ends the
+    command with one line, `Error: ...`, and exit status 1 (HYDRA_FULL_ERROR=1: the traceback instead).
+    `interruptible`: SIGTERM and Ctrl-C stop the command at once with 143 or 130. Either way a run
+    directory that this run created and that holds nothing but its config and log is removed."""
+    from vdvae.config import remove_empty_run_dir
+    from vdvae.interrupts import Interrupted, signals_interrupt
+
+    try:
+        with signals_interrupt() if interruptible else contextlib.nullcontext():
+            yield
+    except Interrupted as stop:
+        remove_empty_run_dir()
+        log.error("%s: stopped, no result written", stop)
+        raise SystemExit(stop.exit_code) from None
+    except (ValueError, OSError) as error:
+        remove_empty_run_dir()
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_a_sweep():
+            raise  # a sweep's job fails alone: Hydra records it and runs the others
+        log.debug("refused", exc_info=True)  # the traceback, in the run's log where one is left
+        raise SystemExit(f"Error: {_one_line(error)}") from None
+
+
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
     """Train a VDVAE; returns the metric a sweep optimizes."""
@@ -25,8 +62,9 @@ def train(cfg: DictConfig) -> float | None:
 
     from vdvae.tasks.train import train as run
 
-    try:
-        return run(cfg)
+    try:  # SIGTERM: training saves at the next step and exits 143 itself (vdvae.tasks.train)
+        with refusals_in_one_line(interruptible=False):
+            return run(cfg)
     finally:
         wandb.finish()  # one W&B run per job, also in multirun sweeps
 
@@ -39,7 +77,8 @@ def evaluate(cfg: DictConfig) -> None:
     from vdvae.tasks.eval import evaluate as run
 
     try:
-        run(cfg)
+        with refusals_in_one_line(interruptible=True):
+            run(cfg)
     finally:
         wandb.finish()
 
@@ -49,8 +88,9 @@ def sample(cfg: DictConfig) -> None:
     """Samples, reconstructions, interpolations, latents from a checkpoint."""
     from vdvae.tasks.sample import sample as run
 
-    for path in run(cfg):
-        log.info("wrote %s", path)
+    with refusals_in_one_line(interruptible=True):
+        for path in run(cfg):
+            log.info("wrote %s", path)
 
 
 def import_original(argv=None):
@@ -65,5 +105,6 @@ def compress(cfg: DictConfig) -> None:
     """Compress images losslessly with a checkpoint (bits-back coding), or decompress a file."""
     from vdvae.tasks.compress import compress as run
 
-    for path in run(cfg):
-        log.info("wrote %s", path)
+    with refusals_in_one_line(interruptible=True):
+        for path in run(cfg):
+            log.info("wrote %s", path)

@@ -16,6 +16,7 @@ Resolvers (registered on import, before Hydra composes anything):
 
 import contextlib
 import logging
+import math
 import numbers
 import os
 import secrets
@@ -91,14 +92,17 @@ def register_resolvers():
 register_resolvers()
 
 
-def _require(cfg, key, kind, low=None, high=None, nullable=False, open_low=False):
-    """cfg[key] must be a `kind` ("int" or "number") within [low, high] (or (low, high] with open_low)."""
+def _require(cfg, key, kind, low=None, high=None, nullable=False, open_low=False, infinite=False):
+    """cfg[key] must be a `kind` ("int" or "number") within [low, high] (or (low, high] with open_low), and
+    finite unless `infinite` (an infinite clipping threshold: no clipping)."""
     value = OmegaConf.select(cfg, key, default=None)
     if value is None and nullable:
         return
     is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     ok = is_int if kind == "int" else isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok and value == value:  # not NaN
+    if ok and (math.isnan(value) or (math.isinf(value) and not infinite)):
+        ok = False
+    if ok:
         ok = (low is None or (value > low if open_low else value >= low)) and (high is None or value <= high)
     if not ok:
         bounds = f" {'>' if open_low else '>='} {low}" if low is not None else ""
@@ -142,8 +146,23 @@ def check_model_and_data(vae, data):
         )
 
 
+def check_no_nan(cfg, prefix: str = ""):
+    """No number in the config is NaN: no option means it (infinities are checked where they mean something)."""
+    for key in cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg)):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        try:
+            value = cfg[key]
+        except Exception:  # an interpolation that only resolves inside the job (e.g. ${hydra:...})
+            continue
+        if OmegaConf.is_config(value) and key != "hydra":
+            check_no_nan(value, name)
+        elif isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{name}=nan is not valid: no option takes NaN")
+
+
 def check_config(cfg: DictConfig):
     """Model, data and trainer values must make sense together, before any work starts."""
+    check_no_nan(cfg)
     check_model_and_data(cfg.model.vae, cfg.data)
     precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
     if precision.startswith("16") or precision == "transformer-engine":
@@ -157,15 +176,15 @@ def check_config(cfg: DictConfig):
             f"trainer.precision=32-true (or bf16-mixed)"
         )
     _require(cfg, "model.lr", "number", 0, open_low=True)
-    _require(cfg, "model.grad_clip", "number", 0, open_low=True)
+    _require(cfg, "model.grad_clip", "number", 0, open_low=True, infinite=True)
     _require(cfg, "model.ema_decay", "number", 0, 1)
     _require(cfg, "model.warmup_steps", "int", 0)
     if OmegaConf.select(cfg, "model.skip_threshold") not in (None, -1):  # -1 or null: no norm-based skip
-        _require(cfg, "model.skip_threshold", "number", 0, open_low=True)
+        _require(cfg, "model.skip_threshold", "number", 0, open_low=True, infinite=True)
     _require(cfg, "data.batch_size", "int", 1)
     _require(cfg, "data.eval_batch_size", "int", 1, nullable=True)
     _require(cfg, "data.num_workers", "int", 0)
-    _require(cfg, "seed", "int")
+    _require(cfg, "seed", "int", 0, 2**32 - 1)  # the range numpy's and Lightning's seeding accept
     _require(cfg, "trainer.accumulate_grad_batches", "int", 1, nullable=True)
     _require(cfg, "trainer.max_steps", "int", -1, nullable=True)
     _require(cfg, "trainer.max_epochs", "int", -1, nullable=True)
@@ -213,10 +232,15 @@ def route_library_logs():
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
+# The run directory this process's job created (set by RunDirGuard as the job starts), or None: one that
+# existed before (a folder of the user's, a run being resumed or requeued) is never removed.
+_created_run_dir: Path | None = None
+
+
 @contextlib.contextmanager
 def no_run_dir_on_failure():
     """A failure in the block (bad input, checked before any work) deletes what Hydra wrote for this run,
-    if that is all there is, and re-raises."""
+    if that is all there is and this run created the directory, and re-raises."""
     try:
         yield
     except Exception:
@@ -225,14 +249,30 @@ def no_run_dir_on_failure():
 
 
 def remove_empty_run_dir():
-    """Delete what Hydra wrote for this run, if that is all there is."""
+    """Delete this run's directory if this run created it and it holds nothing but what Hydra wrote for it
+    (its config and log) and empty folders (a logger's): nothing of a user's, an earlier run's or a resumed
+    run's is ever removed."""
     try:
-        out = Path(HydraConfig.get().runtime.output_dir)
+        out = Path(HydraConfig.get().runtime.output_dir).absolute()
+        log_file = f"{HydraConfig.get().job.name}.log"
     except ValueError:  # not under Hydra
         return
-    own = {".hydra", f"{HydraConfig.get().job.name}.log"}
-    if out.is_dir() and {p.name for p in out.iterdir()} <= own:
-        shutil.rmtree(out)
+    if out != _created_run_dir or not out.is_dir() or out.is_symlink():
+        return
+    for folder, subfolders, files in os.walk(out):
+        where = Path(folder).relative_to(out)
+        if where.parts[:1] == (".hydra",):
+            continue
+        links = [d for d in subfolders if (Path(folder) / d).is_symlink()]
+        if links or (files and (where != Path(".") or files != [log_file])):
+            return  # something this run made that may be worth keeping
+    shutil.rmtree(out)
+
+
+def _entries(directory) -> set[str] | None:
+    """The names in `directory`, or None if it does not exist."""
+    path = Path(str(directory)).expanduser().absolute()
+    return {p.name for p in path.iterdir()} if path.is_dir() else None
 
 
 def check_resume_on_meta(config: DictConfig):
@@ -283,17 +323,38 @@ def check_request(cfg: DictConfig):
 
 
 class RunDirGuard(Callback):
-    """Refuses, before Hydra creates or writes anything, a run directory that holds another run.
+    """Refuses, before Hydra creates or writes anything, a run directory that holds another run; and notes
+    which directories Hydra is about to create, so that only those are ever removed (`remove_empty_run_dir`).
 
     A run may write into an existing run's directory only to resume it (`ckpt_path=<run>/checkpoints/...`).
     """
 
+    def __init__(self):
+        # What existed before Hydra made anything: the run directory (single runs), or the sweep directory
+        # and its entries (multirun; the guard travels to the jobs' processes with Hydra's callbacks).
+        self.existed: dict[str, set[str] | None] = {}
+
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self.existed = {"run": _entries(config.hydra.run.dir)}
         # Hydra turns a callback's exception into a warning and goes on: stop the run with its message instead.
         try:
             self.check(config)
         except Exception as error:
             raise SystemExit(f"Error: {error}") from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.existed = {"sweep": _entries(config.hydra.sweep.dir)}
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        global _created_run_dir
+        out = Path(str(config.hydra.runtime.output_dir)).absolute()
+        if "run" in self.existed:
+            created = self.existed["run"] is None
+        else:  # a sweep's job: its directory is new if the sweep's was, or if the sweep's lacked it
+            sweep = Path(str(config.hydra.sweep.dir)).absolute()
+            before = self.existed.get("sweep")
+            created = out.parent == sweep and (before is None or out.name not in before)
+        _created_run_dir = out if created and not is_worker_process() else None
 
     def check(self, config: DictConfig):
         is_training = config.get("model") is not None

@@ -3,6 +3,7 @@ devices), print a table, write eval.json in the run directory and log to the con
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -12,6 +13,7 @@ from omegaconf import DictConfig
 from vdvae.checkpoints import data_module, load_module, module_from_checkpoint
 from vdvae.config import check_model_and_data, no_run_dir_on_failure, route_library_logs
 from vdvae.data.base import first_images
+from vdvae.interrupts import write_atomically
 from vdvae.metrics import format_table
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,12 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     metrics["test/nats_per_dim"] = metrics.pop("test/loss")
+    broken = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if broken:
+        raise ValueError(
+            f"{cfg.ckpt_path} scores {broken[0]}={metrics[broken[0]]} on the test set ({len(broken)} metrics not "
+            f"finite): no eval.json written. The model is unstable on this data: try an earlier checkpoint"
+        )
     if trainer.global_rank == 0:
         out = Path(HydraConfig.get().runtime.output_dir) / "eval.json"
         kl = [metrics[k] for k in sorted(metrics) if k.startswith("test/kl/group_")]
@@ -64,7 +72,7 @@ def evaluate(cfg: DictConfig) -> dict:
             "active_units_per_group": active,
             "elbo_bits_per_dim": metrics["test/bpd"],
         }
-        out.write_text(json.dumps(report, indent=1))
+        write_atomically(out, json.dumps(report, indent=1))
         print(format_table(metrics))
         log.info("wrote %s", out)
     return metrics

@@ -1,0 +1,84 @@
+"""Honest interrupts and outputs: a command stopped by SIGTERM or Ctrl-C exits 143 or 130 and leaves no
+output that looks complete.
+
+- `signals_interrupt()`: while active, SIGTERM raises `Terminated` and SIGINT (Ctrl-C) `Interrupted`, both
+  BaseExceptions: `except Exception` never swallows a stop, `finally` blocks run, and Lightning passes them
+  on after its `on_exception` hooks (a KeyboardInterrupt it would turn into exit status 1).
+- `atomic_path(path)`: a temporary name beside `path` (a file or a folder) to write to, moved into place
+  only when the block ends normally, removed otherwise. Readers see the whole result or nothing.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+from pathlib import Path
+
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) arrived: the command stops."""
+
+    signum = signal.SIGINT
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal, as the shell reports a command it killed: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}"
+
+
+class Terminated(Interrupted):
+    """SIGTERM arrived: the command stops."""
+
+    signum = signal.SIGTERM
+
+
+def _raise(signum, frame):
+    raise Terminated() if signum == signal.SIGTERM else Interrupted()
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """SIGTERM raises `Terminated`, SIGINT `Interrupted` inside the block."""
+    previous = {signum: signal.signal(signum, _raise) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield `.<name>.tmp<pid>` beside `path`; on success it replaces `path` (a file or a folder), on any
+    failure or interrupt it is removed and `path` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
+
+
+def write_atomically(path, data: bytes | str) -> Path:
+    """Write `data` to `path` through a temporary file renamed into place."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+    return Path(path)
