@@ -193,3 +193,244 @@ def test_a_truncated_gz_names_its_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-20])
     with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz cannot be read"):
         read_idx_images(path)
+
+
+def write_png16(path, values: np.ndarray):
+    """A 16-bit PNG of uint16 `values` (H, W, C): C = 2, 3 or 4 for grey-alpha, RGB or RGBA, which Pillow reads
+    but cannot write."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, c = values.shape
+    header = struct.pack(">IIBBBBB", w, h, 16, {2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+
+
+def as_grey(rgb: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(rgb).convert("L"))  # the documented rule: Pillow's luma
+
+
+def test_16_bit_grey_folders_keep_the_high_byte_and_say_so_once(tmp_path, caplog):
+    from PIL import Image
+
+    values = (np.arange(64).reshape(8, 8) * 1040 + 7).astype(np.uint16)  # 7 ... 65527
+    values[0, :3] = [0, 256, 65535]
+    for split, n in [("train", 3), ("valid", 1), ("test", 1)]:
+        (tmp_path / split).mkdir()
+        for i in range(n):
+            Image.fromarray(values).save(tmp_path / split / f"{i}.png")
+    assert Image.open(tmp_path / "test" / "0.png").mode == "I;16"
+    with caplog.at_level("WARNING", logger="vdvae.data.folder"):
+        grey = loaded(ImageFolderDataModule(root=str(tmp_path), image_size=8, channels=1, batch_size=2, val_size=1))
+        grey.setup("test")
+        rgb = loaded(ImageFolderDataModule(root=str(tmp_path), image_size=8, channels=3, batch_size=2, val_size=1))
+    assert torch.equal(grey.train_set[0][0], torch.from_numpy((values >> 8).astype(np.uint8)))
+    assert grey.test_set[0][0, 0, :3].tolist() == [0, 1, 255]  # Pillow's own conversion: [0, 255, 255]
+    assert torch.equal(rgb.val_set[0], grey.val_set[0].expand(3, 8, 8))
+    said = [r.getMessage() for r in caplog.records if "converted" in r.getMessage()]
+    assert len(said) == 2, said  # one per data module, for all its splits and set-ups
+    assert "5 of 5 images are converted to 8-bit grey" in said[0] and "I;16 (5 files): 16-bit values" in said[0]
+    assert ">> 8" in said[0] and "grey copied to R, G and B" in said[1]
+
+
+def cmyk_jpeg(path):
+    from PIL import Image
+
+    cmyk = np.stack(np.meshgrid(np.arange(0, 256, 32), np.arange(0, 256, 32)) * 2, axis=-1).astype(np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(path, quality=100)
+    c, m, y, k = np.asarray(Image.open(path)).astype(np.int64).transpose(2, 0, 1)  # as decoded (JPEG is lossy)
+    return np.rint(np.stack([255 - c, 255 - m, 255 - y], -1) * (255 - k)[..., None] / 255).astype(np.uint8)
+
+
+def mode_cases():
+    """name -> (write(path) -> the RGB or grey pixels the docs say it gives, file suffix)."""
+    from PIL import Image
+
+    gen = np.random.default_rng(0)
+    rgba = gen.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    rgba[0, 0, 3] = 0  # a transparent pixel keeps its stored colour
+    grey_alpha = gen.integers(0, 256, (8, 8, 2), dtype=np.uint8)
+    palette = gen.integers(0, 256, (16, 3), dtype=np.uint8)
+    indices = gen.integers(0, 16, (8, 8), dtype=np.uint8)
+    wide = gen.integers(0, 65536, (8, 8, 3), dtype=np.uint16)
+
+    def paletted(path):
+        image = Image.fromarray(indices, "P")
+        image.putpalette(palette.tobytes())
+        image.save(path, transparency=3)
+        return palette[indices]
+
+    return {
+        "1": (lambda p: Image.fromarray(indices > 7).save(p) or (indices > 7).astype(np.uint8) * 255, "png"),
+        "LA": (lambda p: Image.fromarray(grey_alpha, "LA").save(p) or grey_alpha[..., 0], "png"),
+        "RGBA": (lambda p: Image.fromarray(rgba, "RGBA").save(p) or rgba[..., :3], "png"),
+        "P": (paletted, "png"),
+        "CMYK": (cmyk_jpeg, "jpg"),
+        "RGB;16": (lambda p: write_png16(p, wide) or (wide >> 8).astype(np.uint8), "png"),
+        "LA;16": (lambda p: write_png16(p, wide[..., :2]) or (wide[..., 0] >> 8).astype(np.uint8), "png"),
+    }
+
+
+@pytest.mark.parametrize("mode", list(mode_cases()))
+def test_every_image_mode_is_read_as_the_docs_say(tmp_path, caplog, mode):
+    from vdvae.data.folder import checked_images
+
+    write, suffix = mode_cases()[mode]
+    expected = write(tmp_path / f"image.{suffix}")
+    rgb = expected if expected.ndim == 3 else np.repeat(expected[..., None], 3, -1)
+    grey = expected if expected.ndim == 2 else as_grey(expected)
+    with caplog.at_level("WARNING", logger="vdvae.data.folder"):
+        as_rgb = checked_images([tmp_path / f"image.{suffix}"], 8, 3, "inputs")[0]
+        as_grey_ = checked_images([tmp_path / f"image.{suffix}"], 8, 1, "inputs")[0]
+    assert np.array_equal(as_rgb.permute(1, 2, 0).numpy(), rgb)
+    assert np.array_equal(as_grey_[0].numpy(), grey)
+    assert caplog.text.count(f" {mode} (1 file): ") == 2, caplog.text
+
+
+def test_images_of_other_modes_are_refused_at_set_up(tmp_path):
+    from PIL import Image
+
+    from vdvae.data.folder import UnsupportedImage, pixels
+
+    write_pngs(tmp_path / "f", 3, 8)
+    Image.new("F", (8, 8), 0.5).save(tmp_path / "f" / "float.png", format="TIFF")  # Pillow goes by the content
+    with pytest.raises(ValueError, match="1 of 4 image files cannot be read") as error:
+        loaded(ImageFolderDataModule(root=str(tmp_path / "f"), image_size=8, channels=3, batch_size=2, val_size=1))
+    assert "float.png (mode F: not read; convert it to 8-bit RGB or grey)" in str(error.value)
+    with pytest.raises(UnsupportedImage, match="values outside 0..65535"):
+        pixels(Image.new("I", (2, 2), 70000), "L", "big.png")
+    assert pixels(Image.new("I", (2, 2), 65535), "L", "ok.png").tolist() == [[255, 255], [255, 255]]
+
+
+# --- Batch sizes against the splits, a checkpoint's stored data values, and data=<name> for every command ---
+
+DIGITS = dict(_target_="vdvae.data.DigitsDataModule", root=".", image_size=8, channels=1, batch_size=8, val_size=200)
+
+
+def test_a_training_batch_larger_than_the_training_split_is_refused_at_set_up():
+    from types import SimpleNamespace
+
+    dm = DigitsDataModule(root=".", image_size=8, channels=1, batch_size=5000, val_size=200)
+    with pytest.raises(ValueError, match=r"^data.batch_size=5000 asks for 5000 training images per update, but "):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match="training split of digits has 1300: use data.batch_size=1300 or less$"):
+        dm.setup()  # every stage
+    dm.setup("test")  # evaluation draws no training batch
+    assert len(dm.test_set) == 297
+    limited = DigitsDataModule(root=".", image_size=8, channels=1, batch_size=32, val_size=200, limit_train=10)
+    with pytest.raises(ValueError, match=r"has 10 \(data.limit_train=10\): use data.batch_size=10 or less, or raise"):
+        limited.setup("fit")
+    accumulated = DigitsDataModule(root=".", image_size=8, channels=1, batch_size=2 * 700, val_size=200)
+    accumulated.batches_per_update = 2  # as the training task makes it for trainer.accumulate_grad_batches=2
+    with pytest.raises(ValueError, match=r"data.batch_size=700 x trainer.accumulate_grad_batches=2 asks for 1400 "):
+        accumulated.setup("fit")
+    with pytest.raises(ValueError, match="use data.batch_size=650 or less"):
+        accumulated.setup("fit")
+    shared = DigitsDataModule(root=".", image_size=8, channels=1, batch_size=700, val_size=200)
+    shared.trainer = SimpleNamespace(global_rank=0, world_size=2)  # each of 2 devices takes half the split
+    with pytest.raises(ValueError, match=r"data.batch_size=700 x 2 devices asks for 1400 .* data.batch_size=650 or"):
+        shared.setup("fit")
+    fits = loaded(DigitsDataModule(root=".", image_size=8, channels=1, batch_size=1300, val_size=200))
+    assert [len(batch) for batch in fits.train_dataloader()] == [1300]
+
+
+def test_evaluation_batches_larger_than_a_split_become_one_batch_with_a_warning(caplog):
+    import logging
+
+    dm = DigitsDataModule(root=".", image_size=8, channels=1, batch_size=8, eval_batch_size=250, val_size=200)
+    with caplog.at_level(logging.WARNING, logger="vdvae.data.base"):
+        dm.setup("fit")
+        dm.setup("fit")  # Lightning sets up again: one warning
+        dm.setup("test")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "digits: evaluation batches of 250 images (data.eval_batch_size, or eval.py's batch_size) are more than "
+        "the 200 validation images: evaluating them in one batch of 200"
+    ]  # the 297 test images take batches of 250
+    assert [len(batch) for batch in dm.val_dataloader()] == [200]
+    assert [len(batch) for batch in dm.test_dataloader()] == [250, 47]
+    dm.eval_batch_size = 5000
+    with caplog.at_level(logging.WARNING, logger="vdvae.data.base"):
+        dm.setup("test")
+    assert "more than the 297 test images: evaluating them in one batch of 297" in caplog.text
+    assert [len(batch) for batch in dm.test_dataloader()] == [297]
+
+
+def test_a_stored_num_workers_above_the_cores_is_lowered_with_a_warning(monkeypatch, caplog):
+    import logging
+    import os
+
+    from vdvae.data import data_module_from_config
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="vdvae.data"):
+        dm = data_module_from_config({**DIGITS, "num_workers": 12})
+    assert dm.num_workers == 2
+    assert "the stored data config asks for num_workers=12, more than this machine's 2 cores: using 2" in caplog.text
+    caplog.clear()
+    assert data_module_from_config({**DIGITS, "num_workers": 2}).num_workers == 2 and not caplog.records
+    assert data_module_from_config({**DIGITS, "num_workers": 12}, num_workers=0).num_workers == 0  # the user's
+
+
+@pytest.mark.parametrize(
+    "key, value, wanted",
+    [
+        ("num_workers", -1, "a whole number of at least 0"),
+        ("num_workers", 2.0, "a whole number of at least 0"),
+        ("num_workers", True, "a whole number of at least 0"),
+        ("num_workers", None, "a whole number of at least 0"),
+        ("batch_size", 0, "a whole number of at least 1"),
+        ("batch_size", "8", "a whole number of at least 1"),
+        ("eval_batch_size", -5, r"a whole number of at least 1 \(or null\)"),
+        ("limit_train", 0, r"a whole number of at least 1 \(or null\)"),
+        ("image_size", 0, "a whole number of at least 1"),
+        ("bits", 9, "a whole number from 1 to 8"),
+        ("val_size", -1, "a whole number of at least 0"),
+        ("seed", 0.5, "a whole number;"),
+        ("shift", float("nan"), "a finite number;"),
+        ("scale", 0.0, "a finite number other than 0"),
+        ("scale", float("inf"), "a finite number"),
+        ("random_flip", 1, "true or false"),
+        ("binarize", "false", "true or false"),
+    ],
+)
+def test_stored_data_values_out_of_range_are_refused_with_the_remedy(key, value, wanted):
+    import re
+
+    from vdvae.data import check_stored_data_config, data_module_from_config
+
+    pattern = rf"^the stored data config's {key}={re.escape(repr(value))} is not valid: it must be {wanted}"
+    with pytest.raises(ValueError, match=pattern) as error:
+        check_stored_data_config({**DIGITS, key: value})
+    assert str(error.value).endswith("pass data=<name> to use a data config of your own instead")
+    with pytest.raises(ValueError, match=pattern):
+        data_module_from_config({**DIGITS, key: value})
+
+
+def test_a_checkpoint_with_a_bad_stored_value_is_refused_before_anything_runs(tmp_path):
+    from vdvae.checkpoints import CheckpointError, check_checkpoint
+
+    path = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "data_config": {**DIGITS, "num_workers": -1}}, path)
+    with pytest.raises(CheckpointError, match=r"bad.ckpt: the stored data config's num_workers=-1 is not valid"):
+        check_checkpoint(path, stored_data=True)
+
+
+@pytest.mark.parametrize("command", ["compress", "eval", "sample"])
+def test_every_data_option_composes_and_resolves_for_every_checkpoint_command(command):
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONF, compose_config
+
+    for name in sorted(p.stem for p in (CONF / "data").glob("*.yaml")):
+        cfg = compose_config(f"data={name}", "ckpt_path=model.ckpt", config_name=command)
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        assert data["seed"] == cfg.seed == 0 and "${" not in str(data), (command, name)

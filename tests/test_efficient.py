@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 
-from tests.conftest import TINY_VAE, perturb_, random_batch
+from tests.conftest import TINY_VAE, compose_config, perturb_, random_batch
 from tests.test_train import fit_on_batches
 from vdvae import VAE, VDVAEModule
 from vdvae.lit_module import kl_balance
@@ -104,6 +105,84 @@ def test_cosine_decay_reaches_its_floor_after_warmup():
         module.configure_optimizers()  # before training starts
     with pytest.raises(ValueError, match="model.lr_schedule must be constant or cosine"):
         VDVAEModule(TINY_VAE, lr_schedule="linear")
+
+
+@pytest.mark.parametrize("name", ["efficient_cifar10", "efficient_imagenet32"])
+def test_efficient_presets_follow_its_pytorch_cosine_whose_phase_counts_from_step_zero(name):
+    """Its NarrowCosineDecay holds the peak until decay_start, then steps torch's CosineAnnealingLR (T_max =
+    decay_steps, so the phase counts from step 0) on from the peak: lr(t) - floor = (peak - floor) (1 +
+    cos(pi t / T)) / (1 + cos(pi (start - 1) / T)), the floor from step T on."""
+    cfg = compose_config(f"model={name}", config_name="train")
+    assert cfg.model.cosine_phase == "zero"
+    with torch.device("meta"):
+        module = instantiate(cfg.model)
+    module._trainer = SimpleNamespace(max_steps=cfg.trainer.max_steps)
+    module.configure_optimizers()
+    peak, floor, start, end = 1e-3, 2e-4, 50_000, 750_000
+    assert (cfg.model.lr, cfg.model.lr_min, cfg.model.decay_start, cfg.model.decay_steps) == (peak, floor, start, end)
+    assert cfg.model.warmup_steps == 100 and cfg.trainer.max_steps == 800_000
+
+    def expected(t):
+        if t < 100:
+            return peak * t / 100
+        if t < start:
+            return peak
+        t = min(t, end)
+        return floor + (peak - floor) * (1 + math.cos(math.pi * t / end)) / (1 + math.cos(math.pi * (start - 1) / end))
+
+    lr = lambda t: cfg.model.lr * module._lr_factor(t)  # noqa: E731
+    for t in (0, 50, 100, 49_999, 50_000, 100_000, 400_000, 749_999, 750_000, 800_000):
+        assert lr(t) == pytest.approx(expected(t), rel=1e-12, abs=1e-15), t
+    assert lr(0) == 0 and lr(100) == lr(49_999) == peak
+    assert lr(50_000) == pytest.approx(peak, rel=1e-6)  # no jump where the cosine starts
+    assert lr(400_000) == pytest.approx(5.6215e-4, rel=1e-4)  # its float32 rate drifts to 5.606e-4 by then
+    assert lr(750_000) == pytest.approx(floor) and lr(800_000) == pytest.approx(floor)
+    module.hparams.cosine_phase = "start"  # the phase from decay_start: the floor only at 800,000
+    assert lr(400_000) == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * 350_000 / end)))
+    assert lr(400_000) == pytest.approx(6.418e-4, rel=1e-4) and lr(750_000) > floor * 1.04
+
+
+class _NarrowCosine(torch.optim.lr_scheduler.CosineAnnealingLR):
+    """Efficient-VDVAE's schedule as its PyTorch code builds it: warm-up and the peak until `decay_start`, then
+    torch's own CosineAnnealingLR steps (rates in float64 here; its are float32 tensors)."""
+
+    def __init__(self, optimizer, decay_steps, warmup_steps, decay_start, min_lr):
+        self.warmup_steps, self.decay_start = warmup_steps, decay_start
+        super().__init__(optimizer, T_max=decay_steps, eta_min=min_lr)
+
+    def get_lr(self):
+        if self.last_epoch < self.decay_start:
+            return [base * min(1.0, self.last_epoch / self.warmup_steps) for base in self.base_lrs]
+        return super().get_lr()
+
+
+def test_cosine_phase_zero_steps_like_torchs_cosine_annealing_after_the_peak():
+    peak, floor, warmup, start, end = 1e-3, 2e-4, 10, 50, 750
+    module = VDVAEModule(
+        TINY_VAE,
+        lr=peak,
+        lr_schedule="cosine",
+        lr_min=floor,
+        warmup_steps=warmup,
+        decay_start=start,
+        decay_steps=end,
+        cosine_phase="zero",
+    )
+    module._trainer = SimpleNamespace(max_steps=800)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    reference = _NarrowCosine(optimizer, end, warmup, start, floor)
+    for t in range(end + 1):  # update t runs at the rate the scheduler holds after t steps
+        assert peak * module._lr_factor(t) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9, abs=1e-15), t
+        optimizer.step()  # no gradient: only the order torch expects
+        reference.step()
+    assert [peak * module._lr_factor(t) for t in (end, end + 1, 800)] == pytest.approx([floor] * 3)
+    module.hparams.decay_steps = None  # the step it ends at: trainer.max_steps
+    assert peak * module._lr_factor(800) == pytest.approx(floor) and peak * module._lr_factor(700) > floor * 1.01
+    module.hparams.decay_steps = 40  # ends before it starts
+    with pytest.raises(ValueError, match=r"model.cosine_phase=zero .* model.decay_steps=40 .* model.decay_start"):
+        module.configure_optimizers()
+    with pytest.raises(ValueError, match="model.cosine_phase must be start .* or zero"):
+        VDVAEModule(TINY_VAE, lr_schedule="cosine", cosine_phase="0")
 
 
 def elbo_and_objective_per_step(module, steps: int):

@@ -94,10 +94,12 @@ def test_encode_then_decode(trained, tmp_path):
         "mode=decode",
         f"latents={encoded / 'latents.pt'}",
         "temperatures=[0.0]",
+        "batch_size=3",  # 8 images in passes of 3, 3 and 2
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (decoded,) = set(run_dirs(tmp_path, "sample")) - {encoded}
     assert (decoded / "decoded.png").is_file()
+    assert not [p for d in (encoded, decoded) for p in d.iterdir() if ".tmp" in p.name]  # outputs renamed into place
     # The saved latents are those of the first 8 test images: decoding them is their reconstruction.
     module, checkpoint = load_module(trained)
     from hydra.utils import instantiate
@@ -122,6 +124,17 @@ def test_a_damaged_or_foreign_latents_file_is_refused_clearly(tmp_path):
     torch.save({"other": 1}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="is not a latents file"):
         load_latents(vae, tmp_path / "foreign.pt", "cpu")
+
+
+def test_decode_refuses_a_crafted_latents_file_in_one_line_and_leaves_no_run_folder(trained, tmp_path):
+    # 5 KB of expanded (stride-0) tensors that declare 20,000 images: refused before any decoding.
+    crafted = tmp_path / "crafted.pt"
+    shapes = build_model("tiny").latent_shapes  # the trained checkpoint's model
+    torch.save({"latents": [torch.zeros(1, *s).expand(20_000, *s) for s in shapes]}, crafted)
+    result = run("sample.py", tmp_path, f"ckpt_path={trained}", "mode=decode", f"latents={crafted}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"{crafted}: group 0 declares 20000 images" in result.stderr and "Traceback" not in result.stderr
+    assert run_dirs(tmp_path, "sample") == []
 
 
 def test_generation_needs_no_data(trained, tmp_path):

@@ -343,7 +343,7 @@ def test_a_crafted_record_of_kept_checkpoints_deletes_nothing_outside_the_run(tm
     last = run_dir / "checkpoints" / "last.ckpt"
     checkpoint = load(last)
     (key,) = [k for k in checkpoint["callbacks"] if "best_k_models" in checkpoint["callbacks"][k]]
-    crafted = str(run_dir / "checkpoints" / ".." / ".." / ".." / "victim")
+    crafted = str(run_dir / "checkpoints" / os.path.relpath(victim, run_dir / "checkpoints"))  # .../../victim
     state = checkpoint["callbacks"][key]
     state.update(best_k_models={crafted: torch.tensor(1e9)}, kth_best_model_path=crafted, kth_value=torch.tensor(1e9))
     state.update(best_model_path=crafted, best_model_score=torch.tensor(1e9))

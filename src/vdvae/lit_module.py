@@ -75,6 +75,7 @@ class VDVAEModule(LightningModule):
         lr_min: float = 0.0,
         decay_steps: int | None = None,
         decay_start: int | None = None,
+        cosine_phase: str = "start",
         kl_warmup_steps: int = 0,
         kl_balancing_steps: int = 0,
         data_config: dict | None = None,
@@ -98,6 +99,11 @@ class VDVAEModule(LightningModule):
             )
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"model.lr_schedule must be constant or cosine, got {lr_schedule!r}")
+        if cosine_phase not in ("start", "zero"):
+            raise ValueError(
+                f"model.cosine_phase must be start (the cosine's phase counts from model.decay_start) or zero "
+                f"(from step 0, as Efficient-VDVAE's PyTorch code), got {cosine_phase!r}"
+            )
         # The loggers get the whole run config once, from train().
         self.save_hyperparameters(
             ignore=[
@@ -155,26 +161,49 @@ class VDVAEModule(LightningModule):
 
     def _lr_factor(self, step: int) -> float:
         """The learning rate over `lr`: linear warm-up over `warmup_steps`, then constant, or with
-        `lr_schedule=cosine` constant up to `decay_start` (default: the end of warm-up), then half a
-        cosine down to `lr_min` over `decay_steps` (default: up to `trainer.max_steps`), then `lr_min`."""
+        `lr_schedule=cosine` constant up to `decay_start` (default: the end of warm-up), then half a cosine
+        down to `lr_min`, then `lr_min`. With `cosine_phase=start` the cosine's phase counts from
+        `decay_start`: it takes `decay_steps` updates (default: up to `trainer.max_steps`). With
+        `cosine_phase=zero` (Efficient-VDVAE's PyTorch code) its phase counts from step 0: it reaches
+        `lr_min` at step `decay_steps` (default: `trainer.max_steps`), and is scaled to continue from the peak
+        at `decay_start` (torch's CosineAnnealingLR recursion there, in closed form)."""
         h = self.hparams
         warmup = max(h.warmup_steps, 1)
         if step < warmup or h.lr_schedule == "constant":
             return min(1.0, step / warmup)
         start, decay = self._decay_start(), self._decay_steps()
+        if step < start:
+            return 1.0
         floor = h.lr_min / h.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(max(step - start, 0), decay) / decay))
+        if h.cosine_phase == "zero":
+            # lr(t) - lr_min = (lr(t-1) - lr_min) (1 + cos(pi t / T)) / (1 + cos(pi (t-1) / T)) from the peak at
+            # t = decay_start - 1 telescopes to this; held at lr_min after T, as its float32 rate stays there.
+            cosine = (1 + math.cos(math.pi * min(step, decay) / decay)) / (1 + math.cos(math.pi * (start - 1) / decay))
+        else:
+            cosine = 0.5 * (1 + math.cos(math.pi * min(step - start, decay) / decay))
+        return floor + (1 - floor) * cosine
 
     def _decay_start(self) -> int:
         return max(self.hparams.warmup_steps, 1, self.hparams.decay_start or 0)
 
     def _decay_steps(self) -> int:
-        """The cosine's length: `decay_steps`, or the updates after its start up to `trainer.max_steps` (at
-        least 1: a run that ends before the cosine starts never reaches it)."""
-        if self.hparams.decay_steps:
-            return self.hparams.decay_steps
+        """With `cosine_phase=start` the cosine's length: `decay_steps`, or the updates after its start up to
+        `trainer.max_steps` (at least 1: a run that ends before the cosine starts never reaches it). With
+        `cosine_phase=zero` the step it ends at: `decay_steps`, or `trainer.max_steps` (at least its start)."""
+        h = self.hparams
+        zero = h.cosine_phase == "zero"
+        if h.decay_steps:
+            if zero and h.decay_steps < self._decay_start():
+                raise ValueError(
+                    f"model.cosine_phase=zero counts the cosine from step 0, so model.decay_steps={h.decay_steps} "
+                    f"(the step it reaches model.lr_min) must be at least where it starts, model.decay_start "
+                    f"(here {self._decay_start()}): raise model.decay_steps, or use model.cosine_phase=start"
+                )
+            return h.decay_steps
         if self.trainer.max_steps < 0:
             raise ValueError("model.lr_schedule=cosine needs model.decay_steps or a trainer.max_steps")
+        if zero:
+            return max(self._decay_start(), self.trainer.max_steps)
         return max(1, self.trainer.max_steps - self._decay_start())
 
     def training_step(self, batch, batch_idx):

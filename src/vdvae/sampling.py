@@ -7,6 +7,15 @@ Latent files (`torch.save`, loadable with `torch.load(f, weights_only=True)`) ho
     resolutions  list of int, the resolution R of every group
     checkpoint   str, the checkpoint the latents came from
     use_mean     bool, whether they are posterior means (True) or posterior samples
+
+A file read for decoding is checked before any decoding (`check_latents`): 1 to n_groups groups, each a
+dense float32 tensor (float16 and bfloat16 are widened to float32, exactly), of exactly the group's shape,
+one image count N >= 1 for all, finite, and holding its data (an expanded tensor that declares more images
+than the file stores is refused, so memory follows the file's size). Images are then decoded
+`batch_size` at a time (`decode_latents`).
+
+Every output is written under a temporary name and renamed into place when complete
+(`vdvae.interrupts.atomic_path`): an interrupted command never leaves a file that looks whole.
 """
 
 from pathlib import Path
@@ -16,7 +25,11 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
+from vdvae.interrupts import atomic_path
 from vdvae.model import VAE
+
+# Latent dtypes a file may hold: float32 as the model computes, or narrower floats widened exactly.
+LATENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def pil_image(image: torch.Tensor) -> Image.Image:
@@ -25,16 +38,20 @@ def pil_image(image: torch.Tensor) -> Image.Image:
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
+    """uint8 images as one PNG grid at `path`, written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(images.float() / 255, nrow=nrow, pad_value=1), path)
+    grid = make_grid(images.float() / 255, nrow=nrow, pad_value=1)
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, format="png")  # the temporary name has no .png suffix to go by
     return path
 
 
 def read_images(paths, image_size: int, channels: int) -> torch.Tensor:
-    """Image files (or every image in the folders given) -> uint8 (N, C, S, S), resized and centre-cropped."""
-    from vdvae.data.folder import FolderImages, input_files
+    """Image files (or every image in the folders given) -> uint8 (N, C, S, S), resized and centre-cropped;
+    converted to the model's channels as image folders are (vdvae.data.folder), conversions logged once."""
+    from vdvae.data.folder import checked_images, input_files
 
-    images = FolderImages(input_files(paths), image_size, channels)
+    images = checked_images(input_files(paths), image_size, channels, "inputs")
     return torch.stack([images[i] for i in range(len(images))])
 
 
@@ -59,21 +76,24 @@ def temperature_label(t) -> str:
 
 
 @torch.no_grad()
-def sample_grids(vae: VAE, n: int, temperatures, out_dir: Path) -> list[Path]:
-    """One grid of n samples per temperature (a number, or a list with one value per group)."""
+def sample_grids(vae: VAE, n: int, temperatures, out_dir: Path, batch_size: int | None = None) -> list[Path]:
+    """One grid of n samples per temperature (a number, or a list with one value per group), `batch_size`
+    images per pass (default: `chunk_size`)."""
     paths = []
     for t in temperatures:
         t = list(t) if isinstance(t, (list, tuple)) else float(t)
-        images = in_chunks(lambda i, j, t=t: vae.sample(j - i, t), n, chunk_size(vae))
+        images = in_chunks(lambda i, j, t=t: vae.sample(j - i, t), n, batch_size or chunk_size(vae))
         paths.append(save_grid(images, out_dir / f"samples_t{temperature_label(t)}.png", int(np.ceil(n**0.5))))
     return paths
 
 
 @torch.no_grad()
-def reconstruction_grid(vae: VAE, images: torch.Tensor, inputs: torch.Tensor, ks, temperature, out_dir: Path):
+def reconstruction_grid(
+    vae: VAE, images: torch.Tensor, inputs: torch.Tensor, ks, temperature, out_dir: Path, batch_size=None
+):
     """Rows: the images, then for each k the images decoded from their first k groups' posterior
     means with the remaining groups drawn from the prior at `temperature` (k = all: reconstructions)."""
-    chunk = chunk_size(vae)
+    chunk = batch_size or chunk_size(vae)
     rows = [images.cpu()] + [
         in_chunks(
             lambda i, j, k=k: vae.reconstruct(inputs[i:j], k=k, temperature=temperature).cpu(), len(inputs), chunk
@@ -92,32 +112,105 @@ def interpolate(vae: VAE, a: torch.Tensor, b: torch.Tensor, steps: int) -> torch
     return vae.decode(latents, mode=True)
 
 
-def save_latents(vae: VAE, inputs: torch.Tensor, path: Path, checkpoint: str, use_mean: bool = True) -> Path:
-    latents = vae.encode(inputs, use_mean=use_mean)
+@torch.no_grad()
+def save_latents(
+    vae: VAE, inputs: torch.Tensor, path: Path, checkpoint: str, use_mean: bool = True, batch_size=None
+) -> Path:
+    """The latents of every group of `inputs`, encoded `batch_size` at a time, to the file `path`."""
+    chunk = batch_size or chunk_size(vae)
+    batches = [vae.encode(inputs[i : i + chunk], use_mean=use_mean) for i in range(0, len(inputs), chunk)]
+    record = {
+        "latents": [torch.cat(group).cpu() for group in zip(*batches, strict=True)],
+        "resolutions": [r for _, r, _ in vae.latent_shapes],
+        "checkpoint": str(checkpoint),
+        "use_mean": use_mean,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "latents": [z.cpu() for z in latents],
-            "resolutions": [r for _, r, _ in vae.latent_shapes],
-            "checkpoint": str(checkpoint),
-            "use_mean": use_mean,
-        },
-        path,
-    )
+    with atomic_path(path) as tmp:
+        torch.save(record, tmp)
     return path
 
 
-def load_latents(vae: VAE, path: Path, device) -> list[torch.Tensor]:
-    """The latents of a file written by `save_latents`, checked against the model's groups."""
+def load_latents(vae: VAE, path: Path, device=None) -> list[torch.Tensor]:
+    """The latents of a file written by `save_latents`, checked against the model's groups
+    (`check_latents`), as float32 tensors on `device` (default: the CPU, for `decode_latents`)."""
     from vdvae.checkpoints import load_weights_only
 
     record = load_weights_only(path, "latents file")
     if not isinstance(record, dict) or "latents" not in record:
         raise ValueError(f"{path} is not a latents file (a dict with 'latents'; see vdvae.sampling)")
-    latents, expected = record["latents"], vae.latent_shapes
-    if len(latents) > len(expected):
-        raise ValueError(f"{path} has {len(latents)} groups; the model has {len(expected)}")
-    for t, (z, shape) in enumerate(zip(latents, expected, strict=False)):
-        if tuple(z.shape[1:]) != shape:
-            raise ValueError(f"{path}: group {t} has shape {tuple(z.shape[1:])}, the model needs {shape}")
-    return [z.to(device) for z in latents]
+    latents = check_latents(record["latents"], vae.latent_shapes, path)
+    return [z.to(device) for z in latents] if device is not None else latents
+
+
+def check_latents(latents, shapes, path) -> list[torch.Tensor]:
+    """Latents read from the file `path` for a model whose groups have `shapes` ((zdim, R, R) each), as
+    contiguous float32 tensors; ValueError, naming the group and the remedy, for anything else.
+
+    Shapes, types and counts are checked on the tensors' metadata first; the data is touched (finite
+    values, the copy) only once the file is known to hold every value it declares."""
+    if not isinstance(latents, (list, tuple)):
+        raise ValueError(
+            f"{path}: 'latents' is a {type(latents).__name__}; it must be a list of tensors, one per group"
+        )
+    if not 1 <= len(latents) <= len(shapes):
+        raise ValueError(
+            f"{path} has {len(latents)} latent groups; the model has {len(shapes)}: a file needs the first "
+            f"1 to {len(shapes)} groups, top-down (mode=samples draws every group from the prior)"
+        )
+    for t, (z, shape) in enumerate(zip(latents, shapes, strict=False)):
+        check_group(z, t, shape, path)
+    counts = [len(z) for z in latents]
+    if len(set(counts)) > 1:
+        raise ValueError(f"{path}: the groups hold latents of different numbers of images, {counts}; all need one each")
+    if counts[0] == 0:
+        raise ValueError(f"{path} holds the latents of no image: nothing to decode")
+    for t, z in enumerate(latents):
+        check_holds_its_data(z, t, path)
+    for t, z in enumerate(latents):
+        if bad := z.numel() - int(torch.isfinite(z).sum()):
+            raise ValueError(f"{path}: group {t} holds {bad} NaN or infinite values; latents must be finite numbers")
+    return [z.to(torch.float32).contiguous() for z in latents]
+
+
+def check_group(z, t: int, shape: tuple, path):
+    """One group's tensor: with values (not a meta tensor), dense, a float type the model takes, (N, *shape)."""
+    if not isinstance(z, torch.Tensor):
+        raise ValueError(f"{path}: group {t} is a {type(z).__name__}, not a tensor")
+    if z.device.type != "cpu":  # torch.load keeps meta tensors, which declare a size but store nothing
+        raise ValueError(f"{path}: group {t} is a {z.device.type} tensor, which holds no values; save real latents")
+    if z.layout != torch.strided:
+        raise ValueError(f"{path}: group {t} is a {z.layout} tensor; save dense tensors (tensor.to_dense())")
+    if z.dtype not in LATENT_DTYPES:
+        raise ValueError(
+            f"{path}: group {t} holds {z.dtype} values; latents must be float32 (float16 and bfloat16 are "
+            f"also read): convert them with tensor.float() before saving"
+        )
+    if z.dim() != 4 or tuple(z.shape[1:]) != tuple(shape):
+        raise ValueError(
+            f"{path}: group {t} has shape {tuple(z.shape)}; the model needs (N, {', '.join(map(str, shape))})"
+        )
+
+
+def check_holds_its_data(z: torch.Tensor, t: int, path):
+    """An expanded (stride-0) or overlapping tensor declares more values than its storage holds: a small file
+    could then ask for any number of images. Refused, so that what is decoded is what the file stores."""
+    needed, held = z.numel() * z.element_size(), z.untyped_storage().nbytes()
+    if needed > held:
+        raise ValueError(
+            f"{path}: group {t} declares {len(z)} images ({needed:,} bytes of latents) but the file stores only "
+            f"{held:,} bytes for it (an expanded or overlapping tensor); save each latent's own values "
+            f"(tensor.clone())"
+        )
+
+
+@torch.no_grad()
+def decode_latents(vae: VAE, latents: list[torch.Tensor], temperature, batch_size: int) -> torch.Tensor:
+    """uint8 images (N, C, H, W) on the CPU from checked latents, `batch_size` images per pass on the model's
+    device, so that memory follows the batch, not the file. Groups the latents lack are drawn from the prior at
+    `temperature`: each batch draws its own, so random parts (those groups, and the pixels unless every
+    temperature is 0) depend on the seed and the batch size; with every group given and temperature 0 the
+    images do not depend on either."""
+    device = next(vae.parameters()).device
+    n = len(latents[0])
+    return in_chunks(lambda i, j: vae.decode([z[i:j].to(device) for z in latents], temperature).cpu(), n, batch_size)

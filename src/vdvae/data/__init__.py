@@ -5,6 +5,11 @@ data config is checked before Lightning is imported.
 """
 
 import importlib
+import logging
+import math
+import os
+
+log = logging.getLogger(__name__)
 
 # Every public name, and the file that defines it.
 _HOMES = {
@@ -30,6 +35,27 @@ _STORED_TARGETS = {
     for target in (f"vdvae.data.{name}", f"vdvae.data.{home}.{name}")
 }
 _PLAIN = (str, int, float, bool, type(None))
+# The numbers and switches a stored config may hold, as (kind, least, most, null allowed); the data module
+# checks the rest (paths, the split sizes against the data).
+_STORED_VALUES = {
+    "batch_size": ("int", 1, None, False),
+    "eval_batch_size": ("int", 1, None, True),
+    "num_workers": ("int", 0, None, False),
+    "image_size": ("int", 1, None, False),
+    "channels": ("int", 1, None, False),
+    "bits": ("int", 1, 8, False),
+    "val_size": ("int", 0, None, False),
+    "test_size": ("int", 0, None, False),
+    "limit_train": ("int", 1, None, True),
+    "split_seed": ("int", None, None, False),
+    "seed": ("int", None, None, False),
+    "shift": ("number", None, None, False),
+    "scale": ("number", None, None, False),
+    "binarize": ("bool", None, None, False),
+    "original_low_bit": ("bool", None, None, False),
+    "random_flip": ("bool", None, None, False),
+    "download": ("bool", None, None, False),
+}
 
 
 def __getattr__(name: str):
@@ -60,10 +86,54 @@ def check_stored_data_config(config) -> tuple[str, dict]:
             raise ValueError(f"the stored data config has a value that is not plain data: {key!r}={value!r}")
         if any(isinstance(v, str) and "${" in v for v in values):
             raise ValueError(f"the stored data config has an interpolation in {key!r}={value!r}")
+        if key in _STORED_VALUES:
+            _check_stored_value(key, value, *_STORED_VALUES[key])
     return _STORED_TARGETS[target], config
 
 
+def _check_stored_value(key: str, value, kind: str, least, most, nullable: bool):
+    """One stored number or switch: of its kind (a bool is no number here) and within its range."""
+    if value is None and nullable:
+        return
+    if kind == "bool":
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif kind == "int":
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        wanted = "a finite number"
+    if ok and least is not None and value < least:
+        ok = False
+    if ok and most is not None and value > most:
+        ok = False
+    if kind == "number" and key == "scale" and ok and value == 0:
+        ok, wanted = False, "a finite number other than 0"
+    if not ok:
+        bounds = {
+            (True, True): f" from {least} to {most}",
+            (True, False): f" of at least {least}",
+            (False, True): f" of at most {most}",
+        }.get((least is not None, most is not None), "")
+        wanted += bounds + (" (or null)" if nullable else "")
+        raise ValueError(
+            f"the stored data config's {key}={value!r} is not valid: it must be {wanted}; pass data=<name> "
+            f"to use a data config of your own instead"
+        )
+
+
 def data_module_from_config(config, **overrides):
-    """One of this package's data modules from a stored data config, checked by `check_stored_data_config`."""
+    """One of this package's data modules from a stored data config, checked by `check_stored_data_config`.
+    A stored `num_workers` above this machine's cores (a checkpoint made on a bigger machine) is lowered to
+    the cores, with a warning."""
     name, arguments = check_stored_data_config(config)
+    cores = os.cpu_count() or 1
+    if "num_workers" not in overrides and arguments.get("num_workers", 0) > cores:
+        log.warning(
+            "the stored data config asks for num_workers=%d, more than this machine's %d cores: using %d "
+            "(pass data=<name> to choose the data config yourself)",
+            arguments["num_workers"],
+            cores,
+            cores,
+        )
+        arguments["num_workers"] = cores
     return __getattr__(name)(**{**arguments, **overrides})

@@ -170,9 +170,15 @@ def batches_done_this_epoch(trainer) -> int:
 
 
 class ImageDataModule(LightningDataModule, abc.ABC):
-    """Base DataModule: subclasses implement `load()` -> (train, val, test) datasets of uint8 images."""
+    """Base DataModule: subclasses implement `load()` -> (train, val, test) datasets of uint8 images.
+
+    `setup("fit")` refuses a training batch larger than the training split (drop_last would leave no batch
+    at all); an evaluation batch larger than its split is lowered to the split, with a warning."""
 
     name = "images"
+    # How many batches of data.batch_size one loaded training batch holds (trainer.accumulate_grad_batches,
+    # which the training task multiplies `batch_size` by): only for naming data.batch_size in messages.
+    batches_per_update = 1
 
     def __init__(
         self,
@@ -205,6 +211,7 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         self.limit_train, self.random_flip = limit_train, random_flip
         self.preprocess = Preprocess(shift, scale, bits, binarize, original_low_bit)
         self.train_set = self.val_set = self.test_set = None
+        self._eval_warned = set()  # the splits whose evaluation batches were lowered, once warned
 
     @abc.abstractmethod
     def load(self):
@@ -223,6 +230,55 @@ class ImageDataModule(LightningDataModule, abc.ABC):
                     f"{self.image_size})"
                 )
             log.info("%s: %d train, %d val, %d test images", self.name, *map(len, self.splits))
+        if stage in (None, "fit"):
+            self._check_training_batch()
+        for split in {"fit": ["val"], "validate": ["val"], "test": ["test"]}.get(stage, ["val", "test"]):
+            self._eval_batch_size(split, warn=True)
+
+    def _check_training_batch(self):
+        """One training batch (on each device) must fit in the training split: a clear refusal here, not
+        an empty loader or a traceback from inside the training loop."""
+        _, world = self._rank_world()
+        n, per_update = len(self.train_set), max(1, self.batches_per_update)
+        if n >= self.batch_size * world:
+            return
+        given = f"data.batch_size={self.batch_size // per_update}"
+        if per_update > 1:
+            given += f" x trainer.accumulate_grad_batches={per_update}"
+        if world > 1:
+            given += f" x {world} devices"
+        limited = f" (data.limit_train={self.limit_train})" if self.limit_train and self.limit_train <= n else ""
+        most = n // (world * per_update)
+        if most >= 1:
+            remedy = f"use data.batch_size={most} or less"
+        else:
+            remedy = "use fewer devices or a smaller trainer.accumulate_grad_batches"
+        if limited:
+            remedy += ", or raise data.limit_train"
+        raise ValueError(
+            f"{given} asks for {self.batch_size * world} training images per update, but the training split of "
+            f"{self.name} has {n}{limited}: {remedy}"
+        )
+
+    def _eval_batch_size(self, split: str, warn: bool = False) -> int:
+        """data.eval_batch_size, or the split's size where that is smaller (every image is seen once either
+        way; the warning says that a batch of this size never comes)."""
+        n = len(self.val_set if split == "val" else self.test_set)
+        if n == 0 or self.eval_batch_size <= n:
+            return self.eval_batch_size
+        if warn and split not in self._eval_warned:
+            self._eval_warned.add(split)
+            names = {"val": "validation", "test": "test"}
+            log.warning(
+                "%s: evaluation batches of %d images (data.eval_batch_size, or eval.py's batch_size) are more "
+                "than the %d %s images: evaluating them in one batch of %d",
+                self.name,
+                self.eval_batch_size,
+                n,
+                names[split],
+                n,
+            )
+        return n
 
     @property
     def splits(self):
@@ -247,11 +303,7 @@ class ImageDataModule(LightningDataModule, abc.ABC):
 
     def train_dataloader(self):
         rank, world = self._rank_world()
-        if len(self.train_set) < self.batch_size * world:
-            raise ValueError(
-                f"{self.name}: {len(self.train_set)} training images are fewer than one batch "
-                f"(data.batch_size={self.batch_size} x {world} devices)"
-            )
+        self._check_training_batch()
         sampler = ResumableSampler(
             self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True
         )
@@ -260,10 +312,12 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         return self._loader(self.train_set, self.batch_size, sampler, drop_last=True)
 
     def val_dataloader(self):
-        return self._loader(self.val_set, self.eval_batch_size, ShardSampler(len(self.val_set), *self._rank_world()))
+        sampler = ShardSampler(len(self.val_set), *self._rank_world())
+        return self._loader(self.val_set, self._eval_batch_size("val"), sampler)
 
     def test_dataloader(self):
-        return self._loader(self.test_set, self.eval_batch_size, ShardSampler(len(self.test_set), *self._rank_world()))
+        sampler = ShardSampler(len(self.test_set), *self._rank_world())
+        return self._loader(self.test_set, self._eval_batch_size("test"), sampler)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if self.random_flip and self.trainer is not None and self.trainer.training:

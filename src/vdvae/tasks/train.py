@@ -52,6 +52,7 @@ def train(cfg: DictConfig) -> float | None:
             "eval_batch_size": cfg.data.get("eval_batch_size") or cfg.data.batch_size,
         }
         datamodule = instantiate(cfg.data, **sizes) if accumulate > 1 else instantiate(cfg.data)
+        datamodule.batches_per_update = accumulate  # its messages name data.batch_size, not the loaded batch
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             datamodule.prepare_data()
         datamodule.setup("fit")  # missing or corrupt data fails here, before any output is written
