@@ -101,7 +101,8 @@ def test_kill_9_mid_epoch_then_resume_in_place_continues_bit_for_bit(tmp_path, s
     assert len(ids) == 1, ids
 
 
-def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path, straight):
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_or_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(tmp_path, straight, signum, status):
     proc = start("train.py", tmp_path, *RUN, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not run_dirs(tmp_path) and time.time() < deadline:
@@ -109,9 +110,9 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path, straight):
     (run_dir,) = run_dirs(tmp_path)
     last = run_dir / "checkpoints" / "last.ckpt"
     wait_for_step(last, 4, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr[-2000:]
+    assert proc.returncode == status, stderr[-2000:]
     stopped_at = load(last)["global_step"]
     assert 4 <= stopped_at < 20
     resumed = run("train.py", tmp_path, *RUN, f"ckpt_path={last}")
@@ -472,3 +473,14 @@ def test_eval_refuses_nan_weights_in_one_line_and_stops_on_sigterm_with_143_and_
     assert proc.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr and "stopped by SIGTERM" in stdout + stderr
     assert run_dirs(tmp_path, "eval") == []  # it held only its config, its log and an empty CSV folder
+
+
+def test_a_checkpoint_of_weights_that_hold_no_data_is_refused(tmp_path, straight):
+    from vdvae.checkpoints import CheckpointError, load_module
+
+    checkpoint = load(straight / "checkpoints" / "last.ckpt")
+    name = next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
+    checkpoint["state_dict"][name] = torch.empty(checkpoint["state_dict"][name].shape, device="meta")
+    torch.save(checkpoint, tmp_path / "meta.ckpt")
+    with pytest.raises(CheckpointError, match=f"not dense CPU tensors of the model's dtype: {re.escape(name)}"):
+        load_module(tmp_path / "meta.ckpt")

@@ -137,12 +137,33 @@ def state_mismatch(expected: dict, found: dict, limit: int = 5) -> str:
         for k, v in expected.items()
         if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(v.shape)
     ]
+    # A tensor that holds no data on the CPU (meta, sparse), or of another dtype, is no weight of the model.
+    kinds = [
+        f"{k} ({getattr(found[k], 'dtype', type(found[k]).__name__)}, {getattr(found[k], 'device', '')})"
+        for k, v in expected.items()
+        if k in found and not _holds_like(found[k], v)
+    ]
     parts = []
-    for name, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+    for name, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("of another shape", shapes),
+        ("not dense CPU tensors of the model's dtype", kinds),
+    ):
         if keys:
             more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
             parts.append(f"{len(keys)} {name}: {', '.join(keys[:limit])}{more}")
     return "; ".join(parts)
+
+
+def _holds_like(tensor, like) -> bool:
+    return (
+        hasattr(tensor, "is_meta")
+        and not tensor.is_meta
+        and tensor.device.type == "cpu"
+        and tensor.layout == like.layout
+        and tensor.dtype == like.dtype
+    )
 
 
 def check_checkpoint(path, stored_data: bool) -> dict:

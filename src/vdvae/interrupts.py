@@ -4,15 +4,20 @@ output that looks complete.
 - `signals_interrupt()`: while active, SIGTERM raises `Terminated` and SIGINT (Ctrl-C) `Interrupted`, both
   BaseExceptions: `except Exception` never swallows a stop, `finally` blocks run, and Lightning passes them
   on after its `on_exception` hooks (a KeyboardInterrupt it would turn into exit status 1).
+- `CtrlCStopsAtStep`: in training, a first Ctrl-C takes Lightning's SIGTERM path (stop at the next step
+  boundary, save, exit 130) instead of interrupting a step half-way; a second one stops at once.
 - `atomic_path(path)`: a temporary name beside `path` (a file or a folder) to write to, moved into place
   only when the block ends normally, removed otherwise. Readers see the whole result or nothing.
 """
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class Interrupted(BaseException):
@@ -48,6 +53,31 @@ def signals_interrupt():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+class CtrlCStopsAtStep:
+    """While installed (`with`), SIGINT is turned into SIGTERM for Lightning's handler, which stops training
+    at the next step boundary on every rank, where last.ckpt is saved: a Ctrl-C never saves a half-done
+    update. `caught` says whether it did. Before Lightning has its handler, and at a second Ctrl-C,
+    SIGINT interrupts as usual."""
+
+    def __init__(self):
+        self.caught = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame):
+        lightning_listens = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        if self.caught or not lightning_listens:
+            raise KeyboardInterrupt
+        self.caught = True
+        log.warning("Ctrl-C: stopping after this step, saving last.ckpt (Ctrl-C again: stop at once, unsaved)")
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _remove(path: Path):

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vdvae.checkpoints import check_resume
 from vdvae.config import CHECKPOINT_DIR, check_config, no_run_dir_on_failure, route_library_logs
+from vdvae.interrupts import CtrlCStopsAtStep
 from vdvae.loggers import loggers_from_config
 from vdvae.metrics import format_table
 from vdvae.slurm import RequeueOnSignal
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 # The exit status of a run stopped by SIGTERM after saving (128 + 15, as the shell reports a kill by
 # SIGTERM), so that SLURM and wrapper scripts can tell a pre-empted run from a finished one.
 SIGTERM_EXIT_CODE = 143
+INTERRUPT_EXIT_CODE = 130  # Ctrl-C: 128 + SIGINT
 
 
 def previous_last_checkpoint() -> str | None:
@@ -78,27 +80,37 @@ def train(cfg: DictConfig) -> float | None:
     )
 
     requeue = RequeueOnSignal()  # SLURM pre-emption and time limits under submitit
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except SIGTERMException:
-        if requeue.caught:
-            requeue.requeue()
-        log.error("stopped by SIGTERM; exit status %d", SIGTERM_EXIT_CODE)
-        raise SystemExit(SIGTERM_EXIT_CODE) from None
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-        if "test/bpd" in metrics:
-            log.info(
-                "test metrics (per-group KL in the loggers and images/):\n%s",
-                format_table({k: v for k, v in metrics.items() if k.startswith("test/")}),
-            )
-            log.info(
-                "test: %.4f bits/dim (ELBO, %d images), checkpoint %s",
-                metrics["test/bpd"],
-                int(metrics.get("test/n_images", 0)),
-                best or "final weights",
-            )
+    with CtrlCStopsAtStep() as ctrl_c:
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            metrics = {
+                k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
+            }
+            if cfg.get("test"):
+                metrics.update(score_test_set(trainer, module, datamodule))
+        except SIGTERMException:  # Lightning's stop at a step boundary, in training or testing
+            if requeue.caught:
+                requeue.requeue()
+            code = INTERRUPT_EXIT_CODE if ctrl_c.caught else SIGTERM_EXIT_CODE
+            log.error("stopped by %s; exit status %d", "Ctrl-C" if ctrl_c.caught else "SIGTERM", code)
+            raise SystemExit(code) from None
     return metrics.get(cfg.get("optimized_metric"))
+
+
+def score_test_set(trainer, module, datamodule) -> dict:
+    """Score the best checkpoint (the final weights without one) on the test set; its test/* metrics."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    if "test/bpd" in metrics:
+        log.info(
+            "test metrics (per-group KL in the loggers and images/):\n%s",
+            format_table({k: v for k, v in metrics.items() if k.startswith("test/")}),
+        )
+        log.info(
+            "test: %.4f bits/dim (ELBO, %d images), checkpoint %s",
+            metrics["test/bpd"],
+            int(metrics.get("test/n_images", 0)),
+            best or "final weights",
+        )
+    return metrics
