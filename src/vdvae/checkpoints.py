@@ -90,6 +90,23 @@ def save_atomically(checkpoint: dict, path):
             tmp.unlink(missing_ok=True)
 
 
+def check_writable(folder):
+    """A file can be made in `folder` (made if missing): a run whose checkpoints could not be saved stops
+    before training, not at its first save."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OSError(
+            f"cannot write checkpoints into {folder} ({error.strerror or error}): make it writable, or run "
+            f"elsewhere (hydra.run.dir=...)"
+        ) from error
+
+
 class CheckpointError(ValueError):
     """The file cannot be used as a checkpoint; the message says why and what to do."""
 

@@ -22,10 +22,20 @@ Encoder and decoder must compute bit-identical distributions: the decoder replay
 chunks exactly (their sizes are in the header), with as many threads, in the same dtype and memory
 format, and a checksum of the images checks the result. The file is a header (format version, model
 identity, image shapes, coding options), the ANS words, and a SHA-256 of everything before it.
+
+A file is data from anywhere: it costs only what it holds. It is read only if it is a regular file of at
+most MAX_FILE_BYTES, and every count in its header is checked before anything is allocated or decoded:
+at most one image per ANS word (the encoder pads the seed to keep this true, see `MIN_WORDS_PER_IMAGE`),
+chunks no larger than the batch size, a seed no longer than the model's first image can need plus that
+padding, no more threads than this machine has, and image names that are plain file names. A model whose weights or
+probabilities are not finite is refused before the coder sees them.
 """
 
+import contextlib
 import hashlib
 import json
+import os
+import stat
 import struct
 from dataclasses import asdict, dataclass
 
@@ -40,10 +50,82 @@ MAGIC = b"VDVAE-BB"
 VERSION = 1
 PRECISION_BITS = 24  # probability precision of constriction's default ANS coder and models
 SEED_PATTERN = 0x5EED  # the seed words are a fixed pseudo-random pattern; only their count varies
+MAX_FILE_BYTES = 4 * 2**30  # a generous bound on a file to read: it is read whole into memory
+# Each image costs at least this many ANS words in a file this module writes: no bound from coding
+# alone holds (bits back can return more bits than an image's pushes cost, so an image on a strong model
+# can cost almost nothing), so the encoder makes it hold by padding the seed (words nothing pops, at the
+# bottom of the stack) where images cost less. Real images cost far more (an 8x8 digit on the tests' tiny
+# model: ~300 bits; a CIFAR-10 image: ~9,000), so this costs nothing in practice, and a file's image count -
+# and so a decode's work - is bounded by its size.
+MIN_WORDS_PER_IMAGE = 1
+MAX_NAME_BYTES = 255  # the longest file name common file systems (ext4, APFS, NTFS, ...) accept
 
 
 class CompressedFileError(ValueError):
     """The file cannot be decompressed here: not this format, damaged, or made with another model."""
+
+
+def read_compressed(path) -> bytes:
+    """The bytes of a compressed file, after checking that it is a regular file (a FIFO would block and a
+    device like /dev/zero never ends) of at most MAX_FILE_BYTES, before reading any of it."""
+    try:  # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise CompressedFileError(f"file={path} cannot be opened: {error.strerror}") from error
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CompressedFileError(
+                f"file={path} is a {_file_kind(info.st_mode)}, not a regular file: give a file written by mode=compress"
+            )
+        if info.st_size > MAX_FILE_BYTES:
+            raise CompressedFileError(
+                f"file={path} is {info.st_size:,} bytes, more than the {MAX_FILE_BYTES:,} bytes a compressed "
+                f"file may have: it is not a file written by mode=compress"
+            )
+        with open(fd, "rb", closefd=False) as file:
+            return file.read(info.st_size)  # a file still being written then fails the checksum
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket")]
+    return next((kind for test, kind in kinds if test(mode)), "device")
+
+
+def png_name(name: str) -> str:
+    """The file an image's stored name decompresses to: the name, with .png added unless it ends so."""
+    return name if name.lower().endswith(".png") else f"{name}.png"
+
+
+def name_problem(name) -> str | None:
+    """Why `name` cannot be an image's file name inside the output folder (None if it can): it must be a
+    plain file name (no folder, not . or ..) that a file system accepts as <name>.png."""
+    if not isinstance(name, str):
+        return "is not a string"
+    if name in ("", ".", "..") or "/" in name or "\x00" in name:
+        return "is not a plain file name (empty, . or .., or holds '/' or NUL)"
+    try:
+        size = len(os.fsencode(png_name(name)))
+    except UnicodeEncodeError:
+        return "cannot be encoded as a file name on this system"
+    if size > MAX_NAME_BYTES:
+        return f"is {size} bytes as a PNG file name; file systems accept at most {MAX_NAME_BYTES}"
+    return None
+
+
+def check_names(names):
+    """Every name a valid, distinct PNG file name (see `name_problem`), else a ValueError naming the first."""
+    for i, name in enumerate(names):
+        if problem := name_problem(name):
+            shown = repr(name) if len(repr(name)) <= 60 else f"{repr(name)[:40]}...({len(name)} characters)"
+            raise ValueError(f"image {i}'s name {shown} {problem}")
+    seen = set()
+    for name in map(png_name, names):
+        if name in seen:
+            raise ValueError(f"two images have the name {name!r}")
+        seen.add(name)
 
 
 @dataclass(frozen=True)
@@ -129,12 +211,28 @@ def negative_elbo(vae, preprocess, images, draws: int = 1, batch_size: int = 100
     return total / (draws * len(images))
 
 
-class _Grid:
-    """The entropy models of one file's coding options, and its latent grid."""
+class ModelError(ValueError):
+    """The model cannot code losslessly: its weights, or the probabilities it computes, are not finite."""
 
-    def __init__(self, options: CodingOptions):
+
+def check_finite_weights(vae, source: str):
+    """Refuse weights holding NaN or infinities (a diverged run): the coder would fail deep inside."""
+    bad = [name for name, t in vae.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ModelError(
+            f"{source}: the weights hold NaN or infinite values (in {', '.join(bad[:3])}{more}), so the model "
+            f"cannot code: the training diverged; use a checkpoint from before it did"
+        )
+
+
+class _Grid:
+    """The entropy models of one file's coding options, and its latent grid; the distributions handed to
+    the coder are checked to be finite first (the coder panics on a NaN scale instead of raising)."""
+
+    def __init__(self, options: CodingOptions, source: str):
         model = constriction.stream.model
-        self.options, k = options, options.max_symbol
+        self.options, self.source, k = options, source, options.max_symbol
         self.prior = model.QuantizedGaussian(-k, k, 0.0, 1.0 / options.bin_width)
         self.posterior = model.QuantizedGaussian(-k, k)
         self.pixels = model.Categorical(perfect=False)
@@ -150,21 +248,53 @@ class _Grid:
         p_mean, p_logstd, q_mean, q_logstd = (t.double() for t in (p_mean, p_logstd, q_mean, q_logstd))
         mean = (q_mean - p_mean) * torch.exp(-p_logstd) / self.options.bin_width
         std = torch.exp(q_logstd - p_logstd) / self.options.bin_width
-        return mean.flatten().numpy(), std.flatten().numpy()
+        mean, std = mean.flatten().numpy(), std.flatten().numpy()
+        if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+            self._refuse("a latent posterior")
+        return mean, std
+
+    def pixel_pmf(self, pmf: torch.Tensor) -> np.ndarray:
+        pmf = pmf.numpy()
+        if not (np.isfinite(pmf).all() and (pmf >= 0).all() and (pmf.sum(1) > 0).all()):
+            self._refuse("the pixels' probabilities")
+        return pmf
+
+    def _refuse(self, what: str):
+        raise ModelError(
+            f"{self.source} computes {what} that is not finite (NaN, infinite or zero scale) for these images, "
+            f"so they cannot be coded: the weights are finite but overflow; use another checkpoint"
+        )
 
 
 def _ints(t: torch.Tensor) -> np.ndarray:
     return t.flatten().numpy().astype(np.int32)
 
 
+def _cpus() -> int:
+    return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads set to n inside the block: the order of a kernel's sums depends on them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
 class Codec:
     """Compress uint8 images (N, C, H, W) to bytes and back with a VAE and its pixel preprocessing.
 
     The VAE runs on the CPU in fp32: the decoder must repeat the encoder's arithmetic bit for bit.
+    `source` names the model in errors (the checkpoint).
     """
 
-    def __init__(self, vae, preprocess):
-        self.vae, self.preprocess = vae.eval().cpu().float(), preprocess
+    def __init__(self, vae, preprocess, source: str = "the model"):
+        self.vae, self.preprocess, self.source = vae.eval().cpu().float(), preprocess, source
+        check_finite_weights(self.vae, source)
         self.identity = model_identity(self.vae, preprocess)
         self.shape = (vae.image_channels, vae.image_size, vae.image_size)
         self.dims = int(np.prod(self.shape))
@@ -198,7 +328,7 @@ class Codec:
         popped = before - coder.num_valid_bits()
         params = vae.likelihood(h)
         for c in reversed(range(self.shape[0])):
-            pmf = vae.likelihood.channel_pmf(params, target, c).numpy()
+            pmf = grid.pixel_pmf(vae.likelihood.channel_pmf(params, target, c))
             coder.encode_reverse(_ints(symbols[:, c]), grid.pixels, pmf)
         for k in reversed(ks):
             coder.encode_reverse(_ints(k), grid.prior)
@@ -218,7 +348,7 @@ class Codec:
         params = likelihood(h)
         symbols = torch.zeros(n, *self.shape, dtype=torch.long)
         for c in range(self.shape[0]):
-            pmf = likelihood.channel_pmf(params, likelihood.grid(symbols), c).numpy()
+            pmf = grid.pixel_pmf(likelihood.channel_pmf(params, likelihood.grid(symbols), c))
             symbols[:, c] = torch.from_numpy(coder.decode(grid.pixels, pmf).astype(np.int64)).view(symbols[:, c].shape)
         images = likelihood.to_uint8(likelihood.grid(symbols))
         activations = vae.encoder(vae._check_input(self.preprocess(images)[0]))
@@ -233,49 +363,79 @@ class Codec:
             coder.encode_reverse(_ints(k), grid.posterior, mean, std)
         return images
 
+    def _generous_seed(self) -> int:
+        """Seed words enough for any first image: a posterior draw pops at most PRECISION_BITS bits (the
+        coder gives every symbol a probability of at least 2^-PRECISION_BITS), plus the coder's state."""
+        return PRECISION_BITS * sum(int(np.prod(s)) for s in self.vae.latent_shapes) // 32 + 4
+
     def _seed_words_needed(self, grid: _Grid, first) -> int:
-        """The seed words the first image's posterior draws read, measured on a seed long enough for any
-        image (a draw costs at most PRECISION_BITS bits), plus two for the coder's state."""
-        generous = PRECISION_BITS * sum(int(np.prod(s)) for s in self.vae.latent_shapes) // 32 + 4
-        popped = self._encode_chunk(constriction.stream.stack.AnsCoder(seed_words(generous)), grid, first)
+        """The seed words the first image's posterior draws read, measured on a generous seed, plus two for
+        the coder's state: at most `_generous_seed() + 2`, which bounds a file's seed."""
+        popped = self._encode_chunk(constriction.stream.stack.AnsCoder(seed_words(self._generous_seed())), grid, first)
         return -(-popped // 32) + 2
 
-    def compress(self, images: torch.Tensor, options: CodingOptions = CodingOptions(), names=None):
-        """One file (bytes) for all `images` (uint8 (N, C, H, W)), and a Report of its cost. `names`, one
-        per image if given, are stored for decompression."""
-        self._check_images(images)
-        images, n, grid = images.cpu(), len(images), _Grid(options)
-        names = [str(name) for name in names] if names is not None else None
-        if names is not None and len(names) != n:
-            raise ValueError(f"got {len(names)} names for {n} images")
-        seed = self._seed_words_needed(grid, images[:1])
-        coder = constriction.stream.stack.AnsCoder(seed_words(seed))
-        chunks, start, pop_bits = [], 0, 32 * seed
+    def _encode(self, images, grid: _Grid, seed: int, padding: int) -> tuple[np.ndarray, list[int]]:
+        """The final stack's words and the chunk sizes, from a stack of `seed` seed words on top of `padding`
+        more that nothing pops (unless a chunk pops more than the stack holds, which the seed then pays)."""
+        coder = constriction.stream.stack.AnsCoder(seed_words(seed + padding))
+        chunks, start, pop_bits, n = [], 0, 32 * seed, len(images)
         while start < n:  # each chunk as large as the stack can pay its posterior draws for
-            size = max(1, min(int(coder.num_valid_bits() // (1.05 * pop_bits)), options.batch_size, n - start))
+            usable = coder.num_valid_bits() - 32 * padding  # the padding does not change the chunks
+            size = max(1, min(int(usable // (1.05 * pop_bits)), grid.options.batch_size, n - start))
             pop_bits = self._encode_chunk(coder, grid, images[start : start + size]) / size
             chunks.append(size)
             start += size
+        return coder.get_compressed(), chunks
+
+    def compress(self, images: torch.Tensor, options: CodingOptions = CodingOptions(), names=None):
+        """One file (bytes) for all `images` (uint8 (N, C, H, W)), and a Report of its cost. `names`, one
+        per image if given (plain file names, see `name_problem`), are stored for decompression."""
+        self._check_images(images)
+        images, n, grid = images.cpu(), len(images), _Grid(options, self.source)
+        names = [str(name) for name in names] if names is not None else None
+        if names is not None:
+            if len(names) != n:
+                raise ValueError(f"got {len(names)} names for {n} images")
+            try:
+                check_names(names)  # the decoder would refuse them
+            except ValueError as error:
+                raise ValueError(f"{error}: rename the image file") from error
+        # At most as many threads as this machine has CPUs: the decoder refuses files asking for more.
+        with _torch_threads(min(torch.get_num_threads(), _cpus())) as threads:
+            seed, padding = self._seed_words_needed(grid, images[:1]), 0
+            words, chunks = self._encode(images, grid, seed, padding)
+            needed = MIN_WORDS_PER_IMAGE * n
+            while len(words) < needed and padding < needed:  # images this cheap are rare: pad the seed
+                padding = min(needed, padding + needed - len(words))
+                words, chunks = self._encode(images, grid, seed, padding)
+        if len(words) < needed:
+            raise ValueError(
+                f"these {n} images cost less than {MIN_WORDS_PER_IMAGE} word(s) each even with a padded seed, "
+                f"which this format does not allow (it bounds a file's work by its size)"
+            )
         header = {
             "model": self.identity,
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "threads": threads,
             "count": n,
             "shape": list(self.shape),
             "options": asdict(options),
             "chunks": chunks,
-            "seed_words": seed,
+            "seed_words": seed + padding,
             "images_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest(),
             "names": names,
         }
-        data = write_file(header, coder.get_compressed())
-        report = Report(n, self.dims, 8 * len(data), 32 * seed, 8 * (len(data) - 4 * coder.num_words()), chunks)
-        return data, report
+        data = write_file(header, words)
+        bits = 32 * (seed + padding)
+        return data, Report(n, self.dims, 8 * len(data), bits, 8 * (len(data) - 4 * len(words)), chunks)
 
     def decompress(self, data: bytes) -> tuple[torch.Tensor, list | None]:
         """The images (uint8 (N, C, H, W)) and names (None if none were stored) of a file written by
         `compress` with this model."""
-        header, words = read_file(data)
+        return self.decode(*read_file(data))
+
+    def decode(self, header: dict, words: np.ndarray) -> tuple[torch.Tensor, list | None]:
+        """As `decompress`, from a file's header and words as `read_file` returns them (checked there)."""
         if header["model"] != self.identity:
             raise CompressedFileError(
                 "this file was compressed with another model (its weights, architecture or preprocessing "
@@ -283,19 +443,16 @@ class Codec:
             )
         if tuple(header["shape"]) != self.shape:
             raise CompressedFileError(f"the file holds images of shape {header['shape']}; the model codes {self.shape}")
-        try:
-            grid = _Grid(CodingOptions(**header["options"]))
-        except (TypeError, ValueError) as error:
-            raise CompressedFileError(f"the file's coding options are not valid: {error}") from error
-        if max(header["chunks"]) > grid.options.batch_size:
-            raise CompressedFileError("the file's chunks are larger than its batch size")
+        most = self._generous_seed() + 2 + MIN_WORDS_PER_IMAGE * header["count"]
+        if header["seed_words"] > most:  # checked before the seed is allocated, at the end
+            raise CompressedFileError(
+                f"the file's seed is {header['seed_words']:,} words, more than this model's first image can pop "
+                f"plus the padding of {header['count']} images ({most:,} words): the file is damaged"
+            )
+        grid = _Grid(CodingOptions(**header["options"]), self.source)
         coder = constriction.stream.stack.AnsCoder(words)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(header["threads"])  # threads can change the order of a kernel's sums
-        try:
+        with _torch_threads(header["threads"]):  # threads can change the order of a kernel's sums
             decoded = [self._decode_chunk(coder, grid, n) for n in reversed(header["chunks"])]
-        finally:
-            torch.set_num_threads(threads)
         images = torch.cat(decoded[::-1])
         intact = hashlib.sha256(images.numpy().tobytes()).hexdigest() == header["images_sha256"]
         if not intact or not np.array_equal(coder.get_compressed(), seed_words(header["seed_words"])):
@@ -338,54 +495,102 @@ def write_file(header: dict, words: np.ndarray) -> bytes:
 
 
 def read_file(data: bytes) -> tuple[dict, np.ndarray]:
-    """The header and ANS words of a file, after checking its format, version and checksum."""
+    """The header and ANS words of a file, after checking its format, version and checksum, and that its
+    header fits its size and this machine (`check_header`). The words are a view of `data`, not a copy."""
     if not data.startswith(MAGIC):
         raise CompressedFileError("not a vdvae compressed file (it does not start with the format's magic bytes)")
     fixed = len(MAGIC) + 6
     if len(data) < fixed + 32:
         raise CompressedFileError("the file is truncated (shorter than the format's header)")
-    body, digest = data[:-32], data[-32:]
-    if hashlib.sha256(body).digest() != digest:
+    body = memoryview(data)[:-32]
+    if hashlib.sha256(body).digest() != data[-32:]:
         raise CompressedFileError("the file is truncated or corrupt (its SHA-256 checksum does not match)")
-    version, length = struct.unpack("<HI", data[len(MAGIC) : fixed])
+    version, length = struct.unpack_from("<HI", data, len(MAGIC))
     if version != VERSION:
         raise CompressedFileError(f"the file is format version {version}; this vdvae reads version {VERSION}")
-    try:
-        header = json.loads(body[fixed : fixed + length].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CompressedFileError(f"the file's header is not valid JSON: {error}") from error
-    if not isinstance(header, dict) or set(header) != HEADER_KEYS:
-        raise CompressedFileError("the file's header does not have the fields of this format")
+    if length > len(body) - fixed:
+        raise CompressedFileError(f"the file's header length ({length:,} bytes) runs past the file's end")
     if (len(body) - fixed - length) % 4:
         raise CompressedFileError("the file's compressed data is not a whole number of 32-bit words")
-    if not _header_is_valid(header):
-        raise CompressedFileError("the file's header has fields of the wrong type or out of range")
-    return header, np.frombuffer(body[fixed + length :], dtype="<u4").astype(np.uint32)
+    try:
+        header = json.loads(bytes(body[fixed : fixed + length]).decode())
+    except (ValueError, RecursionError) as error:  # bad UTF-8 or JSON, ints of 4,300+ digits, deep nesting
+        raise CompressedFileError(f"the file's header is not valid JSON: {str(error)[:200]}") from error
+    words = np.frombuffer(body, dtype="<u4", offset=fixed + length).astype(np.uint32, copy=False)
+    check_header(header, len(words))
+    return header, words
 
 
-def _header_is_valid(header: dict) -> bool:
-    def ints(values, low):
-        return isinstance(values, list) and all(type(v) is int and v >= low for v in values)
+def _is_int(value) -> bool:
+    return type(value) is int  # not bool, not float
 
-    count, names = header["count"], header["names"]
-    names_ok = names is None or (
-        isinstance(names, list) and len(names) == count and all(isinstance(n, str) for n in names)
-    )
-    return (
-        type(count) is int
-        and count > 0
-        and ints(header["chunks"], 1)
-        and sum(header["chunks"]) == count
-        and ints(header["shape"], 1)
-        and len(header["shape"]) == 3
-        and type(header["threads"]) is int
-        and 1 <= header["threads"] <= 4096
-        and type(header["seed_words"]) is int
-        and header["seed_words"] >= 0
-        and isinstance(header["options"], dict)
-        and all(isinstance(header[k], str) for k in ("model", "torch", "images_sha256"))
-        and names_ok
-    )
+
+def _int_list(values, low: int) -> bool:
+    return isinstance(values, list) and all(_is_int(v) and v >= low for v in values)
+
+
+def check_header(header, n_words: int):
+    """Every field of a header of the right type, and every count in it within what the file's `n_words`
+    ANS words can hold and what this machine can do, before anything is allocated for it."""
+
+    def bad(field, why):
+        return CompressedFileError(f"the file's header is damaged or not written by vdvae: {field} {why}")
+
+    if not isinstance(header, dict) or set(header) != HEADER_KEYS:
+        raise CompressedFileError("the file's header does not have the fields of this format")
+    for key in ("model", "torch", "images_sha256"):
+        if not isinstance(header[key], str):
+            raise bad(key, "is not a string")
+    count, chunks = header["count"], header["chunks"]
+    if not _is_int(count) or count < 1:
+        raise bad("count", f"is {count!r}, not a positive integer")
+    if count * MIN_WORDS_PER_IMAGE > n_words:  # see MIN_WORDS_PER_IMAGE: this bounds a decode's work
+        raise CompressedFileError(
+            f"the file is damaged or not written by vdvae: its header declares {count:,} images, but it holds "
+            f"{n_words:,} words of compressed data and every image costs at least {MIN_WORDS_PER_IMAGE}"
+        )
+    if not _int_list(header["shape"], 1) or len(header["shape"]) != 3:
+        raise bad("shape", "is not three positive integers")
+    options = _check_options(header["options"], bad)
+    if not _int_list(chunks, 1) or sum(chunks) != count:
+        raise bad("chunks", f"are not positive integers adding up to the {count} images")
+    if max(chunks) > options.batch_size:
+        raise bad("chunks", f"are larger than the file's batch size {options.batch_size}")
+    if not _is_int(header["seed_words"]) or header["seed_words"] < 1:
+        raise bad("seed_words", "is not a positive integer")
+    _check_threads(header["threads"], bad)
+    names = header["names"]
+    if names is not None:
+        if not isinstance(names, list) or len(names) != count:
+            raise bad("names", f"are not a list of {count} names")
+        try:  # all of them, before any image is decoded or written
+            check_names(names)
+        except ValueError as error:
+            raise CompressedFileError(f"the file cannot be decompressed under its stored names: {error}") from error
+
+
+def _check_options(options, bad) -> CodingOptions:
+    fields = set(CodingOptions.__dataclass_fields__)
+    if not isinstance(options, dict) or set(options) != fields:
+        raise bad("options", f"are not the coding options {sorted(fields)}")
+    numbers = all(type(options[key]) in (int, float) for key in ("bin_width", "latent_range"))
+    if not numbers or not _is_int(options["batch_size"]):
+        raise bad("options", "are not numbers (bin_width, latent_range) and an integer (batch_size)")
+    try:
+        return CodingOptions(**options)
+    except (ValueError, OverflowError) as error:  # OverflowError: an integer too large for a float
+        raise bad("options", f"are not valid: {error}") from error
+
+
+def _check_threads(threads, bad):
+    if not _is_int(threads) or threads < 1:
+        raise bad("threads", "is not a positive integer")
+    if threads > _cpus():
+        raise CompressedFileError(
+            f"the file was compressed with {threads} threads and this machine has {_cpus()} CPUs: decoding must "
+            f"repeat the encoder's arithmetic, which depends on the thread count, so it cannot use fewer. "
+            f"Decompress it on a machine with at least {threads} CPUs"
+        )
 
 
 def codec_from_checkpoint(ckpt_path, use_ema: bool = True, data=None) -> tuple[Codec, ImageDataModule]:
@@ -393,4 +598,5 @@ def codec_from_checkpoint(ckpt_path, use_ema: bool = True, data=None) -> tuple[C
     it was trained on (or of the data config `data`), and that data module (for its test split)."""
     module, checkpoint = load_module(ckpt_path)
     datamodule, _ = data_module(checkpoint, ckpt_path, data)
-    return Codec(module.ema if use_ema else module.vae, datamodule.preprocess), datamodule
+    source = f"{ckpt_path} ({'EMA' if use_ema else 'raw, use_ema=false'} weights)"
+    return Codec(module.ema if use_ema else module.vae, datamodule.preprocess, source), datamodule

@@ -3,6 +3,11 @@
 mode=compress    images from `inputs` (files or folders, exactly the model's size and channels) or the
                  first `n_images` of the checkpoint's test split -> <run dir>/images.vdvae, report.json
 mode=decompress  `file` -> <run dir>/images/<name>.png, bit for bit the images that were compressed
+
+Outputs appear whole or not at all: the file and the report are written under temporary names moved into
+place at the end, and the PNGs into a temporary folder renamed to images/ once all are written, so an
+interrupted run leaves nothing that looks complete. Images that cannot be coded exactly (16-bit samples,
+alpha, palettes, other colour spaces, several frames) are refused, named, before any work.
 """
 
 import json
@@ -16,15 +21,28 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image
 
-from vdvae.compression import CodingOptions, CompressedFileError, codec_from_checkpoint, negative_elbo
+from vdvae.compression import (
+    CodingOptions,
+    CompressedFileError,
+    codec_from_checkpoint,
+    negative_elbo,
+    png_name,
+    read_compressed,
+    read_file,
+)
 from vdvae.config import check_mode, no_run_dir_on_failure
 from vdvae.data.base import first_images
 from vdvae.data.folder import input_files
+from vdvae.interrupts import atomic_path, write_atomically
 from vdvae.sampling import pil_image
 
 log = logging.getLogger(__name__)
-# PIL modes read without loss as the model's channels: 1 -> grayscale, 3 -> RGB.
+# PIL modes read without loss as the model's channels: 1 -> grayscale, 3 -> RGB. Bilevel ('1') becomes
+# 0 and 255 in L, and 2- or 4-bit grayscale is scaled to 8 bits by PIL: both one-to-one.
 EXACT_MODES = {1: {"L": None, "1": "L"}, 3: {"RGB": None}}
+# What to do with an image in another mode, by what the mode holds.
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+WIDE_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}  # 16- or 32-bit integer or float samples
 
 
 def read_exact_images(paths, shape) -> tuple[torch.Tensor, list[str]]:
@@ -34,16 +52,57 @@ def read_exact_images(paths, shape) -> tuple[torch.Tensor, list[str]]:
     channels, height, width = shape
     images = []
     for path in files:
-        with Image.open(path) as file:
-            if file.mode not in EXACT_MODES[channels] or file.size != (width, height):
+        with _open_image(path) as file:
+            if problem := inexact(file, shape):
+                kind = "grayscale (L)" if channels == 1 else "RGB"
                 raise ValueError(
                     f"inputs: {path} is a {file.size[0]}x{file.size[1]} {file.mode} image; this model compresses "
-                    f"{width}x{height} {'grayscale (L)' if channels == 1 else 'RGB'} images without loss"
+                    f"{width}x{height} {kind} images without loss: {problem}"
                 )
             convert = EXACT_MODES[channels][file.mode]
             array = np.asarray(file.convert(convert) if convert else file)
         images.append(torch.from_numpy(array.copy()).reshape(height, width, channels).permute(2, 0, 1))
     return torch.stack(images), unique_names(files)
+
+
+def _open_image(path: Path) -> Image.Image:
+    """The image at `path`, its header read (not its pixels): a regular file of a size PIL accepts."""
+    if not path.is_file():  # a FIFO named like an image would block, a device never end
+        raise ValueError(f"inputs: {path} is not a regular file")
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as error:  # not a ValueError: it would end in a traceback
+        raise ValueError(f"inputs: {path}: {error}") from error
+
+
+def inexact(file: Image.Image, shape) -> str | None:
+    """Why the pixels of an opened image are not exactly an image of `shape` (C, H, W), and what to do;
+    None if they are. Only the header is read."""
+    channels, height, width = shape
+    target = "L" if channels == 1 else "RGB"
+    if getattr(file, "n_frames", 1) > 1:
+        return f"it holds {file.n_frames} frames; save the one to compress as a single image first"
+    if file.mode in WIDE_MODES or _wide_samples(file):
+        return f"it has more than 8 bits per sample; convert it to 8-bit {target} first (which drops the low bits)"
+    if file.mode in ALPHA_MODES or "transparency" in file.info:
+        return f"its transparency would be lost; convert it to {target} first if nothing in it is transparent"
+    if file.mode == "P":
+        return f"it is a palette image; convert it to {target} first"
+    if file.mode not in EXACT_MODES[channels]:
+        return f"convert it to {target} first (a conversion of colours that this command does not make for you)"
+    if file.size != (width, height):
+        return "resize or crop it first"
+    return None
+
+
+def _wide_samples(file: Image.Image) -> bool:
+    """PIL reads some images of 16-bit samples in an 8-bit mode, dropping the low bits (a 48-bit RGB PNG
+    opens as RGB): the raw mode of its data says so."""
+    for tile in getattr(file, "tile", None) or []:
+        raw = tile[3][0] if isinstance(tile[3], tuple) and tile[3] else tile[3]  # (codec, extents, offset, args)
+        if isinstance(raw, str) and any(wide in raw for wide in (";16", ";32", "I;", "F;")):
+            return True
+    return False
 
 
 def unique_names(files) -> list[str]:
@@ -58,43 +117,48 @@ def unique_names(files) -> list[str]:
     return names
 
 
-def safe_name(name: str) -> str:
-    """A PNG file name from a compressed file's header, inside the output folder whatever the header says."""
-    base = Path(str(name)).name
-    if not base or base in (".", "..") or "\x00" in base:
-        raise CompressedFileError(f"the file names an image {name!r}, which is not a file name")
-    return base if base.lower().endswith(".png") else f"{base}.png"
-
-
 def compress(cfg: DictConfig) -> list[Path]:
     with no_run_dir_on_failure():
         check_mode(cfg)  # with the checkpoint, checked before the run directory exists, except in sweeps
-        options = CodingOptions(cfg.bin_width, cfg.latent_range, cfg.batch_size)
-        codec, datamodule = codec_from_checkpoint(cfg.ckpt_path, cfg.use_ema, cfg.get("data"))
         out = Path(HydraConfig.get().runtime.output_dir)
         if cfg.mode == "decompress":
-            data = Path(cfg.file).read_bytes()
-            images, names = codec.decompress(data)
-            names = [safe_name(n) for n in names] if names else [f"{i:05d}.png" for i in range(len(images))]
-            if len(set(names)) != len(names):
-                raise CompressedFileError("the file names two images alike")
-        elif cfg.inputs:
-            images, names = read_exact_images(list(cfg.inputs), codec.shape)
-        else:
-            datamodule.setup("test")
-            images, names = first_images(datamodule.test_set, cfg.n_images or len(datamodule.test_set)), None
-    if cfg.mode == "decompress":
-        folder = out / "images"
-        folder.mkdir(parents=True, exist_ok=True)
+            return decompress_file(cfg, out)
+        return compress_images(cfg, out)
+
+
+def decompress_file(cfg: DictConfig, out: Path) -> list[Path]:
+    """`file` -> <out>/images/*.png. The file is read and its header checked (names included) before the
+    checkpoint is loaded; the PNGs appear as images/ only when all are written."""
+    header, words = read_file(read_compressed(str(cfg.file)))
+    codec, _ = codec_from_checkpoint(cfg.ckpt_path, cfg.use_ema, cfg.get("data"))
+    images, names = codec.decode(header, words)
+    names = [png_name(n) for n in names] if names else [f"{i:05d}.png" for i in range(len(images))]
+    folder = out / "images"
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
         for image, name in zip(images, names, strict=True):
-            pil_image(image).save(folder / name, format="PNG")
-        log.info("decompressed %d images from %s into %s", len(images), cfg.file, folder)
-        return [folder]
+            pil_image(image).save(tmp / name, format="PNG")
+        if len(list(tmp.iterdir())) != len(names):
+            raise CompressedFileError(
+                f"{cfg.file}: some of its image names are one file on this file system (names differing only "
+                f"in case?), so not every image could be written; decompress it on a case-sensitive file system"
+            )
+    log.info("decompressed %d images from %s into %s", len(images), cfg.file, folder)
+    return [folder]
+
+
+def compress_images(cfg: DictConfig, out: Path) -> list[Path]:
+    """`inputs` or the test split -> <out>/images.vdvae and <out>/report.json, each written whole."""
+    options = CodingOptions(cfg.bin_width, cfg.latent_range, cfg.batch_size)
+    codec, datamodule = codec_from_checkpoint(cfg.ckpt_path, cfg.use_ema, cfg.get("data"))
+    if cfg.inputs:
+        images, names = read_exact_images(list(cfg.inputs), codec.shape)
+    else:
+        datamodule.setup("test")
+        images, names = first_images(datamodule.test_set, cfg.n_images or len(datamodule.test_set)), None
     images = images[: cfg.n_images] if cfg.n_images else images
     names = names[: len(images)] if names else None
     data, report = codec.compress(images, options, names)
-    path = out / "images.vdvae"
-    path.write_bytes(data)
     elbo = negative_elbo(codec.vae, codec.preprocess, images)
     summary = {
         "checkpoint": str(cfg.ckpt_path),
@@ -108,7 +172,8 @@ def compress(cfg: DictConfig) -> list[Path]:
         "chunks": len(report.chunks),
         "options": asdict(options),
     }
-    (out / "report.json").write_text(json.dumps(summary, indent=1))
+    path = write_atomically(out / "images.vdvae", data)
+    write_atomically(out / "report.json", json.dumps(summary, indent=1))
     log.info(
         "%d images -> %s: %d bytes, %.4f bits/dim (%.4f without the %d initial and %d header bits); negative ELBO "
         "%.4f bits/dim",

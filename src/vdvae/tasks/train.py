@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from vdvae.checkpoints import check_resume
+from vdvae.checkpoints import check_resume, check_writable
 from vdvae.config import CHECKPOINT_DIR, check_config, no_run_dir_on_failure, route_library_logs
 from vdvae.interrupts import CtrlCStopsAtStep
 from vdvae.loggers import loggers_from_config
@@ -62,6 +62,7 @@ def train(cfg: DictConfig) -> float | None:
         data_config = OmegaConf.to_container(cfg.data, resolve=True)
         module = instantiate(cfg.model, data_config=data_config, accumulate_grad_batches=accumulate, _recursive_=False)
         resumed = check_resume(ckpt_path, module) if ckpt_path else None
+        check_writable(Path(cfg.paths.output_dir) / CHECKPOINT_DIR)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         # The trainer before the loggers, which write into the run directory: a trainer option Lightning
         # refuses (an accelerator the machine lacks, a misspelt strategy) leaves nothing behind.
