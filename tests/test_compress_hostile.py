@@ -349,3 +349,36 @@ def test_the_command_refuses_crafted_files_in_one_line_before_any_work(ckpt, tmp
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert seconds < 60, seconds  # the command's start-up: the file itself is refused in milliseconds
         assert run_dirs(tmp_path, "compress") == [] and not list(tmp_path.rglob("*.png"))
+
+
+@pytest.mark.slow
+def test_a_stopped_compression_or_decompression_exits_130_or_143_and_leaves_nothing(ckpt, tmp_path):
+    """Ctrl-C during compress.py and SIGTERM during decompression, as a user sends them once the run
+    directory exists: the command stops with 130 or 143 in one line, and no output or run folder is left."""
+    import signal
+    import subprocess
+
+    from tests.run_helpers import start
+    from vdvae.data.base import first_images
+
+    codec, datamodule = codec_from_checkpoint(ckpt)
+    datamodule.setup("test")
+    data, _ = codec.compress(first_images(datamodule.test_set, 297), CodingOptions(batch_size=1))  # seconds to decode
+    (tmp_path / "f.vdvae").write_bytes(data)
+    cases = [
+        (signal.SIGINT, 130, "SIGINT", ["batch_size=1"]),
+        (signal.SIGTERM, 143, "SIGTERM", ["mode=decompress", f"file={tmp_path / 'f.vdvae'}"]),
+    ]
+    for signum, status, name, args in cases:
+        proc = start(
+            "compress.py", tmp_path, f"ckpt_path={ckpt}", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        deadline = time.time() + 60
+        while not list((tmp_path / "logs").glob("compress/runs/*/.hydra/overrides.yaml")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # past Hydra's set-up: in the command's loading or its coding
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == status, (name, stdout[-2000:], stderr[-2000:])
+        assert "Traceback" not in stderr and f"stopped by {name}" in stdout + stderr
+        assert run_dirs(tmp_path, "compress") == [] and not list(tmp_path.rglob("*.png"))

@@ -72,23 +72,23 @@ def train(cfg: DictConfig) -> float | None:
 @hydra.main(config_path=CONFIGS, config_name="eval", version_base="1.3")
 def evaluate(cfg: DictConfig) -> None:
     """Score a checkpoint on its test set."""
-    import wandb
+    with refusals_in_one_line(interruptible=True):  # before the imports: a stop during them is handled too
+        import wandb
 
-    from vdvae.tasks.eval import evaluate as run
+        from vdvae.tasks.eval import evaluate as run
 
-    try:
-        with refusals_in_one_line(interruptible=True):
+        try:
             run(cfg)
-    finally:
-        wandb.finish()
+        finally:
+            wandb.finish()
 
 
 @hydra.main(config_path=CONFIGS, config_name="sample", version_base="1.3")
 def sample(cfg: DictConfig) -> None:
     """Samples, reconstructions, interpolations, latents from a checkpoint."""
-    from vdvae.tasks.sample import sample as run
-
     with refusals_in_one_line(interruptible=True):
+        from vdvae.tasks.sample import sample as run
+
         for path in run(cfg):
             log.info("wrote %s", path)
 
@@ -103,8 +103,8 @@ def import_original(argv=None):
 @hydra.main(config_path=CONFIGS, config_name="compress", version_base="1.3")
 def compress(cfg: DictConfig) -> None:
     """Compress images losslessly with a checkpoint (bits-back coding), or decompress a file."""
-    from vdvae.tasks.compress import compress as run
-
     with refusals_in_one_line(interruptible=True):
+        from vdvae.tasks.compress import compress as run
+
         for path in run(cfg):
             log.info("wrote %s", path)
