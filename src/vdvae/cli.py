@@ -45,14 +45,32 @@ def refusals_in_one_line(interruptible: bool):
             yield
     except Interrupted as stop:
         remove_empty_run_dir()
-        log.error("%s: stopped, no result written", stop)
+        log.error("%s; no result written", stop)
         raise SystemExit(stop.exit_code) from None
     except (ValueError, OSError) as error:
         remove_empty_run_dir()
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_a_sweep():
             raise  # a sweep's job fails alone: Hydra records it and runs the others
-        log.debug("refused", exc_info=True)  # the traceback, in the run's log where one is left
-        raise SystemExit(f"Error: {_one_line(error)}") from None
+        raise SystemExit(f"Error: {_one_line(error)}{_traceback_kept_in_log(error)}") from None
+
+
+def _traceback_kept_in_log(error: BaseException) -> str:
+    """Append the traceback to the run's log file where the run directory is kept (a failure after work
+    started: worth reading), and say where; "" where there is none."""
+    import traceback
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    config = HydraConfig.get()
+    path = Path(config.runtime.output_dir) / f"{config.job.name}.log"
+    if not path.is_file():
+        return ""
+    with open(path, "a") as file:
+        file.write("".join(traceback.format_exception(error)))
+    return f" (traceback in {path})"
 
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
