@@ -191,7 +191,8 @@ def check_train(user, command):
         command = [a if not a.startswith("hydra.sweeper.n_trials=") else "hydra.sweeper.n_trials=2" for a in command]
     if "-m" in args:
         (sweep,) = user.train(command, task, "multiruns", small)
-        jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+        jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+        assert "completed" in (sweep / "summary.md").read_text()  # the sweep's table
         assert len(jobs) == (2 if "hparams_search=optuna" in args else jobs_of(args)) >= 2
         for job in jobs:
             assert_run(job, wandb="logger=csv" not in small)

@@ -20,6 +20,23 @@ CONFIGS = "pkg://vdvae.conf"
 log = logging.getLogger(__name__)
 
 
+def register_sweepers():
+    """This package's sweepers (hydra_plugins.vdvae_sweepers), for Hydra: its plugin scan cannot list a
+    package installed in editable mode."""
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.sweeper import Sweeper
+
+    plugins = Plugins.instance()  # first: its scan runs the plugin modules again, making new classes
+    from hydra_plugins.vdvae_sweepers import sweepers
+
+    for sweeper in (sweepers.BasicSweeper, sweepers.OptunaSweeper):
+        if issubclass(sweeper, Sweeper):  # the Optuna one where the optuna extra is installed
+            plugins.register(sweeper)
+
+
+register_sweepers()
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -39,6 +56,7 @@ def refusals_in_one_line(interruptible: bool):
     directory that this run created and that holds nothing but its config and log is removed."""
     from vdvae.config import remove_empty_run_dir
     from vdvae.interrupts import Interrupted, signals_interrupt
+    from vdvae.lit_module import TrainingStalled as RunFailed  # a run stopped by its stall guard
 
     try:
         with signals_interrupt() if interruptible else contextlib.nullcontext():
@@ -47,7 +65,7 @@ def refusals_in_one_line(interruptible: bool):
         remove_empty_run_dir()
         log.error("%s; no result written", stop)
         raise SystemExit(stop.exit_code) from None
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, RunFailed) as error:
         remove_empty_run_dir()
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_a_sweep():
             raise  # a sweep's job fails alone: Hydra records it and runs the others

@@ -19,6 +19,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import secrets
 import shutil
 import time
@@ -160,9 +161,34 @@ def check_no_nan(cfg, prefix: str = ""):
             raise ConfigError(f"{name}=nan is not valid: no option takes NaN")
 
 
+# The metrics training logs (vdvae.lit_module; tests/test_sweeps.py checks a run's against these), which
+# `optimized_metric` may name; plus `{val,test}/kl/group_<NN>`, the rate of each latent group.
+TRAIN_METRICS = ("loss", "bpd", "distortion", "rate", "grad_norm", "skipped", "skipped_total", "skip_rate", "bpd_avg")
+EVAL_METRICS = ("loss", "bpd", "distortion", "rate", "nats_per_image", "n_images")
+
+
+def metric_names(test: bool) -> list[str]:
+    stages = ("val", "test") if test else ("val",)
+    return [f"train/{k}" for k in TRAIN_METRICS] + [f"{s}/{k}" for s in stages for k in EVAL_METRICS]
+
+
+def check_optimized_metric(cfg: DictConfig):
+    """`optimized_metric`, what a sweep optimizes, must be a metric that training logs."""
+    metric = cfg.get("optimized_metric")
+    names = metric_names(bool(cfg.get("test")))
+    group = re.fullmatch(r"(val|test)/kl/group_\d+", str(metric)) and (str(metric).startswith("val") or cfg.get("test"))
+    if metric is not None and metric not in names and not group:
+        when = "" if cfg.get("test") else " (with test=false)"
+        raise ConfigError(
+            f"optimized_metric={metric!r} is not a metric training logs{when}: choose one of {', '.join(names)}, "
+            f"or <val|test>/kl/group_<NN>"
+        )
+
+
 def check_config(cfg: DictConfig):
     """Model, data and trainer values must make sense together, before any work starts."""
     check_no_nan(cfg)
+    check_optimized_metric(cfg)
     check_model_and_data(cfg.model.vae, cfg.data)
     precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
     if precision.startswith("16") or precision == "transformer-engine":
@@ -344,6 +370,11 @@ class RunDirGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.existed = {"sweep": _entries(config.hydra.sweep.dir)}
+        if config.get("model") is not None:  # a training sweep: what it optimizes, before its first job
+            try:
+                check_optimized_metric(config)
+            except ConfigError as error:
+                raise SystemExit(f"Error: {error}") from None
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         global _created_run_dir

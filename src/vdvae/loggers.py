@@ -28,6 +28,14 @@ def wandb_credentials() -> bool:
         return False
 
 
+def wandb_mode(mode: str | None = None) -> str:
+    """`mode` if given, else WANDB_MODE, else online exactly when this machine has W&B credentials."""
+    mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
+    if mode not in ("online", "offline", "disabled"):
+        raise ValueError(f"logger.wandb.mode must be online, offline or disabled, got {mode!r}")
+    return mode
+
+
 def wandb_logger(
     save_dir: str,
     project: str = "vdvae",
@@ -40,9 +48,7 @@ def wandb_logger(
 
     When online, checkpoints are uploaded as artifacts (`log_model`). `resume_id` continues that W&B run.
     """
-    mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
-    if mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"logger.wandb.mode must be online, offline or disabled, got {mode!r}")
+    mode = wandb_mode(mode)
     os.makedirs(save_dir, exist_ok=True)
     if mode != "online":
         log.info("W&B %s: runs are kept in %s/wandb; `wandb sync` uploads them later", mode, save_dir)

@@ -2,6 +2,7 @@
 trainer from the config, fit, test, and return the metric a sweep optimizes."""
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from vdvae import sweeps
 from vdvae.checkpoints import check_resume, check_writable
 from vdvae.config import CHECKPOINT_DIR, check_config, no_run_dir_on_failure, route_library_logs
 from vdvae.interrupts import CtrlCStopsAtStep
@@ -83,10 +85,19 @@ def train(cfg: DictConfig) -> float | None:
     requeue = RequeueOnSignal()  # SLURM pre-emption and time limits under submitit
     with CtrlCStopsAtStep() as ctrl_c:
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-            metrics = {
-                k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
-            }
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            finally:
+                sweeps.report(steps=trainer.global_step, best_val_bpd=best_score(trainer))
+            metrics = scalars(trainer.callback_metrics)
+            objective = cfg.get("optimized_metric")
+            if objective and objective.startswith("val/") and objective not in metrics:
+                # No validation ran (a run shorter than its validation interval): one now, so that a sweep
+                # always gets its objective.
+                log.info("no validation ran: validating the final weights for %s", objective)
+                trainer.validate(module, datamodule=datamodule, verbose=False)
+                metrics.update(scalars(trainer.callback_metrics))
+                sweeps.report(best_val_bpd=best_score(trainer, metrics.get("val/bpd")))
             if cfg.get("test"):
                 metrics.update(score_test_set(trainer, module, datamodule))
         except SIGTERMException:  # Lightning's stop at a step boundary, in training or testing
@@ -95,7 +106,30 @@ def train(cfg: DictConfig) -> float | None:
             code = INTERRUPT_EXIT_CODE if ctrl_c.caught else SIGTERM_EXIT_CODE
             log.error("stopped by %s; exit status %d", "Ctrl-C" if ctrl_c.caught else "SIGTERM", code)
             raise SystemExit(code) from None
-    return metrics.get(cfg.get("optimized_metric"))
+    value = metrics.get(objective)
+    sweeps.report(objective=value)
+    broken = [k for k in (objective, "test/bpd") if k in metrics and not math.isfinite(metrics[k])]
+    if broken:
+        raise sweeps.RunDiverged(
+            f"{broken[0]}={metrics[broken[0]]}: the run diverged (its last state is in "
+            f"{Path(cfg.paths.output_dir) / CHECKPOINT_DIR / 'last.ckpt'}); lower model.lr or model.skip_threshold"
+        )
+    return value
+
+
+def scalars(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+def best_score(trainer, also: float | None = None) -> float | None:
+    """The best val/bpd so far: the best checkpoint's, or `also` (a final validation's) where lower."""
+    callback = trainer.checkpoint_callback
+    scores = (
+        [float(callback.best_model_score)] if callback is not None and callback.best_model_score is not None else []
+    )
+    scores += [also] if also is not None else []
+    finite = [s for s in scores if math.isfinite(s)]
+    return min(finite) if finite else (scores[0] if scores else None)
 
 
 def score_test_set(trainer, module, datamodule) -> dict:

@@ -1,0 +1,184 @@
+"""Sweeps that survive their jobs: a job that fails (diverged, stalled, crashed) fails alone, every
+other job still runs, the sweep's folder gets a table of what each job did (vdvae.sweeps), and the
+sweep exits non-zero at its end if any job failed.
+
+- `BasicSweeper`: Hydra's basic sweeper (grids of `a=1,2 b=x,y`), which stops at the first batch with
+  a failed job; here it goes on.
+- `OptunaSweeper`: hydra-optuna-sweeper's search space and options, with a study loop of its own: a
+  failed trial is recorded as FAIL and the study goes on to `n_trials` (the plugin's 1.2.0 release
+  crashes the whole study on a NaN objective, Hydra issue 2237); with a storage (on by default in
+  conf/hparams_search/optuna.yaml) the same command continues a stopped study, keeping its finished
+  trials and asking its interrupted ones again.
+"""
+
+import dataclasses
+import functools
+import logging
+import math
+from pathlib import Path
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper as HydraBasicSweeper
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
+
+from vdvae import sweeps
+
+try:  # the optuna extra (pip install -e '.[optuna]'); Hydra imports this module for every command
+    from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as HydraOptunaSweeper
+except ImportError:
+    HydraOptunaSweeper = None
+
+log = logging.getLogger(__name__)
+
+
+def _job_dir(job: JobReturn) -> Path | None:
+    output_dir = OmegaConf.select(job.hydra_cfg, "hydra.runtime.output_dir") if job.hydra_cfg else None
+    return Path(output_dir) if output_dir else None
+
+
+def _record(job: JobReturn, **extra) -> dict:
+    """The job's own record (written by vdvae.sweeps.JobRecord), or what its return says where it left none."""
+    folder = _job_dir(job)
+    record = sweeps.read_record(folder) if folder else None
+    if record is None:
+        failed = job.status == JobStatus.FAILED
+        record = {
+            "job": folder.name if folder else "?",
+            "overrides": list(job.overrides or []),
+            "status": sweeps.status_of(job._return_value) if failed else "crashed",
+            "error": " ".join(str(job._return_value).split())[:300] if failed else "no record: the job died",
+        }
+    return {**record, **extra}
+
+
+def _finish(sweep_dir, records: list[dict], config, extra: str = ""):
+    """Write the summary; exit non-zero, in one line, if a job failed."""
+    summary = sweeps.write_summary(sweep_dir, records, extra, config)
+    failed = [r for r in records if r["status"] != "completed"]
+    if failed:
+        kinds = ", ".join(
+            f"{s}: {sum(r['status'] == s for r in failed)}" for s in sorted({r["status"] for r in failed})
+        )
+        raise SystemExit(f"Error: {len(failed)} of {len(records)} jobs failed ({kinds}): see {summary}")
+
+
+def _failed(job: JobReturn) -> bool:
+    return job.status == JobStatus.FAILED
+
+
+class _Settling:
+    """A launcher whose failed jobs come back as completed ones without a value, so that the sweeper goes on;
+    `returns` keeps what really happened."""
+
+    def __init__(self, launcher):
+        self.launcher, self.returns = launcher, []
+
+    def launch(self, job_overrides, initial_job_idx):
+        returns = self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
+        self.returns.extend(returns)
+        return [
+            dataclasses.replace(r, status=JobStatus.COMPLETED, _return_value=None)
+            if r.status == JobStatus.FAILED
+            else r
+            for r in returns
+        ]
+
+
+class BasicSweeper(HydraBasicSweeper):
+    def setup(self, *, hydra_context, task_function, config):
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        self.launcher = _Settling(self.launcher)
+
+    def sweep(self, arguments):
+        returns = super().sweep(arguments)
+        _finish(self.config.hydra.sweep.dir, [_record(r) for r in self.launcher.returns], self.config)
+        return returns
+
+
+class OptunaSweeper(HydraOptunaSweeper or object):
+    def sweep(self, arguments):
+        import optuna
+        from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+        from optuna.trial import TrialState
+
+        impl = self.sweeper
+        impl._process_searchspace_config()
+        distributions, fixed = create_params_from_overrides(impl._parse_sweeper_params_config() + list(arguments))
+        for name in fixed:
+            distributions.pop(name, None)
+        sampler, n_trials = impl.sampler, impl.n_trials
+        if isinstance(sampler, functools.partial):  # GridSampler: its grid, and no more trials than it holds
+            grid = {name: impl._to_grid_sampler_choices(d) for name, d in distributions.items()}
+            sampler, n_trials = sampler(grid), min(n_trials, math.prod(len(v) for v in grid.values()))
+        storage = impl.storage
+        if isinstance(storage, str) and storage.startswith("sqlite:///"):
+            Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        study = optuna.create_study(
+            study_name=impl.study_name,
+            storage=storage,
+            sampler=sampler,
+            directions=impl._get_directions(),
+            load_if_exists=True,
+        )
+        # Trials an earlier, stopped sweep left running are failed and asked again with their parameters.
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            study.tell(trial.number, state=TrialState.FAIL)
+            study.enqueue_trial(trial.params)
+        done = sum(
+            1 for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not t.user_attrs.get("interrupted")
+        )
+        log.info("study %s (storage %s): %d of %d trials done", study.study_name, storage, done, n_trials)
+        records = []
+        while done < n_trials:
+            trials = [study.ask() for _ in range(min(impl.n_jobs, n_trials - done))]
+            overrides = impl._configure_trials(trials, distributions, fixed)
+            returns = impl.launcher.launch(overrides, initial_job_idx=impl.job_idx)
+            impl.job_idx += len(returns)
+            for trial, job in zip(trials, returns, strict=True):
+                value = job._return_value if job.status == JobStatus.COMPLETED else None
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    study.tell(trial, values=[float(value)])
+                else:
+                    study.tell(trial, state=TrialState.FAIL)
+                record = _record(job, trial=trial.number)
+                if record["status"] == "completed" and value is None:
+                    record.update(status="crashed", error="no objective: the run returned none")
+                records.append(record)
+            done += len(trials)
+        sweep_dir = Path(self.sweeper.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        _write_results(study, sweep_dir / "optimization_results.yaml")
+        _finish(sweep_dir, records, self.sweeper.config, _study_summary(study))
+
+
+def _write_results(study, path: Path):
+    """The best trial's parameters and value (null before any trial completed)."""
+    from optuna.trial import TrialState
+
+    best = study.best_trial if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
+    results = {
+        "name": "optuna",
+        "best_params": best.params if best else None,
+        "best_value": best.value if best else None,
+    }
+    OmegaConf.save(OmegaConf.create(results), path)
+
+
+def _study_summary(study) -> str:
+    """The study's best trial and its parameters' importances, in words (also written to
+    optimization_results.yaml, as hydra-optuna-sweeper does)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    lines = [f"study {study.study_name}: {len(study.trials)} trials, {len(complete)} complete"]
+    if complete:
+        best = study.best_trial
+        lines.append(f"best trial: #{best.number}, value {best.value:.4f}, parameters {best.params}")
+        try:
+            importances = optuna.importance.get_param_importances(study)
+            lines.append("parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
+        except Exception as error:  # needs two complete trials with varied parameters, and scikit-learn
+            lines.append(f"parameter importances: not available ({' '.join(str(error).split())[:120]})")
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""What a sweep's jobs did, and the table that says it.
+
+Every job of a multirun records itself in `<job dir>/job.json` as it ends (`JobRecord`, a Hydra callback
+that runs in the job's own process, whatever the launcher): its overrides, its status, its objective,
+its best val/bpd, its steps and its wall time. The status is one of
+
+    completed   trained and returned a finite objective
+    diverged    its metrics are NaN or infinite (`RunDiverged`)
+    stalled     the stall guard stopped it: every update in a row was skipped (`TrainingStalled`)
+    crashed     any other failure
+
+At the end the sweeper (hydra_plugins.vdvae_sweepers) gathers the records into `summary.md` and
+`summary.csv` in the sweep's folder, logs the table, and sends it to W&B as a summary run where W&B is
+the logger; an Optuna study adds its best trial and the parameters' importances.
+"""
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+
+log = logging.getLogger(__name__)
+
+RECORD = "job.json"
+# What the running job has reported so far (vdvae.tasks.train fills it in as it goes).
+REPORTED: dict = {}
+
+
+class RunDiverged(ValueError):
+    """Training ended with a non-finite objective or test score: the run diverged."""
+
+
+def report(**values):
+    """Note values of the running job (steps, best_val_bpd, objective) for its record."""
+    REPORTED.update(values)
+
+
+def status_of(error: BaseException | None) -> str:
+    from vdvae.lit_module import TrainingStalled
+
+    if error is None:
+        return "completed"
+    if isinstance(error, RunDiverged):
+        return "diverged"
+    if isinstance(error, TrainingStalled):
+        return "stalled"
+    return "crashed"
+
+
+def _finite_or_none(value):
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+class JobRecord(Callback):
+    """Writes `job.json` into each multirun job's directory as the job ends."""
+
+    def on_job_start(self, config, **kwargs):
+        REPORTED.clear()
+        self._started = time.monotonic()
+
+    def on_job_end(self, config, job_return, **kwargs):
+        from vdvae.config import is_worker_process
+
+        out = Path(str(config.hydra.runtime.output_dir))
+        if HydraConfig.get().mode != RunMode.MULTIRUN or is_worker_process() or not out.is_dir():
+            return
+        error = job_return._return_value if job_return.status.name == "FAILED" else None
+        record = {
+            "job": out.name,
+            "overrides": list(job_return.overrides or []),
+            "status": status_of(error),
+            "objective": _finite_or_none(REPORTED.get("objective")),
+            "best_val_bpd": _finite_or_none(REPORTED.get("best_val_bpd")),
+            "steps": REPORTED.get("steps"),
+            "seconds": round(time.monotonic() - getattr(self, "_started", time.monotonic()), 1),
+            "error": " ".join(str(error).split())[:300] if error is not None else None,
+        }
+        (out / RECORD).write_text(json.dumps(record, indent=1))
+        if error is not None:
+            log.error("job %s %s: %s", record["job"], record["status"], record["error"])
+
+
+def read_record(job_dir: Path) -> dict | None:
+    """The record a job left in its directory, or None."""
+    try:
+        return json.loads((Path(job_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+COLUMNS = ["job", "trial", "overrides", "status", "objective", "best_val_bpd", "steps", "seconds"]
+
+
+def _varying(records: list[dict]) -> set[str]:
+    """The override keys whose values differ between jobs (all of them for a single job)."""
+    values: dict[str, set] = {}
+    for record in records:
+        for override in record.get("overrides") or []:
+            key, _, value = override.partition("=")
+            values.setdefault(key, set()).add(value)
+    missing = {k for k in values if any(k not in _keys(r) for r in records)}
+    return {k for k, v in values.items() if len(v) > 1 or k in missing} if len(records) > 1 else set(values)
+
+
+def _keys(record) -> set[str]:
+    return {o.partition("=")[0] for o in record.get("overrides") or []}
+
+
+def _cell(record, column, varying=None):
+    value = record.get(column)
+    if column == "overrides":
+        return " ".join(o for o in value or [] if varying is None or o.partition("=")[0] in varying)
+    if isinstance(value, float):
+        return f"{value:.4f}" if column != "seconds" else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def _columns(records: list[dict]) -> list[str]:
+    return [c for c in COLUMNS if c != "trial" or any("trial" in r for r in records)]  # trials: Optuna's
+
+
+def table(records: list[dict]) -> str:
+    """A Markdown table, one row per job (with the overrides that differ between jobs), and each failure."""
+    columns, varying = _columns(records), _varying(records)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r, c, varying) for c in columns) + " |" for r in records]
+    failures = [
+        f"- job {r['job']} {r['status']}: {r.get('error') or ''}" for r in records if r["status"] != "completed"
+    ]
+    return "\n".join(lines + ([""] + failures if failures else []))
+
+
+def write_summary(sweep_dir, records: list[dict], extra: str = "", config=None) -> Path:
+    """summary.md and summary.csv in the sweep's folder, the table in the log, and a W&B summary run."""
+    sweep_dir = Path(sweep_dir)
+    failed = [r for r in records if r["status"] != "completed"]
+    text = f"{table(records)}\n\n{len(records) - len(failed)} of {len(records)} jobs completed\n{extra}".rstrip() + "\n"
+    (sweep_dir / "summary.md").write_text(text)
+    with io.StringIO() as buffer:
+        writer = csv.DictWriter(buffer, [*_columns(records), "error"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**r, "overrides": " ".join(r.get("overrides") or [])} for r in records)
+        (sweep_dir / "summary.csv").write_text(buffer.getvalue())
+    log.info("sweep summary (%s):\n%s", sweep_dir / "summary.md", text)
+    if config is not None:
+        _to_wandb(sweep_dir, records, config)
+    return sweep_dir / "summary.md"
+
+
+def _to_wandb(sweep_dir: Path, records: list[dict], config):
+    """The table as a W&B run of its own (group: the sweep folder's name), where W&B is the logger."""
+    from omegaconf import OmegaConf
+
+    wandb_config = OmegaConf.select(config, "logger.wandb", default=None)
+    if wandb_config is None:
+        return
+    import wandb
+
+    from vdvae.loggers import wandb_mode
+
+    run = wandb.init(
+        project=wandb_config.get("project"),
+        entity=wandb_config.get("entity"),
+        dir=str(sweep_dir),
+        mode=wandb_mode(wandb_config.get("mode")),
+        name=f"{sweep_dir.name}-summary",
+        group=sweep_dir.name,
+        job_type="sweep-summary",
+        reinit=True,
+    )
+    columns = [*_columns(records), "error"]
+    run.log({"sweep/summary": wandb.Table(columns=columns, data=[[_cell(r, c) for c in columns] for r in records])})
+    run.finish()

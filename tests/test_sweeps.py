@@ -1,0 +1,100 @@
+"""Sweeps that survive their jobs, started as a user types them (the README's sweep lines with a tiny
+model): a diverged or crashed job fails alone and the sweep exits non-zero at its end with a table of
+every job; an Optuna study records failed trials and goes on, gives a too-short trial its objective, and
+continues after being stopped; the objective's name is checked before the first job."""
+
+import csv
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.run_helpers import TINY_RUN, run, start
+
+pytestmark = pytest.mark.slow  # sweeps of several processes' worth of jobs
+
+# A tiny run of 30 updates of 32 images: fewer than one epoch of digits (40 batches), so no validation runs.
+SHORT = [o for o in TINY_RUN if not o.startswith(("data.batch_size", "model.lr"))] + [
+    "data.batch_size=32",
+    "trainer.max_steps=30",
+    "test=false",
+    "model.skip_threshold=-1",  # only non-finite updates are skipped: a large lr diverges
+]
+# The sampler's seed picks lr 3e-3, 1e5 (diverges), 3e-3 for the first three trials.
+OPTUNA = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "model.lr=choice(3e-3,1e5)", *SHORT]
+OPTUNA += ["hydra.sweeper.sampler.seed=4"]
+
+
+def sweep_dirs(cwd):
+    return sorted((cwd / "logs" / "train" / "multiruns").glob("*"))
+
+
+def rows(sweep):
+    with open(sweep / "summary.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_basic_sweep_runs_every_job_writes_its_table_and_exits_nonzero(tmp_path):
+    # The README's sweep line, with a learning rate that diverges and one the config check refuses in the job.
+    result = run("train.py", tmp_path, "-m", "model.lr=3e-3,1e5,-1", *[o for o in SHORT if o != "logger=csv"])
+    assert result.returncode == 1, result.stderr[-3000:]
+    (sweep,) = sweep_dirs(tmp_path)
+    assert "Error: 2 of 3 jobs failed (crashed: 1, diverged: 1)" in result.stderr
+    assert [(r["job"], r["status"]) for r in rows(sweep)] == [("0", "completed"), ("1", "diverged"), ("2", "crashed")]
+    completed = rows(sweep)[0]
+    assert (
+        float(completed["objective"]) == pytest.approx(float(completed["best_val_bpd"])) and completed["steps"] == "30"
+    )
+    table = (sweep / "summary.md").read_text()
+    assert "| 1 | model.lr=100000.0 | diverged |" in table and "model.lr=-1 is not valid" in table
+    assert "sweep summary" in result.stdout  # the table in the log too
+    assert len(list((sweep / "wandb").glob("offline-run-*"))) == 1  # and as a W&B run of its own
+
+
+def test_an_optuna_study_survives_diverged_and_short_trials_and_resumes_after_a_stop(tmp_path):
+    # Stopped while its third trial runs (SIGTERM, as a scheduler or a user sends it) ...
+    proc = start("train.py", tmp_path, *OPTUNA, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob("logs/train/multiruns/*/2")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, stderr[-3000:]
+    (first,) = sweep_dirs(tmp_path)
+    before = rows_of_study(tmp_path)
+    assert [(t["lr"], t["state"]) for t in before] == [(3e-3, "COMPLETE"), (1e5, "FAIL"), (3e-3, "RUNNING")]
+
+    # ... the same command continues it: the two finished trials kept, the third asked again, to 3 in all.
+    result = run("train.py", tmp_path, *OPTUNA, timeout=600)
+    after = rows_of_study(tmp_path)
+    assert after[:2] == before[:2]
+    assert after[2]["state"] == "FAIL" and after[3]["lr"] == before[2]["lr"] and len(after) == 4
+    assert after[3]["state"] == "COMPLETE" and after[3]["value"] is not None  # validated at its end
+    assert result.returncode == 0, result.stderr[-3000:]
+    second = sweep_dirs(tmp_path)[-1]
+    assert second != first and [r["trial"] for r in rows(second)] == ["3"]
+    assert "best trial: #" in (second / "summary.md").read_text()
+    assert "best_value" in (second / "optimization_results.yaml").read_text()
+
+
+def rows_of_study(cwd) -> list[dict]:
+    import optuna
+
+    study = optuna.load_study(study_name="vdvae", storage=f"sqlite:///{cwd}/logs/train/optuna/vdvae.db")
+    return [{"state": t.state.name, "lr": t.params.get("model.lr"), "value": t.value} for t in study.trials]
+
+
+def test_an_objective_that_training_never_logs_is_refused_before_the_first_job(tmp_path):
+    result = run("train.py", tmp_path, *OPTUNA, "optimized_metric=val/bdp")
+    assert result.returncode == 1 and "Error: optimized_metric='val/bdp' is not a metric training logs" in result.stderr
+    assert "val/bpd" in result.stderr and not (tmp_path / "logs").exists()
+
+
+def test_the_metrics_an_objective_may_name_are_the_ones_training_logs(tmp_path):
+    from tests.run_helpers import run_in_process
+    from vdvae.config import metric_names
+
+    run_in_process(tmp_path / "run", *TINY_RUN, "trainer.max_steps=2", "trainer.log_every_n_steps=1")
+    logged = set((tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(","))
+    assert set(metric_names(test=True)) <= logged | {"test/n_images"}, set(metric_names(test=True)) - logged
