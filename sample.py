@@ -1,5 +1,5 @@
-"""Pictures from a checkpoint: `python sample.py ckpt_path=... mode=samples|reconstruct|interpolate|encode|decode`
-(`vdvae-sample`)."""
+"""Pictures from a checkpoint (`vdvae-sample`):
+`python sample.py ckpt_path=... mode=samples|reconstruct|interpolate|encode|decode|overview`."""
 
 from vdvae.cli import sample
 

@@ -1,6 +1,7 @@
-"""Run train.py's recipe in-process (composed with Hydra's compose API), or a command as a user starts it
-(`python /path/to/<script> ...` in a working directory of its own, run directories chosen by the framework),
-and a callback that watches last.ckpt."""
+"""Run train.py's or sample.py's recipe in-process (composed with Hydra's compose API), or a command as a
+user starts it (`python /path/to/<script> ...` in a working directory of its own, run directories chosen by
+the framework), a check that a command's output holds no progress bar, and a callback that watches
+last.ckpt."""
 
 import os
 import subprocess
@@ -31,17 +32,35 @@ TINY_RUN = [
 ]
 
 
-def run_in_process(out: Path, *overrides: str):
-    """Compose train.yaml with `overrides`, with the run directory `out`, and run the recipe."""
-    cfg = compose_config(*overrides, f"hydra.run.dir={out}", config_name="train")
+def job_config(out: Path, task: str, *overrides: str):
+    """conf/<task>.yaml composed with `overrides` and the run directory `out`, set up as @hydra.main does."""
+    cfg = compose_config(*overrides, f"hydra.run.dir={out}", config_name=task)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(out)
-        cfg.hydra.job.name = "train"
+        cfg.hydra.job.name = task
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as under @hydra.main, the job's config has no hydra node
     out.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def run_in_process(out: Path, *overrides: str):
+    """Compose train.yaml with `overrides`, with the run directory `out`, and run the recipe."""
+    cfg = job_config(out, "train", *overrides)
     return train(cfg), cfg
+
+
+def sample_in_process(out: Path, *overrides: str) -> list[Path]:
+    """sample.py's recipe with `overrides`, writing into `out`: the paths it wrote."""
+    from vdvae.tasks.sample import sample
+
+    return sample(job_config(out, "sample", *overrides))
+
+
+def shows_progress(output: str) -> bool:
+    """Whether a command's captured output holds a progress bar (ours count img/s, Lightning's it/s)."""
+    return "\r" in output or "img/s" in output or "it/s]" in output
 
 
 def start(script: str, cwd: Path, *args: str, env=None, fresh=False, **kwargs) -> subprocess.Popen:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.conftest import ROOT, build_model, perturb_
 from tests.interpreters import python
-from tests.run_helpers import TINY_RUN, run_in_process
+from tests.run_helpers import TINY_RUN, run_in_process, shows_progress
 from vdvae.compression import Codec, CodingOptions, CompressedFileError, codec_from_checkpoint
 from vdvae.data.base import first_images
 from vdvae.tasks.compress import read_exact_images
@@ -86,6 +86,7 @@ def test_image_files_keep_their_names_through_the_command_line(trained, tmp_path
     back = run_compress(tmp_path, f"ckpt_path={ckpt}", "mode=decompress", f"file={file}")
     assert back.returncode == 0, back.stderr[-3000:]
     assert torch.equal(read_pngs(output_dir(back) / "images", names), images[:5])
+    assert not shows_progress(done.stderr + back.stderr)  # bars are for terminals only
 
 
 class RecordingCoder:

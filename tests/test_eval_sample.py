@@ -1,17 +1,20 @@
 """Evaluation (IW bound, active units, exact counts), latents that decode to reconstructions, the import of
 the original's checkpoints, bad checkpoints, and the notebook, on a tiny model trained by the tests (every
-sampling mode as the README runs it: test_readme.py)."""
+sampling mode as the README runs it: test_readme.py). The grids of training and sample.py are legible and
+labelled, and the commands write no progress bar where stderr is not a terminal (and one where it is)."""
 
 import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from tests.conftest import DATA, ROOT, build_model, perturb_, random_batch
-from tests.run_helpers import TINY_RUN, run, run_dirs, run_in_process
+from tests.run_helpers import TINY_RUN, run, run_dirs, run_in_process, sample_in_process, shows_progress, start
 from vdvae.checkpoints import CheckpointError, load_module
+from vdvae.grids import PAD, labels
 from vdvae.metrics import ActiveUnits, IWMetric, iw_bound, log_weights
 
 EXPECTED = json.loads((DATA / "expected.json").read_text())
@@ -79,11 +82,13 @@ def test_eval_script_scores_every_test_image_once(trained, tmp_path):
     assert m["test/iw_nats_per_image"] <= m["test/nats_per_image"] + 3 * m["test/iw_stderr_nats"]
     assert len(report["kl_per_group_nats"]) == len(report["active_units_per_group"]) == 5
     assert "test/bpd" in result.stdout  # the table
+    assert not shows_progress(result.stdout + result.stderr)  # no bar, Lightning's or ours, off a terminal
 
 
 def test_encode_then_decode(trained, tmp_path):
     result = run("sample.py", tmp_path, f"ckpt_path={trained}", "mode=encode")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not shows_progress(result.stderr)
     (encoded,) = run_dirs(tmp_path, "sample")
     record = torch.load(encoded / "latents.pt", weights_only=True)
     assert [z.shape[-1] for z in record["latents"]] == record["resolutions"] == [1, 4, 4, 8, 8]
@@ -97,8 +102,11 @@ def test_encode_then_decode(trained, tmp_path):
         "batch_size=3",  # 8 images in passes of 3, 3 and 2
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not shows_progress(result.stderr)
     (decoded,) = set(run_dirs(tmp_path, "sample")) - {encoded}
-    assert (decoded / "decoded.png").is_file()
+    for grid in (encoded / "encoded_images.png", decoded / "decoded.png"):
+        assert_legible(grid, rows=1, columns=8)
+    assert "5 of 5 groups given" in labels(decoded / "decoded.png")["Title"]
     assert not [p for d in (encoded, decoded) for p in d.iterdir() if ".tmp" in p.name]  # outputs renamed into place
     # The saved latents are those of the first 8 test images: decoding them is their reconstruction.
     module, checkpoint = load_module(trained)
@@ -109,6 +117,78 @@ def test_encode_then_decode(trained, tmp_path):
     inputs, _ = data.preprocess(torch.stack([data.test_set[i] for i in range(8)]))
     torch.testing.assert_close(module.ema.encode(inputs), record["latents"])
     assert torch.equal(module.ema.decode(record["latents"], mode=True), module.ema.reconstruct(inputs, mode=True))
+
+
+def assert_legible(path, rows: int, columns: int):
+    """A grid of 8x8 digits scaled to at least 64 px per image, with a title band above that is not blank."""
+    from PIL import Image
+
+    with Image.open(path) as png:
+        array = np.asarray(png.convert("L"))
+    cells = rows * (64 + PAD)
+    assert array.shape[1] >= columns * (64 + PAD) and array.shape[0] > cells + 10, array.shape
+    assert array[: array.shape[0] - cells].min() < 128  # dark text on the white band
+    assert labels(path)["Title"]
+
+
+def test_training_grids_are_legible_and_labelled(trained):
+    images = trained.parent.parent / "images"
+    steps = sorted({p.name.rsplit("_step", 1)[1] for p in images.glob("val_samples_t1_step*.png")})
+    step = steps[-1].removesuffix(".png")
+    samples, recon = images / f"val_samples_t0.8_step{step}.png", images / f"val_reconstructions_step{step}.png"
+    assert_legible(samples, rows=2, columns=2)  # n_samples=4: 2 x 2
+    assert_legible(recon, rows=5, columns=8)
+    title = labels(samples)["Title"]
+    assert title.startswith(f"val samples, t=0.8, step {int(step)}, val ") and title.endswith(" bits/dim")
+    assert labels(recon)["Description"].endswith("rows: input, k=0, k=1, k=2, k=5 (all)")
+
+
+def test_overview_is_one_labelled_figure(trained, tmp_path, monkeypatch):
+    from vdvae import config
+
+    # Until vdvae.config.SAMPLE_MODES lists the mode (a no-op after).
+    monkeypatch.setattr(config, "SAMPLE_MODES", tuple(dict.fromkeys([*config.SAMPLE_MODES, "overview"])))
+    (path,) = sample_in_process(tmp_path, f"ckpt_path={trained}", "mode=overview", "n_images=4")
+    assert path == tmp_path / "overview.png"
+    step = torch.load(trained, weights_only=True)["global_step"]
+    text = labels(path)
+    assert text["Title"].startswith(f"overview of last.ckpt, step {step}, EMA weights, inputs ")
+    assert "samples: rows: t=1, t=0.8, t=0.6, t=0;" in text["Description"]
+    assert text["Description"].endswith("rows: input, k=0, k=1, k=2, k=4, k=5 (all)")
+    assert_legible(path, rows=4 + 6, columns=4)  # 4 temperatures, the inputs and 5 values of k
+
+
+def test_a_terminal_shows_the_progress_of_evaluation(trained, tmp_path):
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    terminal, stderr = pty.openpty()
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # rows, columns
+    args = (f"ckpt_path={trained}", "trainer=cpu", "logger=csv")
+    proc = start("eval.py", tmp_path, *args, stdout=subprocess.DEVNULL, stderr=stderr)
+    os.close(stderr)
+    shown, deadline = b"", time.time() + 300
+    while time.time() < deadline:
+        if not select.select([terminal], [], [], 1)[0]:
+            if proc.poll() is not None:
+                break
+            continue
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # the terminal is closed: every writer has ended
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    assert proc.wait(timeout=60) == 0
+    assert b"evaluating: 100%" in shown and b"297/297" in shown and b"img/s]" in shown
+    assert b"Testing" not in shown  # Lightning's own bar is off
 
 
 def test_a_damaged_or_foreign_latents_file_is_refused_clearly(tmp_path):

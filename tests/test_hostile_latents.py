@@ -112,7 +112,7 @@ def test_an_interrupted_write_leaves_no_file(vae, tmp_path, monkeypatch):
         open(f, "wb").write(b"\x89PNG half")
         raise Terminated()
 
-    monkeypatch.setattr("vdvae.sampling.save_image", stopped_half_way)
+    monkeypatch.setattr("PIL.Image.Image.save", stopped_half_way)
     monkeypatch.setattr(torch, "save", stopped_half_way)
     for write in (
         lambda: save_grid(images, tmp_path / "new" / "grid.png", 2),

@@ -237,6 +237,7 @@ def check_sample(user, command):
     (out,) = user.runs("sample") - before
     mode = text.split("mode=")[1].split()[0]
     expected = {"reconstruct": ["reconstructions"], "interpolate": ["interpolations"], "decode": ["decoded"]}
+    expected["overview"] = ["overview"]
     expected["samples"] = ["samples_t1", "samples_t0.8", "samples_t0.5", "samples_t0"]
     for name in expected[mode]:
         assert (out / f"{name}.png").stat().st_size > 100, name

@@ -372,9 +372,9 @@ def test_image_grids_take_at_most_their_share_of_training_time(tmp_path, monkeyp
     grids.on_train_start(trainer, None)
     for _ in range(20):  # a validation every 60 s of training
         clock[0] += 60
-        grids.on_validation_epoch_end(trainer, None)
+        grids.on_validation_end(trainer, None)
     # Drawn at the first validation (t=60), then at the first validation where the grids so far took at most
     # 10% of the time: 30 s <= 33 at t=330, 60 <= 60 at t=600, 90 <= 93 at t=930, 120 <= 120 at t=1200.
     assert drawn == [90, 360, 630, 960, 1230]
-    grids.on_test_epoch_end(trainer, None)  # the final grids are always drawn
+    grids.on_test_end(trainer, None)  # the final grids are always drawn
     assert len(drawn) == 6

@@ -1,11 +1,13 @@
-"""Optional training behaviour: sample and reconstruction grids, the rate-per-group plot, `last.ckpt`
-as the latest state (also on SIGTERM and crashes), the best checkpoints (Lightning's ModelCheckpoint
-confined to the run's checkpoints folder), and the W&B run id in checkpoints. Images are saved in the
-run directory and sent to the loggers that take images (W&B, TensorBoard). And the trainer's
-checkpoint plugin: atomic saves, weights-only loads, removals of checkpoint files only."""
+"""Optional training behaviour: sample and reconstruction grids (labelled with what they show, the step and
+the bits/dim at that step; vdvae.grids), the rate-per-group plot, `last.ckpt` as the latest state (also on
+SIGTERM and crashes), the best checkpoints (Lightning's ModelCheckpoint confined to the run's checkpoints
+folder), and the W&B run id in checkpoints. Images are saved in the run directory and sent, with their
+labels as captions, to the loggers that take images (W&B, TensorBoard). The trainer's checkpoint plugin:
+atomic saves, weights-only loads, removals of checkpoint files only. And eval.py's progress bar over the
+test images (vdvae.progress)."""
 
 import logging
-import shutil
+import math
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from lightning import Callback  # noqa: E402
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
@@ -22,11 +25,12 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vdvae import sampling  # noqa: E402
+from vdvae import grids, sampling  # noqa: E402
 from vdvae.checkpoints import save_atomically  # noqa: E402
 from vdvae.data.base import first_images  # noqa: E402
 from vdvae.lit_module import seeded  # noqa: E402
 from vdvae.model import NonFiniteOutputError  # noqa: E402
+from vdvae.progress import advance, progress  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +93,34 @@ class BestCheckpoint(ModelCheckpoint):
         return self._owns(previous) and super()._should_remove_checkpoint(trainer, previous, current)
 
 
-def log_image(trainer, key: str, path: Path):
-    """Send a saved PNG to every logger that shows images."""
+def log_image(trainer, key: str, path: Path, caption: str = ""):
+    """Send a saved PNG to every logger that shows images: to W&B with its caption, to TensorBoard under the
+    tag `key` (kept the same at every step, so that its step slider works) with the caption as text beside it."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+            captions = {"caption": [caption]} if caption else {}
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step, **captions)
         elif isinstance(logger, TensorBoardLogger):
             with Image.open(path) as image:
                 array = np.asarray(image.convert("RGB"))
             logger.experiment.add_image(key, array, trainer.global_step, dataformats="HWC")
+            if caption:
+                logger.experiment.add_text(f"{key}/caption", caption, trainer.global_step)
+
+
+def metric_note(trainer, stage: str) -> list[str]:
+    """The stage's bits/dim at this step, where the trainer has it, for a figure's title."""
+    bpd = trainer.callback_metrics.get(f"{stage}/bpd")
+    return [f"{stage} {float(bpd):.3f} bits/dim"] if bpd is not None else []
 
 
 class ImageGrids(Callback):
     """Every `every_n_epochs` validations and after testing: EMA samples at each temperature, and
-    reconstructions of validation images that keep the first k groups' posterior latents. During
-    training, grids take at most `max_time_share` of the wall time (a validation's grids are skipped
-    while those drawn so far took more), so their cost follows the model's size and the run's length."""
+    reconstructions of validation images that keep the first k groups' posterior latents. Each grid is
+    labelled (vdvae.grids): what it shows, the step, the stage's bits/dim, and for reconstructions the k of
+    every row. During training, grids take at most `max_time_share` of the wall time (a validation's grids
+    are skipped while those drawn so far took more), so their cost follows the model's size and the run's
+    length."""
 
     def __init__(
         self,
@@ -114,15 +130,18 @@ class ImageGrids(Callback):
         n_recon: int = 8,
         every_n_epochs: int = 1,
         max_time_share: float = 0.1,
+        recon_temperature: float = 0.1,
     ):
         self.dirpath, self.n_samples, self.temperatures = Path(dirpath), n_samples, list(temperatures)
         self.n_recon, self.every_n_epochs, self.max_time_share = n_recon, every_n_epochs, max_time_share
+        self.recon_temperature = recon_temperature
         self._started, self._spent = time.monotonic(), 0.0
 
     def on_train_start(self, trainer, module):
         self._started, self._spent = time.monotonic(), 0.0
 
-    def on_validation_epoch_end(self, trainer, module):
+    # The *_end hooks run after the module's epoch-end hooks: the stage's bits/dim at this step is logged.
+    def on_validation_end(self, trainer, module):
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         if self._spent > self.max_time_share * (time.monotonic() - self._started):
@@ -130,7 +149,7 @@ class ImageGrids(Callback):
             return
         self.write(trainer, module, trainer.datamodule.val_set, "val")
 
-    def on_test_epoch_end(self, trainer, module):
+    def on_test_end(self, trainer, module):
         self.write(trainer, module, trainer.datamodule.test_set, "test")
 
     @rank_zero_only
@@ -140,26 +159,36 @@ class ImageGrids(Callback):
             self.draw(trainer, module, dataset, stage)
         except NonFiniteOutputError as error:  # the stall guard deals with the run; keep it going until then
             log.warning("step %d: %s; no %s image grids", trainer.global_step, error, stage)
-            shutil.rmtree(self.dirpath / "tmp", ignore_errors=True)
         self._spent += time.monotonic() - started
 
     def draw(self, trainer, module, dataset, stage):
         vae, step = module.ema, trainer.global_step
+        note = [f"step {step}", *metric_note(trainer, stage)]
         with seeded(module.device, 0):
-            paths = sampling.sample_grids(vae, self.n_samples, self.temperatures, self.dirpath / "tmp")
-            for t, path in zip(self.temperatures, paths, strict=True):
+            for t in self.temperatures:
+                images = sampling.sample_images(vae, self.n_samples, t)
+                title = [f"{stage} samples", f"t={t:g}", *note]
                 target = self.dirpath / f"{stage}_samples_t{t:g}_step{step:07d}.png"
-                path.replace(target)
-                log_image(trainer, f"{stage}/samples_t{t:g}", target)
-            originals = first_images(dataset, self.n_recon).to(module.device)
-            x, _ = trainer.datamodule.preprocess(originals)
+                self.save(trainer, f"{stage}/samples_t{t:g}", target, images, math.ceil(self.n_samples**0.5), title)
+            originals = first_images(dataset, self.n_recon)
+            x, _ = trainer.datamodule.preprocess(originals.to(module.device))
             ks = sampling.default_ks(vae.n_groups)
-            path = sampling.reconstruction_grid(vae, originals, x, ks, 0.1, self.dirpath / "tmp")
+            rows = sampling.reconstructions(vae, x, ks, self.recon_temperature)
+            labels = ["input"] + [sampling.k_label(k, vae.n_groups) for k in ks]
+            title = [
+                f"{stage} reconstructions",
+                *note,
+                f"row k: the first k groups from the posterior, the rest drawn at t={self.recon_temperature:g}",
+            ]
             target = self.dirpath / f"{stage}_reconstructions_step{step:07d}.png"
-            path.replace(target)
-            (self.dirpath / "tmp").rmdir()
-            log_image(trainer, f"{stage}/reconstructions", target)
-            log.info("%s image grids (rows: data, then k = %s posterior groups kept) in %s", stage, ks, self.dirpath)
+            self.save(trainer, f"{stage}/reconstructions", target, torch.cat([originals, *rows]), len(x), title, labels)
+        log.info("%s image grids (rows: data, then k = %s posterior groups kept) in %s", stage, ks, self.dirpath)
+
+    @staticmethod
+    def save(trainer, key, target, images, ncol, title, rows=()):
+        part = grids.Part(images, ncol, rows=list(rows))
+        grids.save_figure(target, [part], title)
+        log_image(trainer, key, target, grids.caption([part], title))
 
 
 class RatePerGroupPlot(Callback):
@@ -186,12 +215,13 @@ class RatePerGroupPlot(Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(max(6, len(kl) * 0.15), 3))
         ax.bar(range(len(kl)), kl)
-        ax.set(xlabel="latent group (top-down)", ylabel="KL (nats per image)", title=f"{stage} rate per group")
+        title = f"{stage} rate per group, step {trainer.global_step}"
+        ax.set(xlabel="latent group (top-down)", ylabel="KL (nats per image)", title=title)
         fig.tight_layout()
         path = self.dirpath / f"{stage}_rate_per_group_step{trainer.global_step:07d}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        log_image(trainer, f"{stage}/rate_per_group", path)
+        log_image(trainer, f"{stage}/rate_per_group", path, title)
         for logger in trainer.loggers:  # and as a native W&B bar chart of a table, beside the scalars
             if isinstance(logger, WandbLogger):
                 import wandb
@@ -254,6 +284,44 @@ class LastCheckpoint(Callback):
         log.warning(
             "%s at step %d: saved %s; resume with ckpt_path=%s", what, trainer.global_step, self.path, self.path
         )
+
+
+class EvaluationProgress(Callback):
+    """A bar over the test images on rank 0 (vdvae.progress: images/s and the time left, on a terminal only).
+    eval.py uses it instead of Lightning's bar, which counts batches and also writes into logs and pipes."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_test_start(self, trainer, module):
+        if trainer.is_global_zero:
+            self.bar = progress(self.images(trainer), "evaluating")
+
+    @staticmethod
+    def images(trainer) -> int:
+        """The test images this rank scores: its shard of each test loader, as far as limit_test_batches goes."""
+        loaders, total = trainer.test_dataloaders, 0
+        loaders = loaders if isinstance(loaders, list) else [loaders]
+        for loader, batches in zip(loaders, trainer.num_test_batches, strict=True):
+            n = len(loader.sampler)
+            if math.isfinite(batches) and loader.batch_size:
+                n = min(n, int(batches) * loader.batch_size)
+            total += n
+        return total
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        advance(self.bar, len(batch[0]))
+
+    def on_test_end(self, trainer, module):
+        self.close()
+
+    def on_exception(self, trainer, module, exception):
+        self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class LoggerRunIds(Callback):

@@ -56,7 +56,7 @@ def refusals_in_one_line(interruptible: bool):
     directory that this run created and that holds nothing but its config and log is removed."""
     from vdvae.config import remove_empty_run_dir
     from vdvae.interrupts import Interrupted, signals_interrupt
-    from vdvae.lit_module import TrainingStalled as RunFailed  # a run stopped by its stall guard
+    from vdvae.sweeps import TrainingStalled as RunFailed  # a run stopped by its stall guard
 
     try:
         with signals_interrupt() if interruptible else contextlib.nullcontext():

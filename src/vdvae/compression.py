@@ -29,6 +29,9 @@ at most one image per ANS word (the encoder pads the seed to keep this true, see
 chunks no larger than the batch size, a seed no longer than the model's first image can need plus that
 padding, no more threads than this machine has, and image names that are plain file names. A model whose weights or
 probabilities are not finite is refused before the coder sees them.
+
+On a terminal, compression, decompression and the negative ELBO show a bar of the images done, images/s and
+the time left (vdvae.progress); logs and pipes get none.
 """
 
 import contextlib
@@ -45,6 +48,7 @@ import torch
 
 from vdvae.checkpoints import data_module, load_module
 from vdvae.data import ImageDataModule
+from vdvae.progress import progress
 
 MAGIC = b"VDVAE-BB"
 VERSION = 1
@@ -203,11 +207,12 @@ def negative_elbo(vae, preprocess, images, draws: int = 1, batch_size: int = 100
     """The images' negative ELBO in bits/dim (what a file of them should cost), averaged over `draws`
     posterior draws per image, seeded."""
     total = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), progress(len(images), "negative ELBO") as bar:
         torch.manual_seed(0)
         for start in range(0, len(images), batch_size):
             inputs, target = preprocess(images[start : start + batch_size])
             total += sum(float(vae(inputs, target).bpd.sum()) for _ in range(draws))
+            bar.update(len(inputs))
     return total / (draws * len(images))
 
 
@@ -374,9 +379,11 @@ class Codec:
         popped = self._encode_chunk(constriction.stream.stack.AnsCoder(seed_words(self._generous_seed())), grid, first)
         return -(-popped // 32) + 2
 
-    def _encode(self, images, grid: _Grid, seed: int, padding: int) -> tuple[np.ndarray, list[int]]:
+    def _encode(self, images, grid: _Grid, seed: int, padding: int, bar) -> tuple[np.ndarray, list[int]]:
         """The final stack's words and the chunk sizes, from a stack of `seed` seed words on top of `padding`
-        more that nothing pops (unless a chunk pops more than the stack holds, which the seed then pays)."""
+        more that nothing pops (unless a chunk pops more than the stack holds, which the seed then pays);
+        each chunk advances `bar` (which starts again from zero)."""
+        bar.reset()
         coder = constriction.stream.stack.AnsCoder(seed_words(seed + padding))
         chunks, start, pop_bits, n = [], 0, 32 * seed, len(images)
         while start < n:  # each chunk as large as the stack can pay its posterior draws for
@@ -385,6 +392,7 @@ class Codec:
             pop_bits = self._encode_chunk(coder, grid, images[start : start + size]) / size
             chunks.append(size)
             start += size
+            bar.update(size)
         return coder.get_compressed(), chunks
 
     def compress(self, images: torch.Tensor, options: CodingOptions = CodingOptions(), names=None):
@@ -401,13 +409,13 @@ class Codec:
             except ValueError as error:
                 raise ValueError(f"{error}: rename the image file") from error
         # At most as many threads as this machine has CPUs: the decoder refuses files asking for more.
-        with _torch_threads(min(torch.get_num_threads(), _cpus())) as threads:
+        with _torch_threads(min(torch.get_num_threads(), _cpus())) as threads, progress(n, "compressing") as bar:
             seed, padding = self._seed_words_needed(grid, images[:1]), 0
-            words, chunks = self._encode(images, grid, seed, padding)
+            words, chunks = self._encode(images, grid, seed, padding, bar)
             needed = MIN_WORDS_PER_IMAGE * n
             while len(words) < needed and padding < needed:  # images this cheap are rare: pad the seed
                 padding = min(needed, padding + needed - len(words))
-                words, chunks = self._encode(images, grid, seed, padding)
+                words, chunks = self._encode(images, grid, seed, padding, bar)
         if len(words) < needed:
             raise ValueError(
                 f"these {n} images cost less than {MIN_WORDS_PER_IMAGE} word(s) each even with a padded seed, "
@@ -451,8 +459,12 @@ class Codec:
             )
         grid = _Grid(CodingOptions(**header["options"]), self.source)
         coder = constriction.stream.stack.AnsCoder(words)
-        with _torch_threads(header["threads"]):  # threads can change the order of a kernel's sums
-            decoded = [self._decode_chunk(coder, grid, n) for n in reversed(header["chunks"])]
+        # As many threads as the encoder's: threads can change the order of a kernel's sums.
+        with _torch_threads(header["threads"]), progress(header["count"], "decompressing") as bar:
+            decoded = []
+            for n in reversed(header["chunks"]):
+                decoded.append(self._decode_chunk(coder, grid, n))
+                bar.update(n)
         images = torch.cat(decoded[::-1])
         intact = hashlib.sha256(images.numpy().tobytes()).hexdigest() == header["images_sha256"]
         if not intact or not np.array_equal(coder.get_compressed(), seed_words(header["seed_words"])):

@@ -317,7 +317,7 @@ def check_resume_on_meta(config: DictConfig):
 
 
 # What sample.py and compress.py can do.
-SAMPLE_MODES = ("samples", "reconstruct", "interpolate", "encode", "decode")
+SAMPLE_MODES = ("samples", "reconstruct", "interpolate", "encode", "decode", "overview")
 COMPRESS_MODES = ("compress", "decompress")
 
 

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from vdvae.metrics import ActiveUnits, ELBOMetric, IWMetric, iw_bound
 from vdvae.model import VAE
 from vdvae.model.likelihoods import nats_to_bits
+from vdvae.sweeps import TrainingStalled
 from vdvae.whole_step import compile_whole_step, unavailable_reason
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,6 @@ def kl_balance(kl: torch.Tensor, group_variates: torch.Tensor) -> torch.Tensor:
     kl: (N, T) nats per image; group_variates: (T,) latent variates per group."""
     per_variate = kl.detach().mean(dim=0) / group_variates
     return len(per_variate) * per_variate / per_variate.sum().clamp(min=torch.finfo(per_variate.dtype).tiny)
-
-
-class TrainingStalled(RuntimeError):
-    """Training stopped because every update in a row was skipped; the message says what to change."""
 
 
 class VDVAEModule(LightningModule):

@@ -1,6 +1,7 @@
-"""Pictures from a trained model: sample grids at several temperatures, reconstructions that keep
-the posterior latents of the first k groups (the rest drawn from the prior), interpolations in
-latent space, and latents saved to and decoded from files.
+"""Pictures from a trained model: samples at any temperature, reconstructions that keep the posterior
+latents of the first k groups (the rest drawn from the prior), interpolations in latent space, and latents
+saved to and decoded from files; grids of them saved labelled (`save_grid`, vdvae.grids). The loops over
+batches advance a progress bar when given one (vdvae.progress).
 
 Latent files (`torch.save`, loadable with `torch.load(f, weights_only=True)`) hold a dict:
     latents      list of float tensors, one per latent group, top-down, each (N, zdim, R, R)
@@ -20,13 +21,13 @@ Every output is written under a temporary name and renamed into place when compl
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid, save_image
 
+from vdvae.grids import Part, save_figure
 from vdvae.interrupts import atomic_path
 from vdvae.model import VAE
+from vdvae.progress import advance
 
 # Latent dtypes a file may hold: float32 as the model computes, or narrower floats widened exactly.
 LATENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,13 +38,10 @@ def pil_image(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(image.permute(1, 2, 0).squeeze(-1).cpu().numpy())
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
-    """uint8 images as one PNG grid at `path`, written whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(images.float() / 255, nrow=nrow, pad_value=1)
-    with atomic_path(path) as tmp:
-        save_image(grid, tmp, format="png")  # the temporary name has no .png suffix to go by
-    return path
+def save_grid(images: torch.Tensor, path: Path, nrow: int, title=(), rows=()) -> Path:
+    """uint8 images as one labelled PNG grid at `path` (vdvae.grids: scaled up if small, the `title`'s parts
+    above, a label per row), written whole or not at all."""
+    return save_figure(path, [Part(images, nrow, rows=list(rows))], list(title))
 
 
 def read_images(paths, image_size: int, channels: int) -> torch.Tensor:
@@ -61,9 +59,13 @@ def chunk_size(vae: VAE) -> int:
 
 
 @torch.no_grad()
-def in_chunks(fn, n: int, chunk: int) -> torch.Tensor:
-    """fn(start, stop) for consecutive chunks of range(n), concatenated."""
-    return torch.cat([fn(i, min(i + chunk, n)) for i in range(0, n, chunk)])
+def in_chunks(fn, n: int, chunk: int, bar=None) -> torch.Tensor:
+    """fn(start, stop) for consecutive chunks of range(n), concatenated; each chunk's images advance `bar`."""
+    parts = []
+    for i in range(0, n, chunk):
+        parts.append(fn(i, min(i + chunk, n)))
+        advance(bar, len(parts[-1]))
+    return torch.cat(parts)
 
 
 def default_ks(n_groups: int) -> list[int]:
@@ -71,36 +73,47 @@ def default_ks(n_groups: int) -> list[int]:
     return sorted({0, 1, n_groups // 4, n_groups // 2, n_groups})
 
 
+def overview_ks(n_groups: int) -> list[int]:
+    """The groups kept in an overview's reconstructions unless told: 0, 1, 2, 4 (those the model has) and all."""
+    return sorted({min(k, n_groups) for k in (0, 1, 2, 4)} | {n_groups})
+
+
 def temperature_label(t) -> str:
     return f"{t:g}" if isinstance(t, (int, float)) else "per-group"
 
 
-@torch.no_grad()
-def sample_grids(vae: VAE, n: int, temperatures, out_dir: Path, batch_size: int | None = None) -> list[Path]:
-    """One grid of n samples per temperature (a number, or a list with one value per group), `batch_size`
-    images per pass (default: `chunk_size`)."""
-    paths = []
-    for t in temperatures:
-        t = list(t) if isinstance(t, (list, tuple)) else float(t)
-        images = in_chunks(lambda i, j, t=t: vae.sample(j - i, t), n, batch_size or chunk_size(vae))
-        paths.append(save_grid(images, out_dir / f"samples_t{temperature_label(t)}.png", int(np.ceil(n**0.5))))
-    return paths
+def k_label(k: int, n_groups: int) -> str:
+    """A reconstruction row's label: how many groups come from the posterior."""
+    return f"k={k} (all)" if k >= n_groups else f"k={k}"
 
 
 @torch.no_grad()
-def reconstruction_grid(
-    vae: VAE, images: torch.Tensor, inputs: torch.Tensor, ks, temperature, out_dir: Path, batch_size=None
-):
-    """Rows: the images, then for each k the images decoded from their first k groups' posterior
-    means with the remaining groups drawn from the prior at `temperature` (k = all: reconstructions)."""
+def sample_images(vae: VAE, n: int, temperature, batch_size: int | None = None, bar=None) -> torch.Tensor:
+    """n samples at `temperature` (a number, or a list with one value per group), `batch_size` images per
+    pass (default: `chunk_size`): uint8 (n, C, H, W) on the CPU."""
+    t = list(temperature) if isinstance(temperature, (list, tuple)) else float(temperature)
+    return in_chunks(lambda i, j: vae.sample(j - i, t).cpu(), n, batch_size or chunk_size(vae), bar)
+
+
+@torch.no_grad()
+def reconstructions(vae: VAE, inputs: torch.Tensor, ks, temperature, batch_size=None, bar=None) -> list:
+    """For each k, the images decoded from their first k groups' posterior means with the remaining groups
+    drawn from the prior at `temperature` (k = all: reconstructions): uint8 (N, C, H, W) each, on the CPU."""
     chunk = batch_size or chunk_size(vae)
-    rows = [images.cpu()] + [
+    return [
         in_chunks(
-            lambda i, j, k=k: vae.reconstruct(inputs[i:j], k=k, temperature=temperature).cpu(), len(inputs), chunk
+            lambda i, j, k=k: vae.reconstruct(inputs[i:j], k=k, temperature=temperature).cpu(), len(inputs), chunk, bar
         )
         for k in ks
     ]
-    return save_grid(torch.cat(rows), out_dir / "reconstructions.png", len(images))
+
+
+@torch.no_grad()
+def bits_per_dim(vae: VAE, inputs: torch.Tensor, targets: torch.Tensor, batch_size=None) -> float:
+    """The images' mean negative ELBO in bits/dim (one posterior draw each)."""
+    chunk = batch_size or chunk_size(vae)
+    bpd = in_chunks(lambda i, j: vae(inputs[i:j], targets[i:j]).bpd.float().cpu(), len(inputs), chunk)
+    return float(bpd.mean())
 
 
 @torch.no_grad()
@@ -114,11 +127,15 @@ def interpolate(vae: VAE, a: torch.Tensor, b: torch.Tensor, steps: int) -> torch
 
 @torch.no_grad()
 def save_latents(
-    vae: VAE, inputs: torch.Tensor, path: Path, checkpoint: str, use_mean: bool = True, batch_size=None
+    vae: VAE, inputs: torch.Tensor, path: Path, checkpoint: str, use_mean: bool = True, batch_size=None, bar=None
 ) -> Path:
-    """The latents of every group of `inputs`, encoded `batch_size` at a time, to the file `path`."""
+    """The latents of every group of `inputs`, encoded `batch_size` at a time (each batch advances `bar`), to
+    the file `path`."""
     chunk = batch_size or chunk_size(vae)
-    batches = [vae.encode(inputs[i : i + chunk], use_mean=use_mean) for i in range(0, len(inputs), chunk)]
+    batches = []
+    for i in range(0, len(inputs), chunk):
+        batches.append(vae.encode(inputs[i : i + chunk], use_mean=use_mean))
+        advance(bar, len(inputs[i : i + chunk]))
     record = {
         "latents": [torch.cat(group).cpu() for group in zip(*batches, strict=True)],
         "resolutions": [r for _, r, _ in vae.latent_shapes],
@@ -205,12 +222,13 @@ def check_holds_its_data(z: torch.Tensor, t: int, path):
 
 
 @torch.no_grad()
-def decode_latents(vae: VAE, latents: list[torch.Tensor], temperature, batch_size: int) -> torch.Tensor:
+def decode_latents(vae: VAE, latents: list[torch.Tensor], temperature, batch_size: int, bar=None) -> torch.Tensor:
     """uint8 images (N, C, H, W) on the CPU from checked latents, `batch_size` images per pass on the model's
     device, so that memory follows the batch, not the file. Groups the latents lack are drawn from the prior at
     `temperature`: each batch draws its own, so random parts (those groups, and the pixels unless every
     temperature is 0) depend on the seed and the batch size; with every group given and temperature 0 the
-    images do not depend on either."""
+    images do not depend on either. Each batch advances `bar`."""
     device = next(vae.parameters()).device
     n = len(latents[0])
-    return in_chunks(lambda i, j: vae.decode([z[i:j].to(device) for z in latents], temperature).cpu(), n, batch_size)
+    decode = lambda i, j: vae.decode([z[i:j].to(device) for z in latents], temperature).cpu()  # noqa: E731
+    return in_chunks(decode, n, batch_size, bar)

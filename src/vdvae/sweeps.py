@@ -37,14 +37,16 @@ class RunDiverged(ValueError):
     """Training ended with a non-finite objective or test score: the run diverged."""
 
 
+class TrainingStalled(RuntimeError):
+    """Training stopped because every update in a row was skipped; the message says what to change."""
+
+
 def report(**values):
     """Note values of the running job (steps, best_val_bpd, objective) for its record."""
     REPORTED.update(values)
 
 
 def status_of(error: BaseException | None) -> str:
-    from vdvae.lit_module import TrainingStalled
-
     if error is None:
         return "completed"
     if isinstance(error, RunDiverged):

@@ -1,5 +1,7 @@
 """The evaluation recipe: load a checkpoint, score the test set (every image once, on any number of
-devices), print a table, write eval.json in the run directory and log to the configured loggers."""
+devices), print a table, write eval.json in the run directory and log to the configured loggers. On a
+terminal a bar shows the images scored, images/s and the time left (vdvae.progress; off with
+trainer.enable_progress_bar=false); logs and pipes get none."""
 
 import json
 import logging
@@ -15,6 +17,7 @@ from vdvae.config import check_model_and_data, no_run_dir_on_failure, route_libr
 from vdvae.data.base import first_images
 from vdvae.interrupts import write_atomically
 from vdvae.metrics import format_table
+from vdvae.progress import advance, progress
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +32,18 @@ def pruned_variates(module, datamodule, quantile: float, n_images: int) -> list:
 
     images = first_images(datamodule.val_set, n_images)
     n = len(images)
-    batches = (datamodule.preprocess(images[s : s + 100]) for s in range(0, n, 100))
-    with seeded(torch.device("cpu"), 0):
-        masks = variate_masks(variate_kl(module.ema, batches), quantile)
+    with seeded(torch.device("cpu"), 0), progress(n, "measuring variates") as bar:
+        masks = variate_masks(variate_kl(module.ema, batches_of(images, datamodule, bar)), quantile)
     kept, total = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
     log.info("latent pruning: %d of %d variates kept (quantile %g, %d validation images)", kept, total, quantile, n)
     return masks
+
+
+def batches_of(images, datamodule, bar, size: int = 100):
+    """The images preprocessed, `size` at a time; `bar` advanced as each batch is taken."""
+    for start in range(0, len(images), size):
+        yield datamodule.preprocess(images[start : start + size])
+        advance(bar, len(images[start : start + size]))
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -50,7 +59,11 @@ def evaluate(cfg: DictConfig) -> dict:
         masks = pruned_variates(module, datamodule, cfg.prune_quantile, cfg.prune_images)
         module = module_from_checkpoint(checkpoint, cfg.ckpt_path, **extras, variate_masks=masks)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    from vdvae.callbacks import EvaluationProgress
+
+    # Lightning's bar counts batches and writes into logs and pipes: this one counts images, on a terminal only.
+    bar = [EvaluationProgress()] if cfg.trainer.get("enable_progress_bar", True) else []
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=bar, enable_progress_bar=False)
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     metrics["test/nats_per_dim"] = metrics.pop("test/loss")
