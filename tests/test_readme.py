@@ -180,7 +180,7 @@ def check_train(user, command):
         wandb_runs = list((user.quickstart / "wandb").glob("offline-run-*"))
         assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[-1] for p in wandb_runs}) == 1  # one W&B run id
         return
-    if "hydra/launcher=slurm" in args:  # no cluster here: the job's config as SLURM gets it (its run: test_reliability)
+    if "hydra/launcher=slurm" in args:  # the job's config as SLURM gets it (its run on a cluster: test_slurm.py)
         check_slurm_config(args)
         return
     experiment = next((a.split("=")[1] for a in args if a.startswith("experiment=")), None)

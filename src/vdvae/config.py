@@ -254,6 +254,8 @@ def route_library_logs():
     # ResumableSampler continues an epoch where the checkpoint left it (tests/test_reliability.py), which
     # Lightning cannot see: its warning that a mid-epoch resume is unreliable does not apply.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # A machine with SLURM's client installed runs local jobs too; SLURM jobs are started by srun (vdvae.slurm).
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     # Lightning 2.6's own use of torch's pytree API, deprecated by torch 2.14: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 

@@ -1,0 +1,263 @@
+"""The SLURM launcher (hydra/launcher=slurm) on a real cluster: this machine as a SLURM cluster of one
+node (scripts/slurm-cluster, started by the `cluster` fixture and stopped again if it started it;
+skipped where it cannot start, except under CI=true, where that fails).
+
+Commands run as a user types them, each from a working directory of its own (tests/run_helpers.py),
+never with a hand-set run or sweep directory; the jobs get the tiny model on the CPU, and their CPUs and
+memory from the launcher's defaults for a CPU trainer (1 CPU and 4 GB a task). The cluster has two
+CPUs: the 2-task DDP job runs first, alone; then a job with a one-minute time limit runs beside the
+other cases (it mostly sleeps), which take the other CPU one after the other."""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.run_helpers import run, run_dirs, start
+from tests.test_readme import assert_run, readme_commands, words
+from tests.test_reliability import RUN, assert_same_state, load, wait_for_step
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+CLUSTER = ["bash", str(ROOT / "scripts" / "slurm-cluster")]
+# One thread everywhere: the jobs get one (the launcher sets OMP_NUM_THREADS to their CPUs per task), and
+# the runs they are compared with bit for bit must do the same arithmetic.
+ENV = {"OMP_NUM_THREADS": "1"}
+PROBES = {**ENV, "PYTHONPATH": str(ROOT)}  # the jobs import tests.slurm_probes and tests.ddp_probe
+SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug"]
+# 110 updates, last.ckpt every 2, validation every 10; the jobs sleep after each step (tests.slurm_probes).
+LONG = [*RUN, "trainer.max_steps=110", "trainer.val_check_interval=10"]
+
+
+def submit(cwd: Path, *args: str, env=PROBES) -> subprocess.Popen:
+    """`python train.py -m hydra/launcher=slurm ...` started in `cwd`, its output captured."""
+    return start("train.py", cwd, *SLURM, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def slow(seconds: float, record: Path) -> list[str]:
+    target = "+callbacks.slow._target_=tests.slurm_probes.SlowSteps"
+    return [target, f"+callbacks.slow.seconds={seconds}", f"+callbacks.slow.record={record}"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    """The cluster, ready for jobs; SLURM_CONF names its config for sbatch and squeue."""
+    was_ready = subprocess.run([*CLUSTER, "status"], capture_output=True).returncode == 0
+    began = time.time()
+    started = subprocess.run([*CLUSTER, "start"], capture_output=True, text=True, timeout=900)
+    if started.returncode != 0:
+        why = (started.stderr.strip() or started.stdout.strip() or "no output").splitlines()[-1]
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the SLURM cluster did not start: {why}")
+        pytest.skip(f"no SLURM cluster on this machine: {why}")
+    print(f"SLURM cluster ready in {time.time() - began:.0f} s ({'running already' if was_ready else 'started'})")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = re.search(r"SLURM_CONF=(\S+)", started.stdout).group(1)
+    yield
+    if previous is None:
+        del os.environ["SLURM_CONF"]
+    else:
+        os.environ["SLURM_CONF"] = previous
+    if not was_ready:
+        subprocess.run([*CLUSTER, "stop"], capture_output=True, timeout=300)
+
+
+def sweep_of(cwd: Path, task="train", proc=None, timeout=120) -> Path:
+    """The sweep directory a command in `cwd` made, once its first job is submitted."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and (proc is None or proc.poll() is None):
+        submitted = list((cwd / "logs" / task / "multiruns").glob("*/.submitit/*/*_submitted.pkl"))
+        if submitted:
+            return submitted[0].parents[2]
+        time.sleep(0.2)
+    raise AssertionError(f"no job submitted from {cwd}")
+
+
+def job_ids(sweep: Path) -> list[str]:
+    """The SLURM ids of a sweep's jobs (`<id>`, or `<array id>_<index>`), in job order."""
+    names = [p.name.removesuffix("_submitted.pkl") for p in (sweep / ".submitit").glob("*/*_submitted.pkl")]
+    return sorted(names, key=lambda name: [int(part) for part in name.split("_")])
+
+
+def cancel(cwd: Path):
+    """Cancel whatever the commands run in `cwd` left on the cluster (a test that failed midway)."""
+    for sweep in (cwd / "logs").glob("*/multiruns/*"):
+        subprocess.run(["scancel", *job_ids(sweep)], capture_output=True)
+
+
+def output(result) -> str:
+    return result.stdout + result.stderr
+
+
+def job_log(run_dir: Path) -> str:
+    return (run_dir / "train.log").read_text()
+
+
+def test_2_task_ddp_job_is_one_run_that_equals_the_local_2_process_run(tmp_path):
+    # trainer=ddp on the CPU: one job, 2 tasks (1 CPU each) started by srun, gloo between them.
+    args = [*RUN, "logger=many", "test=true", "trainer=ddp"]  # W&B offline, CSV and TensorBoard; the test set
+    probe = ["+callbacks.probe._target_=tests.ddp_probe.RankProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}"]
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "local").mkdir()
+    began = time.time()
+    job = submit(tmp_path / "slurm", *args, *probe)
+    try:
+        local = run("train.py", tmp_path / "local", *args, "trainer.devices=2", env=ENV)
+        out, err = job.communicate(timeout=400)
+    finally:
+        job.kill()
+        cancel(tmp_path / "slurm")
+    print(f"DDP job: {time.time() - began:.0f} s")
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert job.returncode == 0, err[-3000:]
+    sweep = sweep_of(tmp_path / "slurm")
+    (only,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "wandb"]
+    assert only.name == "0" and not (tmp_path / "slurm" / "logs" / "train" / "runs").exists()
+    assert len(list((only / "wandb").glob("offline-run-*"))) == 1  # one W&B run for the two tasks
+    assert "SLURM job" in job_log(only) and "GLOBAL_RANK: 1, MEMBER: 2/2" in job_log(only)
+    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
+    assert sorted(r["test_images_seen"] for r in ranks) == [148, 149] and ranks[0]["test_n_images"] == 297
+    (local_run,) = run_dirs(tmp_path / "local")
+    assert_same_state(load(local_run / "checkpoints" / "last.ckpt"), load(only / "checkpoints" / "last.ckpt"))
+    assert scores_of(only) == scores_of(local_run) and scores_of(only)["test/n_images"] == "297.0"
+
+
+def scores_of(run_dir: Path) -> dict:
+    (metrics,) = run_dir.glob("csv/**/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    return {k: v for row in rows for k, v in row.items() if k.startswith("test/") and v}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run of LONG, on this machine: what the interrupted jobs must end with."""
+    cwd = tmp_path_factory.mktemp("straight")
+    result = run("train.py", cwd, *LONG, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(cwd)
+    return load(run_dir / "checkpoints" / "last.ckpt")
+
+
+@pytest.fixture(scope="module")
+def time_limited(tmp_path_factory):
+    """A sweep of one job with a one-minute time limit, started before the cases that run beside it."""
+    cwd = tmp_path_factory.mktemp("time_limited")
+    limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=1"]  # SLURM signals up to 60 s early
+    proc = submit(cwd, *LONG, *slow(0.5, cwd / "starts"), *limit)
+    yield proc, cwd, time.time()
+    proc.kill()
+    cancel(cwd)
+
+
+def test_the_readme_slurm_sweep_runs_its_two_jobs_on_the_cluster(tmp_path, time_limited):
+    # As typed, with the tiny model on the CPU: the CPU partition, the CPU trainer on one node.
+    (command,) = [c for c in readme_commands() if "hydra/launcher=slurm" in c]
+    small = ["hydra.launcher.partition=debug", "trainer=cpu", "trainer.num_nodes=1", "trainer.devices=1"]
+    small += ["model=tiny", "data=digits", "data.batch_size=50", "callbacks.image_grids.n_samples=2"]
+    small += ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null"]
+    began = time.time()
+    try:
+        result = run("train.py", tmp_path, *words(command)[2:], *small, "trainer.enable_progress_bar=false")
+    finally:
+        cancel(tmp_path)
+    print(f"README sweep: {time.time() - began:.0f} s")
+    assert result.returncode == 0, output(result)[-3000:]
+    (sweep,) = (tmp_path / "logs" / "imagenet32" / "multiruns").iterdir()
+    assert len(job_ids(sweep)) == 2
+    for job, lr in (("0", 1e-4), ("1", 1.5e-4)):
+        assert_run(sweep / job)  # its run directory, last.ckpt, config, log, one offline W&B run
+        assert "SLURM job" in job_log(sweep / job)
+        assert f"lr: {lr}" in (sweep / job / ".hydra" / "config.yaml").read_text()
+        assert list((sweep / job / "checkpoints").glob("best-*.ckpt"))
+
+
+def test_a_config_error_found_in_the_job_fails_the_sweep_in_seconds_with_its_message(tmp_path, time_limited):
+    # The tiny model on Fashion-MNIST's 28 x 28 images: the job's config check refuses it.
+    began = time.time()
+    try:
+        result = run("train.py", tmp_path, *SLURM, *RUN, "data=fashion_mnist", timeout=180)
+    finally:
+        cancel(tmp_path)
+    took = time.time() - began
+    print(f"failing job: {took:.0f} s")
+    message = "model.vae.image_size=8 does not match data.image_size=28"
+    assert result.returncode != 0 and message in output(result), output(result)[-3000:]
+    sweep = sweep_of(tmp_path)
+    (result_file,) = (sweep / ".submitit").glob("*/*_result.pkl")  # what the job returned holds it
+    assert message.encode() in result_file.read_bytes()
+    assert took < 120
+
+
+def test_scancel_of_a_running_job_is_reported_and_its_last_ckpt_resumes_it(tmp_path, time_limited):
+    proc = submit(tmp_path, *LONG, *slow(0.2, tmp_path / "starts"))
+    try:
+        sweep = sweep_of(tmp_path, proc=proc)
+        last = sweep / "0" / "checkpoints" / "last.ckpt"
+        wait_for_step(last, 6, proc, timeout=300)
+        (job,) = job_ids(sweep)
+        subprocess.run(["scancel", job], check=True)
+        cancelled = time.time()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        cancel(tmp_path)
+    print(f"scancel reported after {time.time() - cancelled:.0f} s")
+    assert proc.returncode != 0, err[-3000:]
+    assert f"SLURM stopped job {job} without requeueing it" in out + err, (out + err)[-3000:]
+    assert "resume it: python train.py ckpt_path=" in out + err  # the path: in the job's record
+    step = load(last)["global_step"]
+    assert 6 <= step < 110
+    resumed = run("train.py", tmp_path, f"ckpt_path={last}", *LONG, f"trainer.max_steps={step + 2}", env=ENV)
+    assert resumed.returncode == 0 and "Restoring states from the checkpoint" in output(resumed)
+    assert load(last)["global_step"] == step + 2
+
+
+def test_scontrol_requeue_mid_run_resumes_from_last_ckpt_and_ends_as_the_straight_run(tmp_path, time_limited, straight):
+    proc = submit(tmp_path, *LONG, *slow(0.15, tmp_path / "starts"))
+    try:
+        sweep = sweep_of(tmp_path, proc=proc)
+        last = sweep / "0" / "checkpoints" / "last.ckpt"
+        wait_for_step(last, 10, proc, timeout=300)
+        before = load(last)["global_step"]
+        (job,) = job_ids(sweep)
+        subprocess.run(["scontrol", "requeue", job], check=True)
+        requeued = time.time()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        cancel(tmp_path)
+    print(f"requeued job finished {time.time() - requeued:.0f} s after `scontrol requeue`")
+    assert proc.returncode == 0, (out + err)[-3000:]
+    log = job_log(sweep / "0")
+    stopped = [int(s) for s in re.findall(r"SIGTERM at step (\d+): saved", log)]
+    starts = (tmp_path / "starts").read_text().split()
+    assert starts[:2] == ["0", "0"] and len(starts) == 4  # started from scratch once, then resumed once
+    assert int(starts[2]) == stopped[0] >= before and starts[3] == "1"  # from what SIGTERM saved: nothing lost
+    assert "resuming from it" in log and "SLURM_RESTART_COUNT=1" in log
+    assert_same_state(straight, load(last))
+
+
+def test_a_time_limit_mid_run_saves_requeues_and_the_job_ends_as_the_straight_run(time_limited, straight):
+    proc, cwd, began = time_limited
+    out, err = proc.communicate(timeout=600)
+    print(f"time-limited job: {time.time() - began:.0f} s")
+    assert proc.returncode == 0, (out + err)[-3000:]
+    sweep = sweep_of(cwd)
+    log = job_log(sweep / "0")
+    restarts = [int(n) for n in re.findall(r"SLURM_RESTART_COUNT=(\d+)", log)]
+    assert max(restarts) >= 1 and "SIGUSR2: stopping at the next step to save" in log, log[-3000:]
+    assert "resuming from it" in log and "SLURM auto-requeueing enabled" not in log  # submitit's requeue only
+    # Each start of training (one that USR2 met before training began has none): from 0, then from what
+    # the one before saved, never from scratch again.
+    starts = [tuple(map(int, line.split())) for line in (cwd / "starts").read_text().splitlines()]
+    steps, restarts = [step for step, _ in starts], [restart for _, restart in starts]
+    assert steps[0] == 0 and len(starts) >= 2 and all(step > 0 for step in steps[1:]) and steps == sorted(steps)
+    assert restarts == sorted(set(restarts))
+    assert_same_state(straight, load(sweep / "0" / "checkpoints" / "last.ckpt"))
