@@ -195,19 +195,28 @@ def test_a_config_error_found_in_the_job_fails_the_sweep_in_seconds_with_its_mes
     assert took < 120
 
 
-def test_scancel_of_a_running_job_is_reported_and_its_last_ckpt_resumes_it(tmp_path, time_limited):
-    proc = submit(tmp_path, *LONG, *slow(0.2, tmp_path / "starts"))
+def mid_run(cwd: Path, proc: subprocess.Popen, step: int, command: list[str], timeout: int):
+    """Once the sweep's job has saved `step`, `command <job id>`; then the sweep to its end. The sweep's
+    folder, its job's last.ckpt, the job id, the step last.ckpt held when the command ran, when it ran,
+    and the sweep's output."""
     try:
-        sweep = sweep_of(tmp_path, proc=proc)
+        sweep = sweep_of(cwd, proc=proc)
         last = sweep / "0" / "checkpoints" / "last.ckpt"
-        wait_for_step(last, 6, proc, timeout=300)
+        wait_for_step(last, step, proc, timeout=300)
+        before = load(last)["global_step"]
         (job,) = job_ids(sweep)
-        subprocess.run(["scancel", job], check=True)
-        cancelled = time.time()
-        out, err = proc.communicate(timeout=120)
+        subprocess.run([*command, job], check=True)
+        ran = time.time()
+        out, err = proc.communicate(timeout=timeout)
     finally:
         proc.kill()
-        cancel(tmp_path)
+        cancel(cwd)
+    return sweep, last, job, before, ran, out, err
+
+
+def test_scancel_of_a_running_job_is_reported_and_its_last_ckpt_resumes_it(tmp_path, time_limited):
+    proc = submit(tmp_path, *LONG, *slow(0.2, tmp_path / "starts"))
+    sweep, last, job, _, cancelled, out, err = mid_run(tmp_path, proc, 6, ["scancel"], timeout=120)
     print(f"scancel reported after {time.time() - cancelled:.0f} s")
     assert proc.returncode != 0, err[-3000:]
     assert f"SLURM stopped job {job} without requeueing it" in out + err, (out + err)[-3000:]
@@ -221,18 +230,7 @@ def test_scancel_of_a_running_job_is_reported_and_its_last_ckpt_resumes_it(tmp_p
 
 def test_scontrol_requeue_mid_run_resumes_from_last_ckpt_and_ends_as_the_straight_run(tmp_path, time_limited, straight):
     proc = submit(tmp_path, *LONG, *slow(0.15, tmp_path / "starts"))
-    try:
-        sweep = sweep_of(tmp_path, proc=proc)
-        last = sweep / "0" / "checkpoints" / "last.ckpt"
-        wait_for_step(last, 10, proc, timeout=300)
-        before = load(last)["global_step"]
-        (job,) = job_ids(sweep)
-        subprocess.run(["scontrol", "requeue", job], check=True)
-        requeued = time.time()
-        out, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-        cancel(tmp_path)
+    sweep, last, _, before, requeued, out, err = mid_run(tmp_path, proc, 10, ["scontrol", "requeue"], timeout=300)
     print(f"requeued job finished {time.time() - requeued:.0f} s after `scontrol requeue`")
     assert proc.returncode == 0, (out + err)[-3000:]
     log = job_log(sweep / "0")

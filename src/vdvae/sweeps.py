@@ -56,6 +56,18 @@ def status_of(error: BaseException | None) -> str:
     return "crashed"
 
 
+def make_record(job: str, overrides, error: BaseException | None, **measured) -> dict:
+    """A job's record: its name, overrides, status (from how it failed, if it did), what it measured, and
+    its error in one line."""
+    return {
+        "job": job,
+        "overrides": list(overrides or []),
+        "status": status_of(error),
+        **measured,
+        "error": " ".join(str(error).split())[:300] if error is not None else None,
+    }
+
+
 def _finite_or_none(value):
     return float(value) if value is not None and math.isfinite(float(value)) else None
 
@@ -74,16 +86,15 @@ class JobRecord(Callback):
         if HydraConfig.get().mode != RunMode.MULTIRUN or is_worker_process() or not out.is_dir():
             return
         error = job_return._return_value if job_return.status.name == "FAILED" else None
-        record = {
-            "job": out.name,
-            "overrides": list(job_return.overrides or []),
-            "status": status_of(error),
-            "objective": _finite_or_none(REPORTED.get("objective")),
-            "best_val_bpd": _finite_or_none(REPORTED.get("best_val_bpd")),
-            "steps": REPORTED.get("steps"),
-            "seconds": round(time.monotonic() - getattr(self, "_started", time.monotonic()), 1),
-            "error": " ".join(str(error).split())[:300] if error is not None else None,
-        }
+        record = make_record(
+            out.name,
+            job_return.overrides,
+            error,
+            objective=_finite_or_none(REPORTED.get("objective")),
+            best_val_bpd=_finite_or_none(REPORTED.get("best_val_bpd")),
+            steps=REPORTED.get("steps"),
+            seconds=round(time.monotonic() - getattr(self, "_started", time.monotonic()), 1),
+        )
         (out / RECORD).write_text(json.dumps(record, indent=1))
         if error is not None:
             log.error("job %s %s: %s", record["job"], record["status"], record["error"])

@@ -41,13 +41,12 @@ def _record(job: JobReturn, **extra) -> dict:
     folder = _job_dir(job)
     record = sweeps.read_record(folder) if folder else None
     if record is None:
-        failed = job.status == JobStatus.FAILED
-        record = {
-            "job": folder.name if folder else "?",
-            "overrides": list(job.overrides or []),
-            "status": sweeps.status_of(job._return_value) if failed else "crashed",
-            "error": " ".join(str(job._return_value).split())[:300] if failed else "no record: the job died",
-        }
+        name = folder.name if folder else "?"
+        if job.status == JobStatus.FAILED:
+            record = sweeps.make_record(name, job.overrides, job._return_value)
+        else:
+            record = {**sweeps.make_record(name, job.overrides, None), "status": "crashed"}
+            record["error"] = "no record: the job died"
     return {**record, **extra}
 
 
