@@ -86,8 +86,8 @@ class BestCheckpoint(ModelCheckpoint):
         """Whether `path` resolves (links and `..` followed) to an entry of this callback's own folder."""
         if not isinstance(path, str) or not path or self.dirpath is None:
             return False
-        folder = Path(self.dirpath).resolve()
-        return Path(path).resolve().parent == folder and not Path(path).resolve().is_dir()
+        resolved = Path(path).resolve()
+        return resolved.parent == Path(self.dirpath).resolve() and not resolved.is_dir()
 
     def _should_remove_checkpoint(self, trainer, previous, current):
         return self._owns(previous) and super()._should_remove_checkpoint(trainer, previous, current)
