@@ -120,6 +120,22 @@ def test_sigterm_or_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(tmp_path
     assert_same_state(load(straight / "checkpoints" / "last.ckpt"), load(last))
 
 
+def test_sigterm_at_an_epochs_last_step_resumes_into_the_next_epoch_exactly(tmp_path, straight):
+    # RUN's epochs are 13 batches: SIGTERM as step 13 ends stops the fit loop once the epoch is counted done.
+    from tests.conftest import ROOT
+
+    env = {"PYTHONPATH": str(ROOT)}  # the run imports tests.job_probes
+    probe = ["+callbacks.sigterm._target_=tests.job_probes.SigtermAt", "+callbacks.sigterm.step=13"]
+    stopped = run("train.py", tmp_path, *RUN, *probe, env=env)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert load(last)["global_step"] == 13
+    resumed = run("train.py", tmp_path, *RUN, f"ckpt_path={last}", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_state(load(straight / "checkpoints" / "last.ckpt"), load(last))
+
+
 def test_stale_temp_files_of_interrupted_saves_are_removed(tmp_path):
     from vdvae.callbacks import AtomicCheckpointIO
 

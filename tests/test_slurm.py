@@ -29,9 +29,9 @@ CLUSTER = ["bash", str(ROOT / "scripts" / "slurm-cluster")]
 # One thread everywhere: the jobs get one (the launcher sets OMP_NUM_THREADS to their CPUs per task), and
 # the runs they are compared with bit for bit must do the same arithmetic.
 ENV = {"OMP_NUM_THREADS": "1"}
-PROBES = {**ENV, "PYTHONPATH": str(ROOT)}  # the jobs import tests.slurm_probes and tests.ddp_probe
+PROBES = {**ENV, "PYTHONPATH": str(ROOT)}  # the jobs import tests.job_probes and tests.ddp_probe
 SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug"]
-# 110 updates, last.ckpt every 2, validation every 10; the jobs sleep after each step (tests.slurm_probes).
+# 110 updates, last.ckpt every 2, validation every 10; the jobs sleep after each step (tests.job_probes).
 LONG = [*RUN, "trainer.max_steps=110", "trainer.val_check_interval=10"]
 
 
@@ -41,7 +41,7 @@ def submit(cwd: Path, *args: str, env=PROBES) -> subprocess.Popen:
 
 
 def slow(seconds: float, record: Path) -> list[str]:
-    target = "+callbacks.slow._target_=tests.slurm_probes.SlowSteps"
+    target = "+callbacks.slow._target_=tests.job_probes.SlowSteps"
     return [target, f"+callbacks.slow.seconds={seconds}", f"+callbacks.slow.record={record}"]
 
 

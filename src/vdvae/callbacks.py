@@ -250,6 +250,18 @@ class LastCheckpoint(Callback):
             trainer.save_checkpoint(self.path, weights_only=False)
             self._saved_step, self._saved_time = trainer.global_step, time.monotonic()
 
+    def on_save_checkpoint(self, trainer, module, checkpoint):
+        # A save between two epochs (SIGTERM at an epoch's last step stops the fit loop once the epoch is
+        # counted complete; a run's final save) records the finished epoch's batches as the current epoch's:
+        # resumed so, Lightning would take the next epoch as done already and skip it. Record the next
+        # epoch's start instead, as Lightning's own reset at that start would.
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        epoch = fit_loop.get("epoch_progress", {}).get("current", {})
+        batches = fit_loop.get("epoch_loop.batch_progress")
+        if epoch and batches and epoch["ready"] == epoch["completed"] and batches["current"]["ready"]:
+            batches["current"] = dict.fromkeys(batches["current"], 0)
+            batches["is_last_batch"] = False
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self._stepped = True
         by_steps = self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0

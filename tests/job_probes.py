@@ -1,8 +1,10 @@
-"""A callback for the jobs of tests/test_slurm.py (importable in a job: the tests put the repository on its
-PYTHONPATH, which sbatch passes on): steps made slow enough to be interrupted mid-run, by sleeping, which
-changes no number; and where each start of the job began training."""
+"""Callbacks for the runs the tests start (importable there: the tests put the repository on their
+PYTHONPATH, which sbatch passes on to SLURM jobs): steps made slow enough to be interrupted mid-run, by
+sleeping, which changes no number, and where each start of the job began training (tests/test_slurm.py);
+a SIGTERM sent at one exact step (tests/test_reliability.py)."""
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -23,3 +25,14 @@ class SlowSteps(Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         time.sleep(self.seconds)
+
+
+class SigtermAt(Callback):
+    """SIGTERM to this process as training step `step` ends, as a scheduler might send it just then."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
