@@ -94,3 +94,19 @@ def test_covered_time_is_the_union_of_the_intervals():
             timeline[start:end] = True
         assert bench.covered_ns(intervals) == int(timeline.sum())
     assert bench.covered_ns([]) == 0
+
+
+@pytest.mark.slow
+def test_capture_only_times_the_trace_and_the_compile_of_a_graphs_config(tmp_path, capsys):
+    out = tmp_path / "capture.json"
+    common = ["--preset", "tiny", "--batch", "2", "--device", "cpu", "--capture-only", "--out", str(out)]
+    with pytest.raises(SystemExit):  # the eager configs have no whole step to capture
+        bench.main([*common, "--configs", "fp32-cl"])
+    assert "'fp32-cl' is not one" in capsys.readouterr().err
+    bench.main([*common, "--configs", "fp32-cl-graphs", "--capture-backend", "aot_eager"])
+    report = json.loads(out.read_text())
+    result = report["results"]["fp32-cl-graphs"]
+    assert report["capture_only"] and result["backend"] == "aot_eager" and result["graphs"] == 1
+    assert 0 < result["trace_s"] and 0 < result["compile_s"]
+    assert result["trace_s"] + result["compile_s"] < result["first_step_s"] <= result["capture_s"]
+    assert 0 < result["graph_ops"] < 200

@@ -23,3 +23,8 @@ def test_minutes_curves_and_test_figure_of_a_run(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "A" in table and "3.5000" in table and "3.4000" in table and "20.5" in table
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_the_gap_between_two_curves_counts_the_steps_both_logged():
+    # Steps 2 and 3 are shared: |4.0 - 4.5| and |3.0 - 2.0| average to 0.75; steps 1 and 4 are not counted.
+    assert compare_runs.mean_gap([(1, 5.0), (2, 4.0), (3, 3.0)], [(2, 4.5), (3, 2.0), (4, 9.0)]) == 0.75

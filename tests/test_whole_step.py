@@ -1,9 +1,13 @@
 """The whole training step (`model.cuda_graphs`): one graph with no breaks or recompilation, the eager step's updates,
-skips that change nothing, and a clear fallback to the eager step where CUDA graphs cannot run.
+skips that change nothing, a graph for dynamo that does not grow with the network, weights and optimizer state in
+flat buffers that keep every value, layout and checkpoint, and a clear fallback to the eager step where CUDA graphs
+cannot run.
 
 On the CPU the graph runs with eager kernels, so that its random draws equal the eager step's: with the
 aot_eager backend (the graph and its autograd as inductor receives them) for AdamW, with dynamo's graph
 alone for the Efficient-VDVAE options (each compile takes tens of seconds here)."""
+
+import io
 
 import pytest
 import torch
@@ -15,8 +19,9 @@ from vdvae import VDVAEModule
 from vdvae.config import route_library_logs
 from vdvae.whole_step import WholeStep, compile_whole_step
 
-# Two blocks each way, two latent groups: the graph's trace time grows with the blocks.
+# Two blocks each way, two latent groups; and seven each way, with channels_last.
 SMALL_VAE = {**TINY_VAE, "enc_blocks": "8d8,1x1", "dec_blocks": "1x1,8m1"}
+DEEPER_VAE = {**TINY_VAE, "enc_blocks": "8x3,8d8,1x3", "dec_blocks": "1x3,8m1,8x3", "channels_last": True}
 # Efficient-VDVAE's options: Adamax, and the KL warm-up and balancing decided on the device.
 EFFICIENT = dict(optimizer="adamax", kl_warmup_steps=3, kl_balancing_steps=2, ema_warmup=False, ema_decay=0.9)
 
@@ -28,9 +33,9 @@ def batches():
     return [good, (torch.full_like(x, float("nan")), x), good, (x * 1e6, x), good]
 
 
-def module(**options):
+def module(vae=SMALL_VAE, **options):
     torch.manual_seed(0)
-    return VDVAEModule(SMALL_VAE, warmup_steps=2, lr=1e-3, skip_threshold=1e4, **options)
+    return VDVAEModule(vae, warmup_steps=2, lr=1e-3, skip_threshold=1e4, **options)
 
 
 @pytest.mark.slow
@@ -84,3 +89,59 @@ def test_cuda_graphs_on_the_cpu_warns_and_trains_with_the_eager_step():
     with pytest.warns(UserWarning, match="model.cuda_graphs=true: CUDA graphs need a CUDA device.*eager step"):
         fit_on_batches(m, batches()[:2])
     assert m._whole_step is False and int(m.attempted_steps) == 2
+
+
+def test_dynamo_traces_the_same_small_graph_whatever_the_depth():
+    """The weights are one flat tensor and the VAE's forward one opaque call, so dynamo's graph (and its trace
+    time) does not grow with the blocks and parameters: the cifar10 preset's is the tiny model's."""
+    sizes = {}
+    for vae in (SMALL_VAE, DEEPER_VAE):
+        m = module(vae)
+
+        def count(graph, example_inputs, vae=vae):
+            sizes[vae["enc_blocks"]] = sum(node.op == "call_function" for node in graph.graph.nodes)
+            return graph.forward
+
+        step = compile_whole_step(m, m.configure_optimizers()["optimizer"], backend=count)
+        step(*batches()[0])
+    assert len(list(module(DEEPER_VAE).parameters())) > 2 * len(list(module(SMALL_VAE).parameters()))
+    assert len(set(sizes.values())) == 1 and list(sizes.values())[0] < 200, sizes
+
+
+def test_the_flat_buffers_keep_every_value_layout_and_checkpoint():
+    m = module(DEEPER_VAE)
+    fit_on_batches(m, batches()[:1])  # the eager step: an optimizer state to move
+    optimizer = m.trainer.optimizers[0]
+
+    def tensors():
+        return [*m.vae.parameters(), *m.ema.parameters(), *(t for s in optimizer.state.values() for t in s.values())]
+
+    def layout(t):  # the strides that matter (a dimension of size 1 may have any)
+        return [stride for stride, size in zip(t.stride(), t.shape, strict=True) if size > 1]
+
+    before = [(t.clone(), layout(t)) for t in tensors()]
+    size_before = saved(m)[0]
+    assert any(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t, _ in before)
+    step = WholeStep(m, optimizer)
+    for t, (value, stride) in zip(tensors(), before, strict=True):
+        assert torch.equal(t, value) and layout(t) == stride
+    flats = (step.weights, step.ema, step.first, step.second, step.steps)
+    for flat in flats:
+        flat.add_(1.0)  # every tensor is a view of its buffer: it changes with it
+    for t, (value, _) in zip(tensors(), before, strict=True):
+        torch.testing.assert_close(t, value + 1.0)
+    # A checkpoint stores each buffer once (not once per view): the size of the one saved before packing.
+    fresh = module(DEEPER_VAE)
+    fresh.load_state_dict(saved(m)[1]["model"])
+    for a, b in zip(fresh.state_dict().values(), m.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert saved(m)[0] < 1.02 * size_before
+
+
+def saved(m):
+    """The size of m's weights and optimizer state saved by torch.save, and what torch.load reads back."""
+    buffer = io.BytesIO()
+    torch.save({"model": m.state_dict(), "optimizer": m.trainer.optimizers[0].state_dict()}, buffer)
+    size = buffer.tell()
+    buffer.seek(0)
+    return size, torch.load(buffer, weights_only=True)

@@ -5,6 +5,7 @@ original VDVAE code from a local copy (never part of this package).
     python -m vdvae.bench --preset cifar10 --batch 8 --device cpu --configs fp32 fp32-cl bf16-cl --out bench.json
     python -m vdvae.bench ... --original /path/to/openai-vdvae     # adds the "original" config
     python -m vdvae.bench --preset small --batch 32 --configs fp32-cl fp32-cl+model.vae.activation=silu+batch=64
+    python -m vdvae.bench --device cpu --preset cifar10 --batch 2 --configs fp32-cl-graphs --capture-only --out f.json
 
 A config may carry `+`-joined changes: `batch=N` (its own batch size) or a `model.` override.
 
@@ -15,6 +16,11 @@ in use before the model is built) is its own; `--allocated-memory` adds, on the 
 live tensor memory (what the CUDA figure measures), free of the C allocator's fragmentation.
 Times are medians over `--steps` after `--warmup` steps, and over `--repeats` rounds through all
 configs; compare configs of one run only.
+
+`--capture-only` times what a `-graphs` config costs before its first step instead: dynamo's trace of
+the whole step (`trace_s`), the backend's compile of that graph (`compile_s`: inductor, with CUDA graphs
+on a GPU, as training compiles it; none with `--capture-backend eager`) and the first step as a whole,
+each config in a fresh process with an empty compile cache (or `--cache-dir`, shared and kept).
 """
 
 import argparse
@@ -292,6 +298,7 @@ def run_ours(args, spec, device, train_only=False):
         "batch": args.batch,
         "train_images_per_s": args.batch / step,
         "train_step_s": step,
+        "first_step_s": timer.times[0],  # with model.compile or a -graphs config: the compile, too
         "skipped": int(module.skipped_steps),
         "peak_memory_mb": peak_memory_mb(device),
     }
@@ -309,6 +316,60 @@ def run_ours(args, spec, device, train_only=False):
         result["sample_images_per_s"] = args.batch / timed(lambda: vae.sample(args.batch), device, 3)
     result.update(step_counts(module.vae.to(device), x, target, autocast))
     return result
+
+
+def capture_step(args, spec, device) -> dict:
+    """The whole step of a `-graphs` config compiled as training compiles it, without Lightning: the seconds
+    of dynamo's trace, of the backend's compile, and of the first (compiling) step, with the graph's size."""
+    from torch._dynamo.utils import counters
+
+    from vdvae.lit_module import VDVAEModule
+    from vdvae.whole_step import compile_whole_step
+
+    name, batch, overrides = parse_config(spec)
+    args.batch = batch or args.batch
+    precision, channels_last, _, _, _ = CONFIGS[name]
+    # The schedule does not reach the graph (it reads the learning rate as a tensor): constant, so that no
+    # trainer need tell a cosine its length.
+    changes = [f"model.vae.channels_last={channels_last}", "model.lr_schedule=constant", *overrides]
+    hparams = model_hparams(args.preset, changes)
+    torch.manual_seed(0)
+    module = VDVAEModule(**hparams).to(device)
+    optimizer = module.configure_optimizers()["optimizer"]
+    v = hparams["vae"]
+    images = torch.randint(0, 256, (args.batch, v["image_channels"], v["image_size"], v["image_size"]))
+    x, target = synthetic_data(v, args.batch, 1).preprocess(images.to(device, torch.uint8))
+    times, start = {}, 0.0
+
+    def timed_backend(graph, example_inputs):
+        times["trace_s"] = time.perf_counter() - start
+        times["graph_ops"] = sum(node.op == "call_function" for node in graph.graph.nodes)
+        if args.capture_backend == "eager":
+            return graph.forward
+        began = time.perf_counter()
+        if args.capture_backend == "inductor":
+            mode = torch._inductor.list_mode_options("reduce-overhead" if device.type == "cuda" else "default")
+            compiled = torch._inductor.compile(graph, example_inputs, options=mode)
+        else:
+            compiled = torch._dynamo.lookup_backend(args.capture_backend)(graph, example_inputs)
+        times["compile_s"] = time.perf_counter() - began
+        return compiled
+
+    step = compile_whole_step(module, optimizer, backend=timed_backend)
+    counters.clear()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    with autocast:
+        start = time.perf_counter()
+        step(x, target)
+        sync(device)
+        times["first_step_s"] = time.perf_counter() - start
+        # CUDA graphs record at the second or third call: those are part of capturing too.
+        for _ in range(2):
+            step(x, target)
+        sync(device)
+        times["capture_s"] = time.perf_counter() - start
+    times["graphs"] = counters["stats"]["unique_graphs"]
+    return {"batch": args.batch, "backend": args.capture_backend, **times, "peak_memory_mb": peak_memory_mb(device)}
 
 
 def run_original(args, device):
@@ -379,6 +440,8 @@ def run_one(args):
     BASELINE_MB = resident_mb()
     if device.type == "cpu":
         torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.capture_only:
+        return print(json.dumps(capture_step(args, args.single, device)))
     result = run_original(args, device) if args.single == "original" else run_ours(args, args.single, device)
     if args.allocated_memory:  # after the timings (the profiler would distort them), with a new model
         args.steps, args.warmup = 2, 0  # the second step runs with the optimizer state in place
@@ -396,10 +459,14 @@ def run_one(args):
     print(json.dumps(result))
 
 
-def run_config(name, passed) -> dict:
-    """One config in a fresh process; its JSON result."""
+def run_config(name, passed, cache_dir=None) -> dict:
+    """One config in a fresh process, compiling into `cache_dir` (a new empty one if None); its JSON result."""
     cmd = [sys.executable, "-m", "vdvae.bench", "--single", name, *passed]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    with tempfile.TemporaryDirectory(prefix="vdvae-bench-cache-") as fresh:
+        cache = str(cache_dir or fresh)
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "TORCHINDUCTOR_CACHE_DIR": cache}
+        env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"bench config {name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -426,6 +493,18 @@ def main(argv=None):
         action="store_true",
         help="CPU: also measure the peak of live tensor memory (a profiled run of a new model after the timed one)",
     )
+    parser.add_argument(
+        "--capture-only",
+        action="store_true",
+        help="time the capture of each -graphs config's whole step (trace, compile, first step), not its steps",
+    )
+    parser.add_argument(
+        "--capture-backend",
+        choices=["inductor", "aot_eager", "eager"],
+        default="inductor",
+        help="with --capture-only: what compiles dynamo's graph (eager: the trace alone)",
+    )
+    parser.add_argument("--cache-dir", type=Path, help="compile cache shared by the configs (default: a new one each)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one config in this process
     args = parser.parse_args(argv)
@@ -433,9 +512,13 @@ def main(argv=None):
         return run_one(args)
     for spec in args.configs:
         try:
-            parse_config(spec)
+            name = parse_config(spec)[0]
         except ValueError as err:
             parser.error(str(err))
+        if args.capture_only and not CONFIGS[name][4]:
+            parser.error(f"--capture-only captures the whole step of the -graphs configs; {spec!r} is not one")
+    if args.capture_only:
+        return capture_report(args, sys.argv[1:] if argv is None else argv)
     if args.original and model_hparams(args.preset)["vae"]["image_channels"] != 3:
         parser.error(f"--original runs the original code, which models RGB images only; {args.preset} is not RGB")
     names = (["original"] if args.original else []) + args.configs
@@ -454,25 +537,42 @@ def main(argv=None):
                 f"round {i + 1}/{args.repeats} {name:>16}: {rounds[name][-1]['train_images_per_s']:6.2f} img/s",
                 flush=True,
             )
+            # Written after every config: a run stopped early keeps what it measured.
+            write_report(args, summarize({k: v for k, v in rounds.items() if v}, names[0]), quiet=True)
+    results = summarize(rounds, names[0])
+    for name, r in results.items():
+        allocated, busy = r.get("allocated_peak_mb"), r.get("gpu_busy_fraction")
+        print(
+            f"{name:>16}: {r['train_images_per_s']:8.2f} train img/s ({r[f'speedup_vs_{names[0]}']:.2f}x), "
+            f"peak {r['peak_memory_mb']:8.0f} MB"
+            + (f", allocated peak {allocated:8.0f} MB" if allocated else "")
+            + (f", GPU busy {busy:.0%}" if busy is not None else "")
+            + (f", first step {r['first_step_s']:.1f} s" if "first_step_s" in r else ""),
+            flush=True,
+        )
+    write_report(args, results)
+
+
+def summarize(rounds, base_name) -> dict:
+    """Each config's figures (medians of its rounds so far) and its ratios to `base_name`'s (the original
+    when given, else the first config); live tensor memory once every config's last round has it."""
+    allocated_memory = all("allocated_peak_mb" in runs[-1] for runs in rounds.values())
     results = {}
     for name, runs in rounds.items():
         results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         results[name]["train_images_per_s_rounds"] = [r["train_images_per_s"] for r in runs]
-        if args.allocated_memory:
+        if allocated_memory:
             results[name]["allocated_peak_mb"] = runs[-1]["allocated_peak_mb"]
-        allocated = results[name].get("allocated_peak_mb")
-        print(
-            f"{name:>16}: {results[name]['train_images_per_s']:8.2f} train img/s, "
-            f"peak {results[name]['peak_memory_mb']:8.0f} MB"
-            + (f", allocated peak {allocated:8.0f} MB" if allocated else ""),
-            flush=True,
-        )
-    base_name, base = names[0], results[names[0]]  # the original when given, else the first config
-    for r in results.values():
+    base = results.get(base_name)
+    for r in results.values() if base else ():
         r[f"speedup_vs_{base_name}"] = r["train_images_per_s"] / base["train_images_per_s"]
         r[f"memory_vs_{base_name}"] = r["peak_memory_mb"] / base["peak_memory_mb"]
-        if args.allocated_memory:
+        if allocated_memory:
             r[f"allocated_memory_vs_{base_name}"] = r["allocated_peak_mb"] / base["allocated_peak_mb"]
+    return results
+
+
+def write_report(args, results, quiet=False, **extra):
     report = {
         "preset": args.preset,
         "batch": args.batch,
@@ -480,10 +580,23 @@ def main(argv=None):
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        **extra,
         "results": results,
     }
     args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    if not quiet:
+        print(f"wrote {args.out}")
+
+
+def capture_report(args, passed):
+    """--capture-only: each config captured in its own process; their figures, side by side."""
+    results = {}
+    for spec in args.configs:
+        results[spec] = run_config(spec, passed, args.cache_dir)
+        r = results[spec]
+        compiled = f", {args.capture_backend} compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
+        print(f"{spec:>16}: trace {r['trace_s']:.1f} s{compiled}, first step {r['first_step_s']:.1f} s", flush=True)
+    write_report(args, results, capture_only=True)
 
 
 if __name__ == "__main__":

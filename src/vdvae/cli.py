@@ -10,6 +10,7 @@ path with Hydra's `--config-dir`: `vdvae-train --config-dir my_conf model=my_mod
 import contextlib
 import logging
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -91,32 +92,35 @@ def _traceback_kept_in_log(error: BaseException) -> str:
     return f" (traceback in {path})"
 
 
+def finish_wandb():
+    """End the W&B run of this job, if a logger started one: one W&B run per job, also in multirun sweeps.
+    Without a W&B logger wandb is never imported (runs with logger=csv need no wandb installed)."""
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].finish()
+
+
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
     """Train a VDVAE; returns the metric a sweep optimizes."""
-    import wandb
-
     from vdvae.tasks.train import train as run
 
     try:  # SIGTERM: training saves at the next step and exits 143 itself (vdvae.tasks.train)
         with refusals_in_one_line(interruptible=False):
             return run(cfg)
     finally:
-        wandb.finish()  # one W&B run per job, also in multirun sweeps
+        finish_wandb()
 
 
 @hydra.main(config_path=CONFIGS, config_name="eval", version_base="1.3")
 def evaluate(cfg: DictConfig) -> None:
     """Score a checkpoint on its test set."""
     with refusals_in_one_line(interruptible=True):  # before the imports: a stop during them is handled too
-        import wandb
-
         from vdvae.tasks.eval import evaluate as run
 
         try:
             run(cfg)
         finally:
-            wandb.finish()
+            finish_wandb()
 
 
 @hydra.main(config_path=CONFIGS, config_name="sample", version_base="1.3")

@@ -1,6 +1,8 @@
 """Bits/dim against training minutes for runs trained side by side (a plot and a table), from their run
 directories: the CSV log's bits/dim and train.log's wall clock (each run's updates spread evenly over
-its training time, so compare runs that shared one machine).
+its training time, so compare runs that shared one machine). The table also gives each run's mean
+training bits/dim over its last 50 logged steps, and how far its training curve lies from the first
+run's: the mean absolute difference at the steps both logged (two runs of one seed that should agree).
 
     python -m vdvae.compare_runs logs/train/runs/A logs/train/runs/B --labels VDVAE Efficient --out bpd.png
 """
@@ -41,6 +43,13 @@ def curves(run: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def mean_gap(a, b) -> float:
+    """Mean |a - b| over the steps both (step, value) curves logged."""
+    other = dict(b)
+    gaps = [abs(value - other[step]) for step, value in a if step in other]
+    return sum(gaps) / len(gaps) if gaps else float("nan")
+
+
 def test_bpd(run: Path) -> float | None:
     found = re.findall(r"test: ([\d.]+) bits/dim", (run / "train.log").read_text())
     return float(found[-1]) if found else None
@@ -54,9 +63,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     labels = args.labels or [run.name for run in args.runs]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    print(f"{'run':<24} {'minutes':>8} {'steps':>6} {'val bpd':>8} {'test bpd':>8}")
+    print(f"{'run':<24} {'minutes':>8} {'steps':>6} {'val bpd':>8} {'test bpd':>8} {'last 50':>8} {'gap':>8}")
+    first = None
     for run, label in zip(args.runs, labels, strict=True):
         data, minutes = curves(run), training_minutes(run)
+        first = first or data["train/bpd"]
         last_step = max(step for step, _ in data["train/bpd"])
         per_step = minutes / last_step
         train = data["train/bpd"]
@@ -71,7 +82,11 @@ def main(argv=None):
             label=f"{label}: val (EMA)",
         )
         val = data["val/bpd"][-1][1] if data["val/bpd"] else float("nan")
-        print(f"{label:<24} {minutes:8.1f} {last_step:6d} {val:8.4f} {test_bpd(run) or float('nan'):8.4f}")
+        last_50 = [v for _, v in train[-50:]]
+        print(
+            f"{label:<24} {minutes:8.1f} {last_step:6d} {val:8.4f} {test_bpd(run) or float('nan'):8.4f} "
+            f"{sum(last_50) / len(last_50):8.4f} {mean_gap(train, first):8.4f}"
+        )
     ax.set(xlabel="training minutes (side by side on one machine)", ylabel="bits per dim", ylim=(None, 5.0))
     ax.legend(fontsize=7)
     fig.tight_layout()

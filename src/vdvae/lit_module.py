@@ -435,6 +435,8 @@ class VDVAEModule(LightningModule):
         self._restored_rng = checkpoint.get("rng_states")
 
     def on_train_start(self):
+        # Built anew at each fit's first step: between fits Lightning may move the weights out of its buffers.
+        self._whole_step = None
         states = self._restored_rng
         if states and len(states) == self.trainer.world_size:
             state = states[self.global_rank]
