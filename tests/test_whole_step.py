@@ -35,7 +35,7 @@ def batches():
 
 def module(vae=SMALL_VAE, **options):
     torch.manual_seed(0)
-    return VDVAEModule(vae, warmup_steps=2, lr=1e-3, skip_threshold=1e4, **options)
+    return VDVAEModule(vae, **{"warmup_steps": 2, "lr": 1e-3, "skip_threshold": 1e4, **options})
 
 
 @pytest.mark.slow
@@ -91,21 +91,25 @@ def test_cuda_graphs_on_the_cpu_warns_and_trains_with_the_eager_step():
     assert m._whole_step is False and int(m.attempted_steps) == 2
 
 
-def test_dynamo_traces_the_same_small_graph_whatever_the_depth():
+def test_dynamo_traces_one_small_graph_whatever_the_depth_and_the_options():
     """The weights are one flat tensor and the VAE's forward one opaque call, so dynamo's graph (and its trace
-    time) does not grow with the blocks and parameters: the cifar10 preset's is the tiny model's."""
-    sizes = {}
-    for vae in (SMALL_VAE, DEEPER_VAE):
-        m = module(vae)
+    time) does not grow with the blocks and parameters: the cifar10 preset's is the tiny model's. The optimizer's
+    and the recipe's options are tensors of the graph, not constants: a sweep over them compiles one graph."""
+    options = dict(lr=3e-4, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, grad_clip=50.0, skip_threshold=77.0)
+    graphs = {}
+    for name, vae, changes in [("small", SMALL_VAE, {}), ("deeper", DEEPER_VAE, {}), ("options", SMALL_VAE, options)]:
+        m = module(vae, ema_decay=0.5, **changes)
 
-        def count(graph, example_inputs, vae=vae):
-            sizes[vae["enc_blocks"]] = sum(node.op == "call_function" for node in graph.graph.nodes)
+        def keep(graph, example_inputs, name=name):
+            graphs[name] = graph
             return graph.forward
 
-        step = compile_whole_step(m, m.configure_optimizers()["optimizer"], backend=count)
+        step = compile_whole_step(m, m.configure_optimizers()["optimizer"], backend=keep)
         step(*batches()[0])
     assert len(list(module(DEEPER_VAE).parameters())) > 2 * len(list(module(SMALL_VAE).parameters()))
-    assert len(set(sizes.values())) == 1 and list(sizes.values())[0] < 200, sizes
+    sizes = {name: sum(node.op == "call_function" for node in g.graph.nodes) for name, g in graphs.items()}
+    assert len(set(sizes.values())) == 1 and sizes["small"] < 200, sizes
+    assert graphs["options"].code == graphs["small"].code
 
 
 def test_the_flat_buffers_keep_every_value_layout_and_checkpoint():

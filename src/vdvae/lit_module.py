@@ -287,12 +287,13 @@ class VDVAEModule(LightningModule):
             return contextlib.nullcontext()
         return strategy.block_backward_sync()
 
-    def bad_update(self, loss, grad_norm):
+    def bad_update(self, loss, grad_norm, threshold=None):
         """Whether to skip the update, decided on the device (no host sync): a non-finite loss, or a
-        non-finite or too large gradient norm (before clipping)."""
+        non-finite or too large gradient norm (before clipping). `threshold`: model.skip_threshold, or
+        that value as a tensor (the whole step's graph reads it from memory)."""
         bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
         if self.skips_on_norm:
-            bad = bad | (grad_norm >= self.hparams.skip_threshold)
+            bad = bad | (grad_norm >= (self.hparams.skip_threshold if threshold is None else threshold))
         return bad
 
     def objective(self, out, step):
@@ -312,14 +313,16 @@ class VDVAEModule(LightningModule):
             kl_weight = torch.clamp(step.float() / h.kl_warmup_steps, max=1.0)
         return (out.distortion + kl_weight * rate).mean(), kl_weight
 
-    def ema_decay(self):
+    def ema_decay(self, decay=None):
         """The EMA's decay: `ema_decay`, or with `ema_warmup` min(ema_decay, (1 + n) / (10 + n)) after n applied
         updates, so that the EMA follows the weights from the first hundred steps (a short run's figures mean
-        something) and long runs keep `ema_decay` (from n = 9 / (1 - ema_decay) - 1 on). On the device."""
+        something) and long runs keep `ema_decay` (from n = 9 / (1 - ema_decay) - 1 on). On the device.
+        `decay`: model.ema_decay, or that value as a tensor (the whole step's graph reads it from memory)."""
+        decay = self.hparams.ema_decay if decay is None else decay
         if not self.hparams.ema_warmup:
-            return self.hparams.ema_decay
+            return decay
         n = (self.attempted_steps - self.skipped_steps).double()
-        return torch.clamp((1 + n) / (10 + n), max=self.hparams.ema_decay).float()
+        return torch.clamp((1 + n) / (10 + n), max=decay).float()
 
     @torch.no_grad()
     def update_ema(self, weight):

@@ -23,6 +23,9 @@ from vdvae.model.vae import ELBO
 
 # The order of the statistics the step returns (one small tensor, so one copy out of the graph's memory).
 STATS = ("loss", "bpd", "distortion", "rate", "grad_norm", "skipped", "kl_weight")
+# Options the graph reads from device memory rather than holding as constants: graphs that differ only in
+# them are one graph, so the jobs of a sweep over them reuse the first job's compile (inductor's cache).
+OPTIONS = ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "skip_threshold", "ema_decay")
 
 
 def unavailable_reason(module) -> str | None:
@@ -106,9 +109,13 @@ class WholeStep:
         self.first = self.layout.pack([s["exp_avg"] for s in states], like)
         self.second = self.layout.pack([s[second] for s in states], like)
         self.steps = Layout([s["step"] for s in states]).pack([s["step"] for s in states], like)
-        self.lr = torch.zeros((), device=module.device)
+        h, (beta1, beta2), g = module.hparams, self.group["betas"], self.group
+        values = (0, beta1, beta2, g["eps"], g["weight_decay"], h.grad_clip, h.skip_threshold or 0, h.ema_decay)
+        self.options = {
+            name: torch.tensor(float(v), device=module.device) for name, v in zip(OPTIONS, values, strict=True)
+        }
         # Tensors the graph updates in place keep their addresses, so CUDA graphs may replay over them.
-        updated = (self.weights, self.ema, self.first, self.second, self.steps, self.lr)
+        updated = (self.weights, self.ema, self.first, self.second, self.steps, *self.options.values())
         for t in (*updated, module.attempted_steps, module.skipped_steps, module.consecutive_skips):
             torch._dynamo.mark_static_address(t)
         self.elbo_terms = torch._dynamo.nonstrict_trace(self._elbo_terms)
@@ -122,13 +129,13 @@ class WholeStep:
         return out.log_px_z, out.kl
 
     def __call__(self, x, target) -> dict:
-        self.lr.fill_(self.group["lr"])
+        self.options["lr"].fill_(self.group["lr"])  # the schedule's, at every step
         torch.compiler.cudagraph_mark_step_begin()
         stats = self.graph(x, target).clone()  # the graph's output memory is reused by its next replay
         return dict(zip(STATS, stats.unbind(), strict=True))
 
     def run(self, x, target) -> torch.Tensor:
-        module, h = self.module, self.module.hparams
+        module = self.module
         step, ndims = module.attempted_steps + 1, target[0].numel()
 
         def objective(weights):
@@ -141,21 +148,23 @@ class WholeStep:
 
         grad, (_, terms) = grad_and_value(objective, has_aux=True)(self.weights.detach())
         # As torch.nn.utils.clip_grad_norm_: the norm (over all parameters) decides the skip, then clips.
+        o = self.options
         grad_norm = torch.linalg.vector_norm(grad)
-        grad = grad * torch.clamp(h.grad_clip / (grad_norm + 1e-6), max=1.0)
-        bad = module.bad_update(terms[0], grad_norm)
+        grad = grad * torch.clamp(o["grad_clip"] / (grad_norm + 1e-6), max=1.0)
+        bad = module.bad_update(terms[0], grad_norm, o["skip_threshold"])
         skip = bad.float()
         with torch.no_grad():
             self._update(grad, bad)
-            self.ema.lerp_(self.weights, (1.0 - module.ema_decay()) * (1.0 - skip))  # as module.update_ema
+            weight = (1.0 - module.ema_decay(o["ema_decay"])) * (1.0 - skip)
+            self.ema.lerp_(self.weights, weight)  # as module.update_ema
             module.count_step(skip)
         return torch.cat([terms[:4], torch.stack([grad_norm, skip, terms[4]])])
 
     def _update(self, grad, skip):
         """The optimizer's update of the weights, their moments and the step counts, none where `skip`:
         each change is scaled by keep = 1 - skip, and keep = 0 leaves every tensor bit for bit."""
-        beta1, beta2 = self.group["betas"]
-        eps, decay, lr = self.group["eps"], self.group["weight_decay"], self.lr
+        o = self.options
+        beta1, beta2, eps, decay, lr = o["beta1"], o["beta2"], o["eps"], o["weight_decay"], o["lr"]
         keep = 1.0 - skip.float()
         grad = torch.where(skip, 0.0, grad)  # a skipped update's gradient may be NaN
         self.steps.add_(keep)
