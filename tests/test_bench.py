@@ -1,10 +1,14 @@
 """The benchmark runs end to end on the tiny preset (a smoke test: no timing is asserted)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from vdvae import bench
 from vdvae.model import VAE
 
@@ -110,3 +114,24 @@ def test_capture_only_times_the_trace_and_the_compile_of_a_graphs_config(tmp_pat
     assert 0 < result["trace_s"] and 0 < result["compile_s"]
     assert result["trace_s"] + result["compile_s"] < result["first_step_s"] <= result["capture_s"]
     assert 0 < result["graph_ops"] < 200
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_its_bench_phase_on_the_cpu(tmp_path):
+    """scripts/gpu-check as a GPU machine runs it (the package copied with its configs, no install), made
+    small: its bench phase writes the JSON and the log into OUT."""
+    settings = dict(DEVICE="cpu", PRESET="tiny", BATCHES="2 4", STEPS="1", WARMUP="1", PHASES="bench16 nothing")
+    env = {**os.environ, **settings, "PYTHON": sys.executable, "CONFIGS": "fp32-cl fp32-cl-graphs", "ORIGINAL": ""}
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "gpu-check"), "run", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "bench_b2.json").read_text())
+    assert list(report["results"]) == ["fp32-cl", "fp32-cl-graphs"] and report["batch"] == 2
+    log = (tmp_path / "out" / "gpu-check.log").read_text()
+    assert "unknown phase nothing" in log and "done in" in log
