@@ -64,7 +64,7 @@ def main(argv=None):
     labels = args.labels or [run.name for run in args.runs]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     print(f"{'run':<24} {'minutes':>8} {'steps':>6} {'val bpd':>8} {'test bpd':>8} {'last 50':>8} {'gap':>8}")
-    first = None
+    first, top = None, 5.0  # the plot starts below the first steps' bits/dim, and shows where every run ends
     for run, label in zip(args.runs, labels, strict=True):
         data, minutes = curves(run), training_minutes(run)
         first = first or data["train/bpd"]
@@ -73,6 +73,7 @@ def main(argv=None):
         train = data["train/bpd"]
         windows = [[v for _, v in train[max(0, i - 4) : i + 1]] for i in range(len(train))]  # 5 logged steps
         smooth = [sum(w) / len(w) for w in windows]
+        top = max(top, 1.1 * smooth[-1])
         (line,) = ax.plot([s * per_step for s, _ in train], smooth, alpha=0.6, label=f"{label}: train (online)")
         ax.plot(
             [s * per_step for s, _ in data["val/bpd"]],
@@ -87,7 +88,7 @@ def main(argv=None):
             f"{label:<24} {minutes:8.1f} {last_step:6d} {val:8.4f} {test_bpd(run) or float('nan'):8.4f} "
             f"{sum(last_50) / len(last_50):8.4f} {mean_gap(train, first):8.4f}"
         )
-    ax.set(xlabel="training minutes (side by side on one machine)", ylabel="bits per dim", ylim=(None, 5.0))
+    ax.set(xlabel="training minutes (side by side on one machine)", ylabel="bits per dim", ylim=(None, top))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
