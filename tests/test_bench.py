@@ -135,3 +135,14 @@ def test_the_gpu_check_script_runs_its_bench_phase_on_the_cpu(tmp_path):
     assert list(report["results"]) == ["fp32-cl", "fp32-cl-graphs"] and report["batch"] == 2
     log = (tmp_path / "out" / "gpu-check.log").read_text()
     assert "unknown phase nothing" in log and "done in" in log
+
+
+@pytest.mark.slow
+def test_a_config_that_fails_is_reported_and_the_others_still_run(tmp_path):
+    out = tmp_path / "bench.json"
+    common = ["--preset", "tiny", "--batch", "2", "--device", "cpu", "--steps", "1", "--warmup", "1"]
+    with pytest.raises(SystemExit, match="bench configs failed: fp32\\+model.vae.zdim=0"):
+        bench.main([*common, "--configs", "fp32+model.vae.zdim=0", "fp32", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == ["fp32"] and report["results"]["fp32"]["train_images_per_s"] > 0
+    assert "zdim must be positive" in report["failed"]["fp32+model.vae.zdim=0"]

@@ -460,7 +460,8 @@ def run_one(args):
 
 
 def run_config(name, passed, cache_dir=None) -> dict:
-    """One config in a fresh process, compiling into `cache_dir` (a new empty one if None); its JSON result."""
+    """One config in a fresh process, compiling into `cache_dir` (a new empty one if None); its JSON result,
+    or {"error": the end of its output} if it failed (the other configs still run)."""
     cmd = [sys.executable, "-m", "vdvae.bench", "--single", name, *passed]
     with tempfile.TemporaryDirectory(prefix="vdvae-bench-cache-") as fresh:
         cache = str(cache_dir or fresh)
@@ -468,7 +469,8 @@ def run_config(name, passed, cache_dir=None) -> dict:
         env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
-        sys.exit(f"bench config {name} failed:\n{proc.stderr[-3000:]}")
+        print(f"bench config {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return {"error": proc.stderr[-3000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -526,31 +528,35 @@ def main(argv=None):
     # Rounds over all configs, the original included: a drift in the machine's speed then hits
     # every config alike, and each figure is the median of its rounds. Live tensor memory does not drift:
     # the last round measures it.
-    rounds = {name: [] for name in names}
+    rounds, failed = {name: [] for name in names}, {}
     for i in range(args.repeats):
         last = i == args.repeats - 1
         for name in names:
-            rounds[name].append(
-                run_config(name, [*passed, *(["--allocated-memory"] if args.allocated_memory and last else [])])
-            )
-            print(
-                f"round {i + 1}/{args.repeats} {name:>16}: {rounds[name][-1]['train_images_per_s']:6.2f} img/s",
-                flush=True,
-            )
+            result = run_config(name, [*passed, *(["--allocated-memory"] if args.allocated_memory and last else [])])
+            if "error" in result:
+                failed[name] = result["error"]
+                print(f"round {i + 1}/{args.repeats} {name:>16}: failed", flush=True)
+                continue
+            rounds[name].append(result)
+            print(f"round {i + 1}/{args.repeats} {name:>16}: {result['train_images_per_s']:6.2f} img/s", flush=True)
             # Written after every config: a run stopped early keeps what it measured.
-            write_report(args, summarize({k: v for k, v in rounds.items() if v}, names[0]), quiet=True)
-    results = summarize(rounds, names[0])
+            measured = {k: v for k, v in rounds.items() if v}
+            write_report(args, summarize(measured, names[0]), quiet=True, **({"failed": failed} if failed else {}))
+    results = summarize({k: v for k, v in rounds.items() if v}, names[0])
     for name, r in results.items():
         allocated, busy = r.get("allocated_peak_mb"), r.get("gpu_busy_fraction")
         print(
-            f"{name:>16}: {r['train_images_per_s']:8.2f} train img/s ({r[f'speedup_vs_{names[0]}']:.2f}x), "
-            f"peak {r['peak_memory_mb']:8.0f} MB"
+            f"{name:>16}: {r['train_images_per_s']:8.2f} train img/s"
+            + (f" ({r[f'speedup_vs_{names[0]}']:.2f}x)" if f"speedup_vs_{names[0]}" in r else "")
+            + f", peak {r['peak_memory_mb']:8.0f} MB"
             + (f", allocated peak {allocated:8.0f} MB" if allocated else "")
             + (f", GPU busy {busy:.0%}" if busy is not None else "")
             + (f", first step {r['first_step_s']:.1f} s" if "first_step_s" in r else ""),
             flush=True,
         )
-    write_report(args, results)
+    write_report(args, results, **({"failed": failed} if failed else {}))
+    if failed:
+        sys.exit(f"bench configs failed: {', '.join(failed)} (their errors: above, and under 'failed' in {args.out})")
 
 
 def summarize(rounds, base_name) -> dict:
@@ -592,11 +598,15 @@ def capture_report(args, passed):
     """--capture-only: each config captured in its own process; their figures, side by side."""
     results = {}
     for spec in args.configs:
-        results[spec] = run_config(spec, passed, args.cache_dir)
-        r = results[spec]
+        results[spec] = r = run_config(spec, passed, args.cache_dir)
+        if "error" in r:
+            print(f"{spec:>16}: failed", flush=True)
+            continue
         compiled = f", {args.capture_backend} compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
         print(f"{spec:>16}: trace {r['trace_s']:.1f} s{compiled}, first step {r['first_step_s']:.1f} s", flush=True)
     write_report(args, results, capture_only=True)
+    if any("error" in r for r in results.values()):
+        sys.exit(f"bench configs failed: see their 'error' in {args.out}")
 
 
 if __name__ == "__main__":
