@@ -122,11 +122,12 @@ class WholeStep:
         self.graph = self.run
 
     def _elbo_terms(self, weights, x, target):
-        """log p(x|z) and the KL per group of the VAE with these flat `weights` (one opaque call for dynamo)."""
+        """log p(x|z) and the KL per group of the VAE with these flat `weights` (one opaque call for dynamo),
+        as one (N, 1 + groups) tensor: a single tensor is the output every torch's nonstrict_trace takes."""
         out = functional_call(
             self.module.vae, dict(zip(self.names, self.layout.views(weights), strict=True)), (x, target)
         )
-        return out.log_px_z, out.kl
+        return torch.cat([out.log_px_z[:, None], out.kl], dim=1)
 
     def __call__(self, x, target) -> dict:
         self.options["lr"].fill_(self.group["lr"])  # the schedule's, at every step
@@ -139,8 +140,8 @@ class WholeStep:
         step, ndims = module.attempted_steps + 1, target[0].numel()
 
         def objective(weights):
-            log_px_z, kl = self.elbo_terms(weights, x, target)
-            out = ELBO(log_px_z=log_px_z, kl=kl, ndims=ndims)
+            terms = self.elbo_terms(weights, x, target)
+            out = ELBO(log_px_z=terms[:, 0], kl=terms[:, 1:], ndims=ndims)
             value, kl_weight = module.objective(out, step)
             return value, torch.stack(
                 [out.loss.mean(), out.bpd.mean(), out.distortion.mean(), out.rate.mean(), kl_weight]
