@@ -15,7 +15,8 @@ own process, so that peak memory (CUDA: allocator peak; CPU: peak resident set a
 in use before the model is built) is its own; `--allocated-memory` adds, on the CPU, the peak of
 live tensor memory (what the CUDA figure measures), free of the C allocator's fragmentation.
 Times are medians over `--steps` after `--warmup` steps, and over `--repeats` rounds through all
-configs; compare configs of one run only.
+configs; compare configs of one run only. The JSON is written after every config; a config that fails is
+reported (under "failed") while the others still run, and the bench then exits non-zero.
 
 `--capture-only` times what a `-graphs` config costs before its first step instead: dynamo's trace of
 the whole step (`trace_s`), the backend's compile of that graph (`compile_s`: inductor, with CUDA graphs
