@@ -20,6 +20,9 @@ if what == "raise":
     raise ValueError("a failure in the script")
 if what == "wait":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # Python's own SIGINT handler, also where the tests were started with SIGINT ignored (a background job
+    # of a non-interactive shell: `make test &`), which Python then keeps.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with open(sys.argv[2] + ".tmp", "w") as f:  # the pid file appears whole, closed: a signal then finds us asleep
         f.write(str(os.getpid()))
     os.rename(sys.argv[2] + ".tmp", sys.argv[2])
