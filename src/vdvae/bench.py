@@ -541,9 +541,8 @@ def main(argv=None):
             rounds[name].append(result)
             print(f"round {i + 1}/{args.repeats} {name:>16}: {result['train_images_per_s']:6.2f} img/s", flush=True)
             # Written after every config: a run stopped early keeps what it measured.
-            measured = {k: v for k, v in rounds.items() if v}
-            write_report(args, summarize(measured, names[0]), quiet=True, **({"failed": failed} if failed else {}))
-    results = summarize({k: v for k, v in rounds.items() if v}, names[0])
+            write_report(args, summarize(rounds, names[0]), failed, quiet=True)
+    results = summarize(rounds, names[0])
     for name, r in results.items():
         allocated, busy = r.get("allocated_peak_mb"), r.get("gpu_busy_fraction")
         print(
@@ -555,14 +554,13 @@ def main(argv=None):
             + (f", first step {r['first_step_s']:.1f} s" if "first_step_s" in r else ""),
             flush=True,
         )
-    write_report(args, results, **({"failed": failed} if failed else {}))
-    if failed:
-        sys.exit(f"bench configs failed: {', '.join(failed)} (their errors: above, and under 'failed' in {args.out})")
+    write_report(args, results, failed)
 
 
 def summarize(rounds, base_name) -> dict:
-    """Each config's figures (medians of its rounds so far) and its ratios to `base_name`'s (the original
-    when given, else the first config); live tensor memory once every config's last round has it."""
+    """Each measured config's figures (medians of its rounds so far) and its ratios to `base_name`'s (the
+    original when given, else the first config); live tensor memory once every config's last round has it."""
+    rounds = {name: runs for name, runs in rounds.items() if runs}
     allocated_memory = all("allocated_peak_mb" in runs[-1] for runs in rounds.values())
     results = {}
     for name, runs in rounds.items():
@@ -579,7 +577,11 @@ def summarize(rounds, base_name) -> dict:
     return results
 
 
-def write_report(args, results, quiet=False, **extra):
+def write_report(args, results, failed, quiet=False, **extra):
+    """The JSON report: `results`, and under "failed" the error of each config that failed. The final one
+    (not `quiet`) ends the bench with an error if any did."""
+    if failed:
+        extra["failed"] = failed
     report = {
         "preset": args.preset,
         "batch": args.batch,
@@ -591,23 +593,26 @@ def write_report(args, results, quiet=False, **extra):
         "results": results,
     }
     args.out.write_text(json.dumps(report, indent=1))
-    if not quiet:
-        print(f"wrote {args.out}")
+    if quiet:
+        return
+    print(f"wrote {args.out}")
+    if failed:
+        sys.exit(f"bench configs failed: {', '.join(failed)} (their errors: above, and under 'failed' in {args.out})")
 
 
 def capture_report(args, passed):
     """--capture-only: each config captured in its own process; their figures, side by side."""
-    results = {}
+    results, failed = {}, {}
     for spec in args.configs:
-        results[spec] = r = run_config(spec, passed, args.cache_dir)
+        r = run_config(spec, passed, args.cache_dir)
         if "error" in r:
+            failed[spec] = r["error"]
             print(f"{spec:>16}: failed", flush=True)
             continue
+        results[spec] = r
         compiled = f", {args.capture_backend} compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
         print(f"{spec:>16}: trace {r['trace_s']:.1f} s{compiled}, first step {r['first_step_s']:.1f} s", flush=True)
-    write_report(args, results, capture_only=True)
-    if any("error" in r for r in results.values()):
-        sys.exit(f"bench configs failed: see their 'error' in {args.out}")
+    write_report(args, results, failed, capture_only=True)
 
 
 if __name__ == "__main__":

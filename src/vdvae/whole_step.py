@@ -108,9 +108,10 @@ class WholeStep:
         self.ema = self.layout.pack(list(module.ema.parameters()), like)
         self.first = self.layout.pack([s["exp_avg"] for s in states], like)
         self.second = self.layout.pack([s[second] for s in states], like)
-        self.steps = Layout([s["step"] for s in states]).pack([s["step"] for s in states], like)
-        h, (beta1, beta2), g = module.hparams, self.group["betas"], self.group
-        values = (0, beta1, beta2, g["eps"], g["weight_decay"], h.grad_clip, h.skip_threshold or 0, h.ema_decay)
+        steps = [s["step"] for s in states]
+        self.steps = Layout(steps).pack(steps, like)
+        h, g = module.hparams, self.group
+        values = (0, *g["betas"], g["eps"], g["weight_decay"], h.grad_clip, h.skip_threshold or 0, h.ema_decay)
         self.options = {
             name: torch.tensor(float(v), device=module.device) for name, v in zip(OPTIONS, values, strict=True)
         }
