@@ -61,10 +61,6 @@ def _finish(sweep_dir, records: list[dict], config, extra: str = ""):
         raise SystemExit(f"Error: {len(failed)} of {len(records)} jobs failed ({kinds}): see {summary}")
 
 
-def _failed(job: JobReturn) -> bool:
-    return job.status == JobStatus.FAILED
-
-
 class _Settling:
     """A launcher whose failed jobs come back as completed ones without a value, so that the sweeper goes on;
     `returns` keeps what really happened."""
