@@ -238,6 +238,41 @@ def test_resume_from_a_corrupt_or_mismatched_checkpoint_names_the_file_and_keys(
     assert not (tmp_path / "logs").exists() or not run_dirs(tmp_path)
 
 
+def test_a_resumed_optimizer_state_must_fit_the_parameters_it_belongs_to():
+    """A moment of another shape would be broadcast into the whole step's flat buffers (and break the eager
+    step mid-run): a resume refuses it before the run, naming it, as it does weights."""
+    from tests.conftest import TINY_VAE
+    from vdvae import VDVAEModule
+    from vdvae.checkpoints import CheckpointError, check_fits
+
+    module = VDVAEModule(TINY_VAE)
+    first = next(module.vae.parameters())
+    moments = {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(first), "exp_avg_sq": torch.zeros_like(first)}
+
+    def checkpoint(state):
+        return {"state_dict": module.state_dict(), "optimizer_states": [{"state": state, "param_groups": []}]}
+
+    check_fits(checkpoint({0: moments}), "good.ckpt", module)  # fits: no error
+    check_fits(checkpoint({}), "fresh.ckpt", module)  # no state yet (saved before the first update)
+    refused = {
+        "a moment broadcastable into the parameter": (
+            {0: {**moments, "exp_avg": torch.zeros(1)}},
+            "exp_avg of parameter 0 (1,)",
+        ),
+        "a step count that is not one number": ({0: {**moments, "step": torch.zeros(2)}}, "step of parameter 0 (2,)"),
+        "a parameter the model lacks": ({10_000: moments}, "unexpected"),
+        "a moment of another dtype": (
+            {0: {**moments, "exp_avg": torch.zeros_like(first, dtype=torch.float64)}},
+            "dtype",
+        ),
+        "no dictionary": ([moments], "not one dictionary of tensors per parameter"),
+    }
+    for case, (state, message) in refused.items():
+        with pytest.raises(CheckpointError, match="does not fit the configured model") as error:
+            check_fits(checkpoint(state), "bad.ckpt", module)
+        assert message in str(error.value), case
+
+
 # Hostile files: each would write `marker` if anything in it ran.
 
 

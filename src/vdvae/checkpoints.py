@@ -204,7 +204,9 @@ def check_resume(path, module) -> dict:
 def check_fits(checkpoint: dict, path, module) -> dict:
     """`checkpoint` (read from `path`), after checking that its weights fit `module` for resuming its
     training (the first few mismatched keys are named)."""
-    mismatch = state_mismatch(module.state_dict(), checkpoint["state_dict"])
+    mismatch = state_mismatch(module.state_dict(), checkpoint["state_dict"]) or optimizer_mismatch(
+        checkpoint.get("optimizer_states"), list(module.vae.parameters())
+    )
     if mismatch:
         raise CheckpointError(
             f"{path} does not fit the configured model ({mismatch}). Resume with the model config it was "
@@ -218,6 +220,26 @@ def check_fits(checkpoint: dict, path, module) -> dict:
             f"the file is damaged: resume from another checkpoint of the run"
         ) from error
     return checkpoint
+
+
+def optimizer_mismatch(optimizer_states, params: list) -> str:
+    """The optimizer's stored state, checked as the weights are (see `state_mismatch`): every tensor it holds
+    for a parameter (moments, step count) belongs to one of `params` and has its shape (a scalar step count),
+    so that no moment of another shape is broadcast into the model's (the whole step copies them), or ""."""
+    import torch
+
+    expected, found = {}, {}
+    for stored in optimizer_states or []:
+        states = stored.get("state") if isinstance(stored, dict) else None
+        if not isinstance(states, dict) or not all(isinstance(tensors, dict) for tensors in states.values()):
+            return "its optimizer state is not one dictionary of tensors per parameter"
+        for index, tensors in states.items():
+            for name, value in tensors.items():
+                key = f"optimizer {name} of parameter {index}"
+                found[key] = value
+                if isinstance(index, int) and 0 <= index < len(params):
+                    expected[key] = torch.zeros(()) if name == "step" else params[index]
+    return state_mismatch(expected, found)
 
 
 def check_rng_states(states):
