@@ -12,6 +12,8 @@ import csv
 import json
 import os
 import re
+import shlex
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -195,6 +197,56 @@ def test_a_config_error_found_in_the_job_fails_the_sweep_in_seconds_with_its_mes
     assert took < 120
 
 
+def kill_9(job: str):
+    """SIGKILL to the job's Python process, as the out-of-memory killer sends it (scancel would send
+    SIGTERM first, which the job answers by saving and reporting)."""
+    raw_id = subprocess.run(["squeue", "-h", "-j", job, "-o", "%A"], capture_output=True, text=True).stdout.strip()
+    listed = subprocess.run(["scontrol", "listpids", raw_id], capture_output=True, text=True, check=True).stdout
+    pids = [int(line.split()[0]) for line in listed.splitlines()[1:]]
+    python = [pid for pid in pids if b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert python, listed
+    for pid in python:
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_a_job_killed_outside_python_fails_alone_and_the_sweep_says_how_to_resume_it(tmp_path, time_limited):
+    # Two jobs; the first gets SIGKILL mid-run, as from the out-of-memory killer: it leaves no result, the
+    # second still completes, and the sweep ends with its summary, naming the dead job and its last.ckpt.
+    steps = [o for o in RUN if not o.startswith("trainer.max_steps=")]
+    proc = submit(tmp_path, *steps, "trainer.max_steps=110,4", *slow(0.2, tmp_path / "starts"))
+    try:
+        sweep = sweep_of(tmp_path, proc=proc)
+        last = sweep / "0" / "checkpoints" / "last.ckpt"
+        wait_for_step(last, 4, proc, timeout=300)
+        killed = job_ids(sweep)[0]
+        kill_9(killed)
+        began = time.time()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        cancel(tmp_path)
+    print(f"killed job reported after {time.time() - began:.0f} s")
+    assert proc.returncode == 1 and "Traceback" not in err, (out + err)[-3000:]
+    assert f"Error: 1 of 2 jobs failed (crashed: 1): see {sweep / 'summary.md'}" in err, err[-3000:]
+    rows = {row["job"]: row for row in csv.DictReader((sweep / "summary.csv").open())}
+    assert rows["1"]["status"] == "completed" and rows["1"]["steps"] == "4"
+    assert rows["0"]["status"] == "crashed" and f"SLURM job {killed} ended with no result" in rows["0"]["error"]
+    assert_resumes_as_told(rows["0"]["error"], tmp_path, last, 4)
+
+
+def assert_resumes_as_told(message: str, cwd: Path, last: Path, at_least: int):
+    """The command the message gives resumes the run from `last` (two more steps, to be quick)."""
+    told = re.search(r"resume it: (python train\.py .*?)(;|$)", message, re.MULTILINE)
+    assert told, message[-3000:]
+    command = shlex.split(told.group(1))
+    step = load(last)["global_step"]
+    assert command[-1] == f"ckpt_path={last}" and at_least <= step < 110
+    resumed = run("train.py", cwd, *command[2:], f"trainer.max_steps={step + 2}", env=PROBES)
+    said = output(resumed)
+    assert resumed.returncode == 0 and "Restoring states from the checkpoint" in said, said[-3000:]
+    assert load(last)["global_step"] == step + 2
+
+
 def mid_run(cwd: Path, proc: subprocess.Popen, step: int, command: list[str], timeout: int):
     """Once the sweep's job has saved `step`, `command <job id>`; then the sweep to its end. The sweep's
     folder, its job's last.ckpt, the job id, the step last.ckpt held when the command ran, when it ran,
@@ -220,12 +272,7 @@ def test_scancel_of_a_running_job_is_reported_and_its_last_ckpt_resumes_it(tmp_p
     print(f"scancel reported after {time.time() - cancelled:.0f} s")
     assert proc.returncode != 0, err[-3000:]
     assert f"SLURM stopped job {job} without requeueing it" in out + err, (out + err)[-3000:]
-    assert "resume it: python train.py ckpt_path=" in out + err  # the path: in the job's record
-    step = load(last)["global_step"]
-    assert 6 <= step < 110
-    resumed = run("train.py", tmp_path, f"ckpt_path={last}", *LONG, f"trainer.max_steps={step + 2}", env=ENV)
-    assert resumed.returncode == 0 and "Restoring states from the checkpoint" in output(resumed)
-    assert load(last)["global_step"] == step + 2
+    assert_resumes_as_told(out + err, tmp_path, last, 6)
 
 
 def test_scontrol_requeue_mid_run_resumes_from_last_ckpt_and_ends_as_the_straight_run(tmp_path, time_limited, straight):

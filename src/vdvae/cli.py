@@ -21,9 +21,9 @@ CONFIGS = "pkg://vdvae.conf"
 log = logging.getLogger(__name__)
 
 
-def register_sweepers():
-    """This package's sweepers (hydra_plugins.vdvae_sweepers), for Hydra: its plugin scan cannot list a
-    package installed in editable mode."""
+def register_plugins():
+    """This package's sweepers and SLURM launcher (hydra_plugins.vdvae_sweepers), for Hydra: its plugin
+    scan cannot list a package installed in editable mode."""
     from hydra.core.plugins import Plugins
     from hydra.plugins.sweeper import Sweeper
 
@@ -33,9 +33,14 @@ def register_sweepers():
     for sweeper in (sweepers.BasicSweeper, sweepers.OptunaSweeper):
         if issubclass(sweeper, Sweeper):  # the Optuna one where the optuna extra is installed
             plugins.register(sweeper)
+    try:  # where the slurm extra is installed
+        from hydra_plugins.vdvae_sweepers.slurm_launcher import SlurmLauncher
+    except ImportError:
+        return
+    plugins.register(SlurmLauncher)
 
 
-register_sweepers()
+register_plugins()
 
 
 def _one_line(error: BaseException) -> str:

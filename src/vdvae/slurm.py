@@ -20,6 +20,7 @@ registered on import): one task per device on each of `trainer.num_nodes` nodes;
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 
 class JobEnded(RuntimeError):
     """SLURM stopped the job (SIGTERM) and will not requeue it: scancel, or its time limit."""
+
+
+class JobDied(RuntimeError):
+    """A SLURM job ended with no result: killed outside Python (the out-of-memory killer, SIGKILL, a failed
+    node); the sweep's launcher reports it (hydra_plugins.vdvae_sweepers.slurm_launcher)."""
 
 
 class RequeueOnSignal:
@@ -76,7 +82,7 @@ class RequeueOnSignal:
         if requeued is False:
             raise JobEnded(
                 f"SLURM stopped job {os.environ['SLURM_JOB_ID']} without requeueing it ({state}: scancel, or its "
-                f"time limit); {_resume_hint()}"
+                f"time limit); {resume_hint(*_this_run())}"
             )
 
 
@@ -96,16 +102,25 @@ def slurm_requeues_this_job() -> tuple[bool | None, str]:
     return int(restarts.group(1)) > int(os.environ.get("SLURM_RESTART_COUNT") or 0), state
 
 
-def _resume_hint() -> str:
+def _this_run() -> tuple[Path | None, list[str]]:
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        last = Path(HydraConfig.get().runtime.output_dir) / "checkpoints" / "last.ckpt"
+        config = HydraConfig.get()
     except ValueError:  # not under Hydra
+        return None, []
+    return Path(config.runtime.output_dir), list(config.overrides.task)
+
+
+def resume_hint(run_dir: Path | None, overrides=()) -> str:
+    """The command that resumes the run in `run_dir` (made with `overrides`) from its last.ckpt, in
+    place, or that it saved none yet."""
+    if run_dir is None:
         return "its last.ckpt resumes it"
+    last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         return f"no checkpoint yet in {last.parent}"
-    return f"resume it: python train.py ckpt_path={last}"
+    return "resume it: " + shlex.join(["python", "train.py", *overrides, f"ckpt_path={last}"])
 
 
 GPU_ACCELERATORS = ("gpu", "cuda")

@@ -64,7 +64,7 @@ def make_record(job: str, overrides, error: BaseException | None, **measured) ->
         "overrides": list(overrides or []),
         "status": status_of(error),
         **measured,
-        "error": " ".join(str(error).split())[:300] if error is not None else None,
+        "error": " ".join(str(error).split())[:1000] if error is not None else None,
     }
 
 

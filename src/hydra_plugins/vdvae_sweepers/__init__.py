@@ -1,1 +1,1 @@
-"""Hydra sweepers of the vdvae package (a Hydra plugin: Hydra finds sweepers in `hydra_plugins`)."""
+"""Hydra plugins of the vdvae package: its sweepers and its SLURM launcher (Hydra finds plugins in `hydra_plugins`)."""
