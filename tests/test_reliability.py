@@ -195,13 +195,13 @@ def test_a_diverging_run_stops_saved_with_a_nonzero_status_and_no_crash_in_the_i
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["model.lr=-1"], "model.lr=-1 is not valid: it must be a number > 0"),
+        (["model.lr=-1"], "model.lr=-1 is not valid: it must be a finite number > 0"),
         (["data.batch_size=2.5"], "data.batch_size=2.5 is not valid: it must be an integer >= 1"),
         (["data.batch_size=abc"], "data.batch_size='abc' is not valid"),
         (["trainer.devices=999", "trainer.accelerator=cpu"], "trainer.devices=999 on the CPU would start 999"),
         (["ckpt_path=missing.ckpt"], "checkpoint not found"),
         (["model.lr=nan"], "model.lr=nan is not valid: no option takes NaN"),
-        (["model.lr=inf"], "model.lr=inf is not valid: it must be a number > 0"),
+        (["model.lr=inf"], "model.lr=inf is not valid: it must be a finite number > 0"),
         (["data.eval_batch_size=nan"], "data.eval_batch_size=nan is not valid"),
         (["seed=-1"], "seed=-1 is not valid: it must be an integer >= 0 and <= 4294967295"),
     ],
@@ -221,7 +221,7 @@ def test_bad_values_are_refused_by_the_check_that_runs_before_the_run_directory(
 def test_a_bad_value_fails_as_typed_in_one_short_message_before_a_run_directory_exists(tmp_path):
     result = run("train.py", tmp_path, *TINY_RUN, "model.lr=-1")
     assert result.returncode != 0
-    assert "Error: model.lr=-1 is not valid: it must be a number > 0" in result.stderr
+    assert "Error: model.lr=-1 is not valid: it must be a finite number > 0" in result.stderr
     assert len(result.stderr.splitlines()) < 30  # the message, not a long traceback
     assert not (tmp_path / "logs").exists()
 

@@ -93,24 +93,35 @@ def register_resolvers():
 register_resolvers()
 
 
-def _require(cfg, key, kind, low=None, high=None, nullable=False, open_low=False, infinite=False):
-    """cfg[key] must be a `kind` ("int" or "number") within [low, high] (or (low, high] with open_low), and
-    finite unless `infinite` (an infinite clipping threshold: no clipping)."""
-    value = OmegaConf.select(cfg, key, default=None)
+def wanted_value(value, kind, low=None, high=None, *, nullable=False, open_low=False, infinite=False, nonzero=False):
+    """None where `value` is a valid `kind`, else what it must be, in words. Kinds: "int", "number" (finite
+    unless `infinite`: an infinite clipping threshold is no clipping; not 0 where `nonzero`) and "bool"
+    (a bool is neither an int nor a number here). Within [low, high], or (low, high] with `open_low`."""
     if value is None and nullable:
-        return
-    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    ok = is_int if kind == "int" else isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok and (math.isnan(value) or (math.isinf(value) and not infinite)):
-        ok = False
+        return None
+    if kind == "bool":
+        return None if isinstance(value, bool) else "true or false"
+    if kind == "int":
+        ok, what = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        ok = ok and not math.isnan(value) and (infinite or not math.isinf(value)) and not (nonzero and value == 0)
+        what = ("a number" if infinite else "a finite number") + (" other than 0" if nonzero else "")
     if ok:
         ok = (low is None or (value > low if open_low else value >= low)) and (high is None or value <= high)
-    if not ok:
-        bounds = f" {'>' if open_low else '>='} {low}" if low is not None else ""
-        bounds += f" and <= {high}" if high is not None else ""
-        what = "an integer" if kind == "int" else "a number"
-        bounds += " (or null)" if nullable else ""
-        raise ConfigError(f"{key}={value!r} is not valid: it must be {what}{bounds}")
+    if ok:
+        return None
+    bounds = f" {'>' if open_low else '>='} {low}" if low is not None else ""
+    bounds += f" and <= {high}" if high is not None else ""
+    return what + bounds + (" (or null)" if nullable else "")
+
+
+def _require(cfg, key, kind, low=None, high=None, **allowed):
+    """cfg[key] must be a valid `kind` (`wanted_value`)."""
+    value = OmegaConf.select(cfg, key, default=None)
+    wanted = wanted_value(value, kind, low, high, **allowed)
+    if wanted is not None:
+        raise ConfigError(f"{key}={value!r} is not valid: it must be {wanted}")
 
 
 def _cpu_devices(trainer) -> int | None:

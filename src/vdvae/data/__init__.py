@@ -6,8 +6,9 @@ data config is checked before Lightning is imported.
 
 import importlib
 import logging
-import math
 import os
+
+from vdvae.config import wanted_value
 
 log = logging.getLogger(__name__)
 
@@ -92,29 +93,8 @@ def check_stored_data_config(config) -> tuple[str, dict]:
 
 
 def _check_stored_value(key: str, value, kind: str, least, most, nullable: bool):
-    """One stored number or switch: of its kind (a bool is no number here) and within its range."""
-    if value is None and nullable:
-        return
-    if kind == "bool":
-        ok, wanted = isinstance(value, bool), "true or false"
-    elif kind == "int":
-        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "a whole number"
-    else:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        wanted = "a finite number"
-    if ok and least is not None and value < least:
-        ok = False
-    if ok and most is not None and value > most:
-        ok = False
-    if kind == "number" and key == "scale" and ok and value == 0:
-        ok, wanted = False, "a finite number other than 0"
-    if not ok:
-        bounds = {
-            (True, True): f" from {least} to {most}",
-            (True, False): f" of at least {least}",
-            (False, True): f" of at most {most}",
-        }.get((least is not None, most is not None), "")
-        wanted += bounds + (" (or null)" if nullable else "")
+    wanted = wanted_value(value, kind, least, most, nullable=nullable, nonzero=key == "scale")
+    if wanted is not None:
         raise ValueError(
             f"the stored data config's {key}={value!r} is not valid: it must be {wanted}; pass data=<name> "
             f"to use a data config of your own instead"
