@@ -18,7 +18,7 @@ from tests.test_readme import COMMANDS, User, readme_check
 pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
 
 # The README commands that take a different path when installed: the configs found in the package,
-# run directories under the working directory, sweeps (basic and joblib), resume, the user's own configs,
+# run directories under the working directory, sweeps (basic and local parallel), resume, the user's own configs,
 # and the importer's own config lookup. Evaluation, sampling and compression load their configs as
 # training does: their commands are checked below through `--help`, which composes the config.
 INSTALLED = [

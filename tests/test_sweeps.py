@@ -1,16 +1,23 @@
 """Sweeps that survive their jobs, started as a user types them (the README's sweep lines with a tiny
 model): a diverged or crashed job fails alone and the sweep exits non-zero at its end with a table of
 every job; an Optuna study records failed trials and goes on, gives a too-short trial its objective, and
-continues after being stopped; the objective's name is checked before the first job."""
+continues after being stopped; the objective's name is checked before the first job. Jobs in parallel
+(hydra/launcher=local): one killed outside Python fails alone; SIGTERM to the sweep stops and saves every job."""
 
 import csv
+import os
+import re
+import shlex
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.run_helpers import TINY_RUN, run, start
+from tests.test_reliability import load, wait_for_step
 
 pytestmark = pytest.mark.slow  # sweeps of several processes' worth of jobs
 
@@ -98,3 +105,83 @@ def test_the_metrics_an_objective_may_name_are_the_ones_training_logs(tmp_path):
     run_in_process(tmp_path / "run", *TINY_RUN, "trainer.max_steps=2", "trainer.log_every_n_steps=1")
     logged = set((tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(","))
     assert set(metric_names(test=True)) <= logged | {"test/n_images"}, set(metric_names(test=True)) - logged
+
+
+# Jobs in parallel, 2 at a time, sleeping after each step so that they can be stopped mid-run; last.ckpt every 2 steps.
+LOCAL = ["-m", "hydra/launcher=local", *SHORT, "callbacks.last_checkpoint.every_n_train_steps=2"]
+LOCAL += ["+callbacks.slow._target_=tests.job_probes.SlowSteps", "+callbacks.slow.seconds=0.3"]
+PROBES = {"PYTHONPATH": str(ROOT)}  # the jobs import tests.job_probes
+
+
+def job_processes(sweep_pid: int) -> list[int]:
+    """The sweep's job processes, oldest first (not multiprocessing's resource tracker)."""
+    children = [int(p) for p in Path(f"/proc/{sweep_pid}/task/{sweep_pid}/children").read_text().split()]
+    return sorted(p for p in children if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes())
+
+
+def saved_step_2(cwd: Path, jobs: list[str], proc) -> Path:
+    """The sweep's folder, once each of `jobs` has saved last.ckpt at step 2 or later."""
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not sweep_dirs(cwd):
+        time.sleep(0.2)
+    (sweep,) = sweep_dirs(cwd)
+    for job in jobs:
+        wait_for_step(sweep / job / "checkpoints" / "last.ckpt", 2, proc)
+    return sweep
+
+
+def test_a_local_parallel_job_killed_outside_python_fails_alone_and_the_sweep_says_how_to_resume_it(tmp_path):
+    # Three jobs, two at a time; the first gets SIGKILL mid-run (as from the out-of-memory killer).
+    proc = start(
+        "train.py",
+        tmp_path,
+        *LOCAL,
+        "trainer.max_steps=200,8,4",
+        env=PROBES,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        sweep = saved_step_2(tmp_path, ["0"], proc)
+        os.kill(job_processes(proc.pid)[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    last = sweep / "0" / "checkpoints" / "last.ckpt"
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert f"Error: 1 of 3 jobs failed (crashed: 1): see {sweep / 'summary.md'}" in err
+    statuses = {r["job"]: (r["status"], r["steps"]) for r in rows(sweep)}
+    assert statuses == {"0": ("crashed", ""), "1": ("completed", "8"), "2": ("completed", "4")}
+    error = rows(sweep)[0]["error"]
+    assert error.startswith("job 0 ended with no result (killed by SIGKILL"), error
+    command = shlex.split(re.search(r"resume it: (python train\.py .*)", error).group(1))
+    step = load(last)["global_step"]
+    assert command[-1] == f"ckpt_path={last}" and 2 <= step < 200
+    resumed = run("train.py", tmp_path, *command[2:], f"trainer.max_steps={step + 2}", env=PROBES)
+    assert resumed.returncode == 0 and "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert load(last)["global_step"] == step + 2
+
+
+def test_sigterm_to_a_local_parallel_sweep_stops_every_running_job_at_a_step_with_its_last_ckpt(tmp_path):
+    proc = start(
+        "train.py",
+        tmp_path,
+        *LOCAL,
+        "trainer.max_steps=200,201",
+        env=PROBES,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        sweep = saved_step_2(tmp_path, ["0", "1"], proc)
+        jobs = job_processes(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM: stopping 2 running jobs" in out + err
+    assert len(jobs) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in jobs)  # none left running
+    for job in ("0", "1"):
+        saved = re.search(r"SIGTERM at step (\d+): saved", (sweep / job / "train.log").read_text())
+        assert saved and load(sweep / job / "checkpoints" / "last.ckpt")["global_step"] == int(saved.group(1))

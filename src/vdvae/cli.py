@@ -22,14 +22,15 @@ log = logging.getLogger(__name__)
 
 
 def register_plugins():
-    """This package's sweepers and SLURM launcher (hydra_plugins.vdvae_sweepers), for Hydra: its plugin
-    scan cannot list a package installed in editable mode."""
+    """This package's sweepers and launchers (hydra_plugins.vdvae_sweepers), for Hydra: its plugin scan
+    cannot list a package installed in editable mode."""
     from hydra.core.plugins import Plugins
     from hydra.plugins.sweeper import Sweeper
 
     plugins = Plugins.instance()  # first: its scan runs the plugin modules again, making new classes
-    from hydra_plugins.vdvae_sweepers import sweepers
+    from hydra_plugins.vdvae_sweepers import local_launcher, sweepers
 
+    plugins.register(local_launcher.LocalLauncher)
     for sweeper in (sweepers.BasicSweeper, sweepers.OptunaSweeper):
         if issubclass(sweeper, Sweeper):  # the Optuna one where the optuna extra is installed
             plugins.register(sweeper)

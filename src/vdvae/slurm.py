@@ -20,23 +20,19 @@ registered on import): one task per device on each of `trainer.num_nodes` nodes;
 import logging
 import os
 import re
-import shlex
 import signal
 import subprocess
 from pathlib import Path
 
 from omegaconf import ListConfig, OmegaConf
 
+from vdvae.sweeps import resume_hint
+
 log = logging.getLogger(__name__)
 
 
 class JobEnded(RuntimeError):
     """SLURM stopped the job (SIGTERM) and will not requeue it: scancel, or its time limit."""
-
-
-class JobDied(RuntimeError):
-    """A SLURM job ended with no result: killed outside Python (the out-of-memory killer, SIGKILL, a failed
-    node); the sweep's launcher reports it (hydra_plugins.vdvae_sweepers.slurm_launcher)."""
 
 
 class RequeueOnSignal:
@@ -110,17 +106,6 @@ def _this_run() -> tuple[Path | None, list[str]]:
     except ValueError:  # not under Hydra
         return None, []
     return Path(config.runtime.output_dir), list(config.overrides.task)
-
-
-def resume_hint(run_dir: Path | None, overrides=()) -> str:
-    """The command that resumes the run in `run_dir` (made with `overrides`) from its last.ckpt, in
-    place, or that it saved none yet."""
-    if run_dir is None:
-        return "its last.ckpt resumes it"
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        return f"no checkpoint yet in {last.parent}"
-    return "resume it: " + shlex.join(["python", "train.py", *overrides, f"ckpt_path={last}"])
 
 
 GPU_ACCELERATORS = ("gpu", "cuda")

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -39,6 +40,22 @@ class RunDiverged(ValueError):
 
 class TrainingStalled(RuntimeError):
     """Training stopped because every update in a row was skipped; the message says what to change."""
+
+
+class JobDied(RuntimeError):
+    """A sweep job ended with no result: killed outside Python (the out-of-memory killer, SIGKILL, a crash
+    of the interpreter, a failed node). Its launcher reports it (hydra_plugins.vdvae_sweepers)."""
+
+
+def resume_hint(run_dir: Path | None, overrides=()) -> str:
+    """The command that resumes the run in `run_dir` (made with `overrides`) from its last.ckpt, in
+    place, or that it saved none yet."""
+    if run_dir is None:
+        return "its last.ckpt resumes it"
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return f"no checkpoint yet in {last.parent}"
+    return "resume it: " + shlex.join(["python", "train.py", *overrides, f"ckpt_path={last}"])
 
 
 def report(**values):

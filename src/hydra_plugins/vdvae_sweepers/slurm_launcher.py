@@ -3,17 +3,14 @@
 Hydra's launcher collects its jobs' results one after another and raises at the first job that left
 none: a job killed outside Python (the out-of-memory killer, SIGKILL, a failed node) loses the results
 of the whole batch, and the sweep ends with a traceback and no summary. Here such a job comes back as a
-failed job (`vdvae.slurm.JobDied`: status crashed in the sweep's summary) that names its SLURM state,
+failed job (`vdvae.sweeps.JobDied`: status crashed in the sweep's summary) that names its SLURM state,
 its output and the checkpoint that resumes it; every other job comes back as it ended.
 """
 
-from pathlib import Path
-
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from omegaconf import OmegaConf, open_dict
 
-from vdvae.slurm import JobDied, resume_hint
+from hydra_plugins.vdvae_sweepers import jobs
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
@@ -25,21 +22,14 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         submit = submitit.AutoExecutor.map_array
 
         def map_array(executor, fn, overrides, job_dir_key, numbers, *rest):
-            jobs = submit(executor, fn, overrides, job_dir_key, numbers, *rest)
-            return [_Settled(self, *job) for job in zip(jobs, overrides, numbers, strict=True)]
+            submitted = submit(executor, fn, overrides, job_dir_key, numbers, *rest)
+            return [_Settled(self, *job) for job in zip(submitted, overrides, numbers, strict=True)]
 
         submitit.AutoExecutor.map_array = map_array
         try:
             return super().launch(job_overrides, initial_job_idx)
         finally:
             del submitit.AutoExecutor.map_array  # the inherited one again
-
-    def run_dir(self, overrides, number: int, job_id: str) -> Path:
-        """The run directory of sweep job `number`, as the job itself names it (hydra.sweep.subdir)."""
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(config.hydra.job):
-            config.hydra.job.num, config.hydra.job.id = number, job_id
-        return Path(str(self.config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
 
 
 class _Settled:
@@ -59,17 +49,11 @@ class _Settled:
     def _failed(self, error) -> JobReturn:
         import submitit
 
-        run_dir = self.launcher.run_dir(self.overrides, self.number, self.job.job_id)
         if isinstance(error, submitit.core.utils.UncompletedJobError):
-            why = f"ended with no result (SLURM state {self.job.state}; killed outside Python: out of memory, SIGKILL"
-            why += " or a failed node)"
+            what = f"ended with no result (SLURM state {self.job.state}; killed outside Python: out of memory, "
+            what += "SIGKILL or a failed node)"
         else:
-            why = "failed outside the run (see its output)"
-        hint, output = resume_hint(run_dir, self.overrides), self.job.paths.stderr
-        died = JobDied(f"SLURM job {self.job.job_id} {why}; {hint}; its output: {output}")
-        return JobReturn(
-            overrides=self.overrides,
-            hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": str(run_dir)}}}),
-            status=JobStatus.FAILED,
-            _return_value=died,
-        )
+            what = "failed outside the run (see its output)"
+        job_id = self.job.job_id
+        what = f"SLURM job {job_id} {what}"
+        return jobs.died(self.launcher, self.overrides, self.number, job_id, what, self.job.paths.stderr)
