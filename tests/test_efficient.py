@@ -77,6 +77,7 @@ def test_adamax_follows_the_efficient_vdvae_recursion_and_skips_bad_updates():
             u[i] = torch.maximum(b2 * u[i], g[i].abs() + eps)
             weights[i] = weights[i] - rate * m[i] / u[i]
     assert int(module.skipped_steps) == 1
+    assert module.trainer.global_step == 4  # the skipped update is a step, as with AdamW: max_steps counts it
     assert all(torch.equal(a, b) for a, b in zip(states[2][0], states[3][0], strict=True))  # the skipped step
     for expected, got in zip(weights, states[-1][0], strict=True):
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)

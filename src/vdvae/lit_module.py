@@ -273,9 +273,9 @@ class VDVAEModule(LightningModule):
         skip = self.trainer.strategy.reduce(self.bad_update(loss, grad_norm).float(), reduce_op="max")
         if self.hparams.optimizer == "adamw":
             optimizer.optimizer.found_inf = skip  # the fused AdamW kernel does nothing when it is 1
-            optimizer.step()
-        elif not bool(skip):  # Adamax has no such kernel: decided on the host (a sync on accelerators)
-            optimizer.step()
+        elif bool(skip):  # Adamax has no such kernel: decided on the host (a sync on accelerators), and
+            optimizer.zero_grad(set_to_none=True)  # a step over no gradients leaves weights and state alone
+        optimizer.step()  # also when skipped: every attempted update is a step, as max_steps counts them
         self.update_ema(weight=(1.0 - self.ema_decay()) * (1.0 - skip))
         self.count_step(skip)
         return {"loss": loss, **terms, "grad_norm": grad_norm, "skipped": skip, "kl_weight": kl_weight}
