@@ -266,6 +266,10 @@ def test_a_resumed_optimizer_state_must_fit_the_parameters_it_belongs_to():
             "dtype",
         ),
         "no dictionary": ([moments], "not one dictionary of tensors per parameter"),
+        "another optimizer's state": (
+            {0: {"step": moments["step"], "exp_avg": moments["exp_avg"], "exp_inf": moments["exp_avg"]}},
+            "its optimizer state is adamax's (exp_inf), and model.optimizer=adamw",
+        ),
     }
     for case, (state, message) in refused.items():
         with pytest.raises(CheckpointError, match="does not fit the configured model") as error:

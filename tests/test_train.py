@@ -3,6 +3,8 @@ a run that skips forever stops with a message, options (bf16, debug presets) run
 
 import csv
 import math
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,6 +59,31 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a["exp_avg"], b["exp_avg"])
     assert full["lr_schedulers"] == resumed["lr_schedulers"]
     assert val_bpd(tmp_path / "full")[-1] == val_bpd(tmp_path / "resumed")[-1]
+
+
+def test_a_resume_takes_this_runs_learning_rate_and_resumes_from_a_wandb_artifact(tmp_path, monkeypatch):
+    # Trained at model.lr=3e-3 (TINY_RUN), resumed from the W&B artifact of its last.ckpt at 1e-3: the run
+    # continues from the downloaded file, at the configured rate (the restored optimizer's is replaced).
+    run_in_process(tmp_path / "part", *TINY_RUN, "trainer.max_epochs=1", "test=false")
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    shutil.copy(tmp_path / "part" / "checkpoints" / "last.ckpt", artifact / "model.ckpt")
+
+    class Api:  # W&B's, offline: the artifact is already downloaded
+        def artifact(self, name, type):
+            assert (name, type) == ("me/vdvae/model-run:v3", "model")
+            return SimpleNamespace(download=lambda: str(artifact))
+
+    monkeypatch.setattr("wandb.Api", Api)
+    run = [o for o in TINY_RUN if not o.startswith("model.lr=")]
+    resume = ["model.lr=1e-3", "trainer.max_epochs=2", "test=false", "ckpt_path=wandb:me/vdvae/model-run:v3"]
+    run_in_process(tmp_path / "resumed", *run, *resume)
+    before, after = (
+        torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True) for name in ("part", "resumed")
+    )
+    assert after["global_step"] == 2 * before["global_step"] > 0  # continued: the second epoch only
+    assert before["lr_schedulers"][0]["base_lrs"] == [3e-3] and after["lr_schedulers"][0]["base_lrs"] == [1e-3]
+    assert after["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-3)  # past warm-up
 
 
 def test_accumulated_batches_make_the_update_of_their_whole_batch(tmp_path, monkeypatch):

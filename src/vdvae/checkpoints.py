@@ -204,8 +204,11 @@ def check_resume(path, module) -> dict:
 def check_fits(checkpoint: dict, path, module) -> dict:
     """`checkpoint` (read from `path`), after checking that its weights fit `module` for resuming its
     training (the first few mismatched keys are named)."""
-    mismatch = state_mismatch(module.state_dict(), checkpoint["state_dict"]) or optimizer_mismatch(
-        checkpoint.get("optimizer_states"), list(module.vae.parameters())
+    optimizer_states = checkpoint.get("optimizer_states")
+    mismatch = (
+        state_mismatch(module.state_dict(), checkpoint["state_dict"])
+        or optimizer_mismatch(optimizer_states, list(module.vae.parameters()))
+        or optimizer_kind_mismatch(optimizer_states, module.hparams.optimizer)
     )
     if mismatch:
         raise CheckpointError(
@@ -240,6 +243,20 @@ def optimizer_mismatch(optimizer_states, params: list) -> str:
                 if isinstance(index, int) and 0 <= index < len(params):
                     expected[key] = torch.zeros(()) if name == "step" else params[index]
     return state_mismatch(expected, found)
+
+
+# The moment only each optimizer keeps (both keep step and exp_avg).
+OPTIMIZER_MOMENTS = {"adamw": "exp_avg_sq", "adamax": "exp_inf"}
+
+
+def optimizer_kind_mismatch(optimizer_states, optimizer: str) -> str:
+    """Where the stored optimizer state is another optimizer's than `optimizer` (model.optimizer), which would
+    fail at the first update: which one it is, or ""."""
+    stored = {name for s in optimizer_states or [] for tensors in s["state"].values() for name in tensors}
+    for kind, moment in OPTIMIZER_MOMENTS.items():
+        if kind != optimizer and moment in stored:
+            return f"its optimizer state is {kind}'s ({moment}), and model.optimizer={optimizer}"
+    return ""
 
 
 def check_rng_states(states):

@@ -437,9 +437,33 @@ class VDVAEModule(LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self._restored_rng = checkpoint.get("rng_states")
 
+    def _configured_optimizer_settings(self):
+        """The optimizer's settings as this run configures them (model.lr, betas, eps, weight_decay), also
+        where a resumed optimizer state brought the ones it was saved with: resuming with a lower model.lr
+        is how a diverging run is rescued. Unchanged settings are left as restored (an exact resume)."""
+        h = self.hparams
+        optimizer, schedule = self.optimizers().optimizer, self.lr_schedulers()
+        wanted = {"betas": tuple(h.betas), "eps": h.eps, "weight_decay": h.weight_decay}
+        changed = {}
+        for group in optimizer.param_groups:
+            for key, value in wanted.items():
+                if (tuple(group[key]) if key == "betas" else group[key]) != value:
+                    changed[key] = (group[key], value)
+                    group[key] = value
+        if any(base != h.lr for base in schedule.base_lrs):
+            changed["lr"] = (schedule.base_lrs[0], h.lr)
+            schedule.base_lrs = [h.lr] * len(optimizer.param_groups)
+            for group in optimizer.param_groups:
+                group["initial_lr"] = h.lr
+                group["lr"] = h.lr * self._lr_factor(schedule.last_epoch)
+            schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+        for key, (before, now) in changed.items() if self.trainer.is_global_zero else ():
+            log.warning("resuming with model.%s=%s (the checkpoint's optimizer had %s)", key, now, before)
+
     def on_train_start(self):
         # Built anew at each fit's first step: between fits Lightning may move the weights out of its buffers.
         self._whole_step = None
+        self._configured_optimizer_settings()
         states = self._restored_rng
         if states and len(states) == self.trainer.world_size:
             state = states[self.global_rank]

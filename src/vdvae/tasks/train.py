@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vdvae import sweeps
-from vdvae.checkpoints import check_resume, check_writable
+from vdvae.checkpoints import check_resume, check_writable, resolve
 from vdvae.config import CHECKPOINT_DIR, check_config, no_run_dir_on_failure, route_library_logs
 from vdvae.interrupts import CtrlCStopsAtStep
 from vdvae.loggers import loggers_from_config
@@ -63,6 +63,8 @@ def train(cfg: DictConfig) -> float | None:
         # Not recursive: the data config is stored as plain values, not instantiated.
         data_config = OmegaConf.to_container(cfg.data, resolve=True)
         module = instantiate(cfg.model, data_config=data_config, accumulate_grad_batches=accumulate, _recursive_=False)
+        if ckpt_path:  # a W&B artifact: downloaded once, and the local file is what training resumes from
+            ckpt_path = str(resolve(ckpt_path))
         resumed = check_resume(ckpt_path, module) if ckpt_path else None
         check_writable(Path(cfg.paths.output_dir) / CHECKPOINT_DIR)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
