@@ -474,14 +474,26 @@ def test_damaged_generator_states_are_refused_before_the_run_and_last_ckpt_is_ne
 def test_a_failure_before_the_first_step_leaves_last_ckpt_and_a_failed_save_hides_nothing(tmp_path, caplog):
     from types import SimpleNamespace
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from vdvae.callbacks import LastCheckpoint
     from vdvae.checkpoints import save_atomically
 
     saves = []
-    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), global_step=7, save_checkpoint=saves.append)
+    save = lambda path, weights_only=False: saves.append(path)  # noqa: E731
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), global_step=7, save_checkpoint=save, world_size=1)
     callback = LastCheckpoint(str(tmp_path))
     callback.on_exception(trainer, None, RuntimeError("restoring the optimizer failed"))
     assert saves == []  # resumed at step 7, failed before training: last.ckpt already holds step 7
+    callback._stepped = True
+    callback.on_exception(trainer, SimpleNamespace(applying_update=True), KeyboardInterrupt())
+    assert saves == [] and "in the middle of update 7: not saved" in caplog.text  # a second Ctrl-C mid-update
+    trainer.world_size = 2  # one process of two failed: the others are in the step, a save would wait for them
+    callback.on_exception(trainer, None, RuntimeError("one rank"))
+    assert saves == [] and "in one of 2 processes: not saved" in caplog.text
+    callback.on_exception(trainer, None, SIGTERMException())  # every process stops at the same step boundary
+    assert saves == [callback.path]
+    trainer.world_size = 1
 
     def unwritable(path, weights_only=False):
         raise PermissionError(f"[Errno 13] Permission denied: '{path}'")

@@ -379,6 +379,23 @@ def test_a_crash_in_training_leaves_last_ckpt_at_the_step_it_reached(tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
+def test_a_crash_in_the_middle_of_an_update_leaves_last_ckpt_at_the_last_whole_one(tmp_path, monkeypatch, caplog):
+    # Between the optimizer's step and the EMA's (a second Ctrl-C, a failure there): a save would mix two updates.
+    update_ema = VDVAEModule.update_ema
+
+    def failing(module, weight):
+        if int(module.attempted_steps) == 4:  # in update 5: the weights moved, the EMA and counters not yet
+            raise RuntimeError("a crash mid-update")
+        update_ema(module, weight)
+
+    monkeypatch.setattr(VDVAEModule, "update_ema", failing)
+    with pytest.raises(RuntimeError, match="a crash mid-update"):
+        run_in_process(tmp_path, *TINY_RUN, "trainer.max_steps=20", "callbacks.last_checkpoint.every_n_train_steps=2")
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == int(saved["state_dict"]["attempted_steps"]) == 4
+    assert "in the middle of update 5: not saved" in caplog.text
+
+
 def test_image_grids_take_at_most_their_share_of_training_time(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

@@ -234,7 +234,8 @@ class RatePerGroupPlot(Callback):
 class LastCheckpoint(Callback):
     """`last.ckpt` is always the latest state: written every `every_n_train_steps` updates and every
     `train_time_interval` seconds (what a kill -9 can lose), after every validation, at the end of
-    training (also when the stall guard stops it), and on SIGTERM or any exception in training.
+    training (also when the stall guard stops it), and on SIGTERM or an exception in training, except
+    where the exception cut an update short (the state would mix two) or struck one process of several.
     Lightning's ModelCheckpoint writes `last` only at its own save events, so a run that ends between
     them (max_steps mid-epoch, a stall) would leave its final state unsaved; the best weights are
     ModelCheckpoint's job."""
@@ -287,6 +288,25 @@ class LastCheckpoint(Callback):
         if trainer.state.fn != "fit" or trainer.global_step == 0 or not self._stepped:
             return
         what = "SIGTERM" if isinstance(exception, SIGTERMException) else type(exception).__name__
+        kept = f"{self.path} keeps the state last saved"
+        if getattr(module, "applying_update", False):  # a second Ctrl-C, a crash inside the optimizer's step
+            log.error(
+                "%s in the middle of update %d: not saved (it would mix two updates); %s",
+                what,
+                trainer.global_step,
+                kept,
+            )
+            return
+        if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
+            # A failure of one process: a save needs every process, and the others are in the step.
+            log.error(
+                "%s at step %d in one of %d processes: not saved; %s",
+                what,
+                trainer.global_step,
+                trainer.world_size,
+                kept,
+            )
+            return
         self._saved_step = -1
         try:
             self.save(trainer)

@@ -76,7 +76,7 @@ class CtrlCStopsAtStep:
         if self.caught or not lightning_listens:
             raise KeyboardInterrupt
         self.caught = True
-        log.warning("Ctrl-C: stopping after this step, saving last.ckpt (Ctrl-C again: stop at once, unsaved)")
+        log.warning("Ctrl-C: stopping after this step, saving last.ckpt (Ctrl-C again: stop at once)")
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -134,6 +134,8 @@ class VDVAEModule(LightningModule):
         self._stalled, self._stall_warned = None, False
         self._restored_rng = None
         self._whole_step = None  # built at the first training step (after a resume has loaded the optimizer)
+        # From the optimizer's step to the schedule's: stopped in between, the state mixes two updates.
+        self.applying_update = False
 
     def configure_model(self):
         if self.hparams.compile:
@@ -210,12 +212,14 @@ class VDVAEModule(LightningModule):
             self._whole_step = self._build_whole_step(optimizer.optimizer)
         if self._whole_step:
             stats = {}
+            self.applying_update = True
             # Through the wrapped optimizer, so that Lightning counts the update; it finds no gradients
             # left to apply (the whole step applied them).
             optimizer.step(closure=lambda: stats.update(self._whole_step(x, target)))
         else:
             stats = self._eager_step(x, target, optimizer)
         schedule.step()
+        self.applying_update = False
         # Reading the counter syncs an accelerator with the host: there, look only every 10 steps.
         if self.device.type == "cpu" or batch_idx % 10 == 0:
             self._check_stall(stats["grad_norm"])
@@ -271,6 +275,7 @@ class VDVAEModule(LightningModule):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.hparams.grad_clip)
         # 1.0 on a bad update on any rank (the norm is the same on every rank after the all-reduce).
         skip = self.trainer.strategy.reduce(self.bad_update(loss, grad_norm).float(), reduce_op="max")
+        self.applying_update = True
         if self.hparams.optimizer == "adamw":
             optimizer.optimizer.found_inf = skip  # the fused AdamW kernel does nothing when it is 1
         elif bool(skip):  # Adamax has no such kernel: decided on the host (a sync on accelerators), and
