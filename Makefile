@@ -39,7 +39,7 @@ fashion-mnist:
 			|| echo "could not install dataset-fashion-mnist; the data module will look in data/fashion_mnist"; \
 	fi
 
-# Benchmark (README table): our training step in fp32, channels_last and bf16, and with activation
+# Benchmark (docs/performance.md): our training step in fp32, channels_last and bf16, and with activation
 # checkpointing, on the cifar10 preset at batch 8. Set ORIGINAL=/path/to/openai-vdvae to add the original.
 bench: install
 	$(PY) -m vdvae.bench --preset cifar10 --batch 8 --configs fp32 fp32-cl bf16-cl fp32-ckpt bf16-ckpt --allocated-memory \

@@ -48,7 +48,7 @@ def main(argv=None):
             hint = (
                 "\nnote: the released ffhq1024 checkpoint has two more encoder blocks than the hyperparameters "
                 "of the original code (openai/vdvae issue #3); pass its block string as "
-                "model.vae.enc_blocks='...'"
+                "\"model.vae.enc_blocks='...'\" (the single quotes for Hydra, the double ones for the shell)"
             )
         sys.exit(f"import_original: {error}{hint}")
     save_atomically(checkpoint, args.out)
