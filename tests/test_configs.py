@@ -110,7 +110,13 @@ def test_debug_options(name):
     instantiate(compose(f"debug={name}").trainer, logger=False)
 
 
-@pytest.mark.parametrize("launcher,target", [("local", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
+@pytest.mark.parametrize(
+    "launcher,target",
+    [
+        ("local", "vdvae_sweepers.local_launcher.LocalLauncher"),
+        ("slurm", "vdvae_sweepers.slurm_launcher.SlurmLauncher"),
+    ],
+)
 def test_sweep_launchers(launcher, target):
     cfg = compose(f"hydra/launcher={launcher}", "trainer=ddp", "trainer.devices=4")
     assert cfg.hydra.launcher._target_.endswith(target)

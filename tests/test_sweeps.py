@@ -138,6 +138,7 @@ def test_a_local_parallel_job_killed_outside_python_fails_alone_and_the_sweep_sa
         *LOCAL,
         "trainer.max_steps=200,8,4",
         env=PROBES,
+        fresh=True,  # the sweep itself, not a fork server's client: its children are the jobs
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -169,6 +170,7 @@ def test_sigterm_to_a_local_parallel_sweep_stops_every_running_job_at_a_step_wit
         *LOCAL,
         "trainer.max_steps=200,201",
         env=PROBES,
+        fresh=True,  # the sweep itself, not a fork server's client: its children are the jobs
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
