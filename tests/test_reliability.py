@@ -551,3 +551,24 @@ def test_a_checkpoint_of_weights_that_hold_no_data_is_refused(tmp_path, straight
     torch.save(checkpoint, tmp_path / "meta.ckpt")
     with pytest.raises(CheckpointError, match=f"not dense CPU tensors of the model's dtype: {re.escape(name)}"):
         load_module(tmp_path / "meta.ckpt")
+
+
+def test_a_folder_output_is_swapped_whole_even_when_sigterm_arrives_between_its_two_moves(tmp_path, monkeypatch):
+    from vdvae import interrupts
+
+    out = tmp_path / "pngs"
+    out.mkdir()
+    (out / "old.png").write_text("old")
+    remove = interrupts.shutil.rmtree
+
+    def remove_then_sigterm(path, *args, **kwargs):  # the old folder is gone, the new one not yet moved in
+        remove(path, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(interrupts.shutil, "rmtree", remove_then_sigterm)
+    with pytest.raises(interrupts.Terminated):
+        with interrupts.signals_interrupt(), interrupts.atomic_path(out) as tmp:
+            tmp.mkdir()
+            (tmp / "new.png").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.png"]  # handled after the swap: the new folder, whole
+    assert interrupts.write_atomically(tmp_path / "report.json", "{}").read_text() == "{}"

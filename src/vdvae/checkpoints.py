@@ -70,7 +70,8 @@ def remove_stale_temp_files(directory: Path):
 
 
 def save_atomically(checkpoint: dict, path):
-    """torch.save to a temporary file renamed into place: readers see the old file or the new one."""
+    """torch.save to a temporary file renamed into place: readers see the old file or the new one, also
+    after a crash of the machine (the file reaches the disk before the rename, the rename after)."""
     import torch
 
     path = Path(path)
@@ -78,8 +79,12 @@ def save_atomically(checkpoint: dict, path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(path.parent)
-        torch.save(checkpoint, tmp)
+        with open(tmp, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)  # atomic on POSIX
+        sync_folder(path.parent)
     except (OSError, RuntimeError) as error:  # torch.save reports an unwritable file as a RuntimeError
         raise OSError(
             f"cannot save the checkpoint {path}: {' '.join(str(error).split())[:300]}. Check that "
@@ -88,6 +93,20 @@ def save_atomically(checkpoint: dict, path):
     finally:
         with contextlib.suppress(OSError):  # a folder that refused the file may refuse this too
             tmp.unlink(missing_ok=True)
+
+
+def sync_folder(folder):
+    """fsync a folder, so that a rename in it survives a crash of the machine (where the file system can)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # a file system that cannot sync folders
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def check_writable(folder):

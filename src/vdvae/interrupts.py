@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -96,19 +97,40 @@ def atomic_path(path):
     _remove(tmp)
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        # A folder is swapped in two moves: no SIGTERM or Ctrl-C between them (it would lose both).
+        with _signals_held():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """SIGTERM and SIGINT that arrive in the block are handled as it ends, by the handlers there before."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    caught = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in caught:
+            os.kill(os.getpid(), signum)
+
+
 def write_atomically(path, data: bytes | str) -> Path:
-    """Write `data` to `path` through a temporary file renamed into place."""
+    """Write `data` to `path` through a temporary file that reaches the disk, then is renamed into place."""
     with atomic_path(path) as tmp:
-        if isinstance(data, str):
-            tmp.write_text(data)
-        else:
-            tmp.write_bytes(data)
+        with open(tmp, "w" if isinstance(data, str) else "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
     return Path(path)
