@@ -422,3 +422,24 @@ def test_image_grids_take_at_most_their_share_of_training_time(tmp_path, monkeyp
     assert drawn == [90, 360, 630, 960, 1230]
     grids.on_test_end(trainer, None)  # the final grids are always drawn
     assert len(drawn) == 6
+
+
+def test_a_checkpoint_holds_the_generator_state_of_its_own_gpu_only(monkeypatch):
+    # Every visible GPU's state, restored by index, failed on a machine with fewer GPUs (IndexError as
+    # training started) and restored another device's where a rank's device index changed.
+    from vdvae.lit_module import _own_cuda_state
+
+    own = torch.full((16,), 7, dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: own)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every GPU's state"))
+    checkpoint = {}
+    VDVAEModule(TINY_VAE).on_save_checkpoint(checkpoint)
+    (state,) = checkpoint["rng_states"]
+    assert len(state["cuda"]) == 1 and torch.equal(state["cuda"][0], own)
+    assert _own_cuda_state(state["cuda"]) is state["cuda"][0]
+    older = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # every GPU's, by index
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _own_cuda_state(older) is older[1]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # the saving machine had two GPUs
+    assert _own_cuda_state(older) is older[0]

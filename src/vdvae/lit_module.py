@@ -428,7 +428,9 @@ class VDVAEModule(LightningModule):
             "torch": torch.get_rng_state(),
             "numpy": numpy_state,
             "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # This process's own GPU only: a resume on a machine with fewer GPUs, or with this rank on
+            # another device index, restores it all the same.
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         }
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             states = [None] * torch.distributed.get_world_size()
@@ -477,7 +479,16 @@ class VDVAEModule(LightningModule):
             np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             random.setstate(state["python"])
             if state["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda"])
+                torch.cuda.set_rng_state(_own_cuda_state(state["cuda"]))
         elif self.trainer.world_size > 1:
             torch.manual_seed(torch.initial_seed() + self.global_rank)  # distinct noise on every rank
         self._restored_rng = None
+
+
+def _own_cuda_state(states: list):
+    """This process's GPU's generator state among a checkpoint's: its one state, or, in checkpoints that
+    stored every visible GPU's, this device's (the first where the saving machine had fewer)."""
+    if len(states) == 1:
+        return states[0]
+    index = torch.cuda.current_device()
+    return states[index] if index < len(states) else states[0]
