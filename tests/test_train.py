@@ -443,3 +443,9 @@ def test_a_checkpoint_holds_the_generator_state_of_its_own_gpu_only(monkeypatch)
     assert _own_cuda_state(older) is older[1]
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # the saving machine had two GPUs
     assert _own_cuda_state(older) is older[0]
+
+
+def test_a_cosine_without_a_length_is_refused_before_the_loggers_start(tmp_path):
+    with pytest.raises(ValueError, match="model.lr_schedule=cosine needs model.decay_steps or a trainer.max_steps"):
+        run_in_process(tmp_path, *TINY_RUN, "model.lr_schedule=cosine", "trainer.max_steps=-1", "trainer.max_epochs=1")
+    assert not (tmp_path / "csv").exists()  # the logger never started (the command removes its run directory)

@@ -153,10 +153,15 @@ class VDVAEModule(LightningModule):
             optimizer = torch.optim.Adamax(
                 self.vae.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay
             )
-        if h.lr_schedule == "cosine":
-            self._decay_steps()  # a cosine without a length fails now, not once warm-up is over
+        self.check_schedule(self.trainer.max_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def check_schedule(self, max_steps: int | None):
+        """A cosine needs a length: refused before training (train.py calls this before any output), not
+        once warm-up is over."""
+        if self.hparams.lr_schedule == "cosine":
+            self._decay_steps(max_steps)
 
     def _lr_factor(self, step: int) -> float:
         """The learning rate over `lr`: linear warm-up over `warmup_steps`, then constant, or with
@@ -185,11 +190,13 @@ class VDVAEModule(LightningModule):
     def _decay_start(self) -> int:
         return max(self.hparams.warmup_steps, 1, self.hparams.decay_start or 0)
 
-    def _decay_steps(self) -> int:
+    def _decay_steps(self, max_steps: int | None = None) -> int:
         """With `cosine_phase=start` the cosine's length: `decay_steps`, or the updates after its start up to
         `trainer.max_steps` (at least 1: a run that ends before the cosine starts never reaches it). With
-        `cosine_phase=zero` the step it ends at: `decay_steps`, or `trainer.max_steps` (at least its start)."""
+        `cosine_phase=zero` the step it ends at: `decay_steps`, or `trainer.max_steps` (at least its start).
+        `max_steps`: trainer.max_steps where the module has no trainer yet (a check before training)."""
         h = self.hparams
+        max_steps = self.trainer.max_steps if max_steps is None else max_steps
         zero = h.cosine_phase == "zero"
         if h.decay_steps:
             if zero and h.decay_steps < self._decay_start():
@@ -199,11 +206,11 @@ class VDVAEModule(LightningModule):
                     f"(here {self._decay_start()}): raise model.decay_steps, or use model.cosine_phase=start"
                 )
             return h.decay_steps
-        if self.trainer.max_steps < 0:
+        if max_steps is None or max_steps < 0:
             raise ValueError("model.lr_schedule=cosine needs model.decay_steps or a trainer.max_steps")
         if zero:
-            return max(self._decay_start(), self.trainer.max_steps)
-        return max(1, self.trainer.max_steps - self._decay_start())
+            return max(self._decay_start(), max_steps)
+        return max(1, max_steps - self._decay_start())
 
     def training_step(self, batch, batch_idx):
         x, target = batch

@@ -71,6 +71,7 @@ def train(cfg: DictConfig) -> float | None:
         # The trainer before the loggers, which write into the run directory: a trainer option Lightning
         # refuses (an accelerator the machine lacks, a misspelt strategy) leaves nothing behind.
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, accumulate_grad_batches=1)
+        module.check_schedule(trainer.max_steps)
     trainer.loggers = loggers_from_config(cfg.get("logger"), resumed)
     del resumed
     for logger in trainer.loggers:
