@@ -63,6 +63,12 @@ def test_iw_bound_is_above_the_elbo_and_grows_with_k():
         elbo = model(x.repeat(reps, 1, 1, 1), target.repeat(reps, 1, 1, 1)).elbo.mean()  # analytic KL
         single = log_weights(model, x.repeat(reps, 1, 1, 1), target.repeat(reps, 1, 1, 1))  # IW_1 draws
     assert abs(single.mean() - elbo) < 4 * single.std() / math.sqrt(single.numel())  # E[IW_1] = ELBO
+    # Pruned (half the variates of each group from the prior): the pruned model's ELBO, not the whole one's.
+    masks = [torch.arange(zdim) % 2 == 0 for zdim, _, _ in model.latent_shapes]
+    with torch.no_grad():
+        pruned = model(x.repeat(reps, 1, 1, 1), target.repeat(reps, 1, 1, 1), variate_masks=masks).elbo.mean()
+        draws = log_weights(model, x.repeat(reps, 1, 1, 1), target.repeat(reps, 1, 1, 1), masks)
+    assert abs(draws.mean() - pruned) < 4 * draws.std() / math.sqrt(draws.numel()) and abs(pruned - elbo) > 0.5
     bounds = {}
     for k in (1, 8, 64, 512):
         torch.manual_seed(1)

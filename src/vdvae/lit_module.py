@@ -389,7 +389,7 @@ class VDVAEModule(LightningModule):
         x, target = batch
         if self.test_iw is not None:
             with seeded(self.device, self.hparams.eval_seed + 7919 * (batch_idx + 1)):
-                self.test_iw.update(iw_bound(self.ema, x, target, self.iw_samples, self.iw_chunk))
+                self.test_iw.update(iw_bound(self.ema, x, target, self.iw_samples, self.iw_chunk, self.variate_masks))
         if self.test_active_units is not None:
             self.test_active_units.update(self.ema.encode(x, use_mean=True))
 

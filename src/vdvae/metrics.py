@@ -50,23 +50,27 @@ class ELBOMetric(Metric):
         }
 
 
-def log_weights(vae: VAE, x, target):
-    """log p(x, z) - log q(z | x) per image for one posterior sample z, in nats: (N,)."""
-    h, groups = vae.decoder(x.shape[0], vae.encoder(vae._check_input(x)))
+def log_weights(vae: VAE, x, target, variate_masks=None):
+    """log p(x, z) - log q(z | x) per image for one posterior sample z, in nats: (N,). With `variate_masks`
+    (pruning: see VAE.forward) the pruned variates' proposal is the prior, which they are drawn from."""
+    h, groups = vae.decoder(x.shape[0], vae.encoder(vae._check_input(x)), variate_masks=variate_masks)
     log_w = vae.likelihood.log_prob(vae.likelihood(h), target)
-    for g in groups:
-        prior, posterior = (
-            Normal(g.prior[0].float(), g.prior[1].float().exp()),
-            Normal(g.posterior[0].float(), g.posterior[1].float().exp()),
-        )
+    for t, g in enumerate(groups):
+        (p_mean, p_logstd), (q_mean, q_logstd) = g.prior, g.posterior
+        if variate_masks is not None:
+            kept = variate_masks[t].view(1, -1, 1, 1)
+            q_mean, q_logstd = torch.where(kept, q_mean, p_mean), torch.where(kept, q_logstd, p_logstd)
+        prior = Normal(p_mean.float(), p_logstd.float().exp())
+        posterior = Normal(q_mean.float(), q_logstd.float().exp())
         z = g.z.float()
         log_w = log_w + (prior.log_prob(z) - posterior.log_prob(z)).sum(dim=(1, 2, 3))
     return log_w
 
 
 @torch.no_grad()
-def iw_bound(vae: VAE, x, target, k: int, chunk: int = 64):
-    """The K-sample importance-weighted bound of every image, nats per image: (N,).
+def iw_bound(vae: VAE, x, target, k: int, chunk: int = 64, variate_masks=None):
+    """The K-sample importance-weighted bound of every image, nats per image: (N,), of the model pruned by
+    `variate_masks` if given.
 
     Each forward pass scores up to `chunk` (image, sample) pairs.
     """
@@ -76,7 +80,7 @@ def iw_bound(vae: VAE, x, target, k: int, chunk: int = 64):
     weights = []
     for start in range(0, k, per_pass):
         reps = min(per_pass, k - start)
-        lw = log_weights(vae, x.repeat(reps, 1, 1, 1), target.repeat(reps, 1, 1, 1))
+        lw = log_weights(vae, x.repeat(reps, 1, 1, 1), target.repeat(reps, 1, 1, 1), variate_masks)
         weights.append(lw.view(reps, x.shape[0]))
     weights = torch.cat(weights)  # (K, N)
     return torch.logsumexp(weights, dim=0) - math.log(k)
