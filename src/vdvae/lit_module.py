@@ -153,7 +153,8 @@ class VDVAEModule(LightningModule):
             optimizer = torch.optim.Adamax(
                 self.vae.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay
             )
-        self.check_schedule(self.trainer.max_steps)
+        if h.lr_schedule == "cosine":
+            self._decay_steps()  # a cosine without a length fails now, not once warm-up is over
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
