@@ -449,3 +449,15 @@ def test_a_cosine_without_a_length_is_refused_before_the_loggers_start(tmp_path)
     with pytest.raises(ValueError, match="model.lr_schedule=cosine needs model.decay_steps or a trainer.max_steps"):
         run_in_process(tmp_path, *TINY_RUN, "model.lr_schedule=cosine", "trainer.max_steps=-1", "trainer.max_epochs=1")
     assert not (tmp_path / "csv").exists()  # the logger never started (the command removes its run directory)
+
+
+def test_a_resume_that_changes_the_cosines_length_says_so_and_how_to_keep_it(tmp_path, caplog):
+    cosine = [*TINY_RUN, "model.lr_schedule=cosine", "test=false", "trainer.limit_val_batches=0"]
+    run_in_process(tmp_path / "part", *cosine, "trainer.max_steps=10")
+    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["cosine_length"] == 5  # after the 5 warm-up steps
+    run_in_process(tmp_path / "kept", *cosine, "trainer.max_steps=12", "model.decay_steps=5", f"ckpt_path={last}")
+    assert "cosine schedule's length" not in caplog.text
+    run_in_process(tmp_path / "longer", *cosine, "trainer.max_steps=12", f"ckpt_path={last}")
+    assert "the cosine schedule's length is 7 now, 5 when the checkpoint was saved" in caplog.text
+    assert "model.decay_steps=5 keeps the saved schedule" in caplog.text

@@ -446,11 +446,14 @@ class VDVAEModule(LightningModule):
         else:
             states = [state]
         checkpoint["rng_states"] = states
+        if self.hparams.lr_schedule == "cosine":  # its length may follow trainer.max_steps: see on_train_start
+            checkpoint["cosine_length"] = self._decay_steps()
         if self.data_config is not None:
             checkpoint["data_config"] = self.data_config
 
     def on_load_checkpoint(self, checkpoint):
         self._restored_rng = checkpoint.get("rng_states")
+        self._restored_cosine_length = checkpoint.get("cosine_length")
 
     def _configured_optimizer_settings(self):
         """The optimizer's settings as this run configures them (model.lr, betas, eps, weight_decay), also
@@ -475,10 +478,27 @@ class VDVAEModule(LightningModule):
         for key, (before, now) in changed.items() if self.trainer.is_global_zero else ():
             log.warning("resuming with model.%s=%s (the checkpoint's optimizer had %s)", key, now, before)
 
+    def _warn_if_the_cosine_changed(self):
+        """A cosine whose length follows trainer.max_steps changes under a resume with another max_steps, and
+        the learning rate jumps at once: say so, and how to keep the saved schedule."""
+        before, self._restored_cosine_length = getattr(self, "_restored_cosine_length", None), None
+        if not isinstance(before, int) or self.hparams.lr_schedule != "cosine" or not self.trainer.is_global_zero:
+            return
+        now = self._decay_steps()
+        if now != before:
+            log.warning(
+                "the cosine schedule's length is %d now, %d when the checkpoint was saved (trainer.max_steps changed): "
+                "the learning rate changes at once; model.decay_steps=%d keeps the saved schedule",
+                now,
+                before,
+                before,
+            )
+
     def on_train_start(self):
         # Built anew at each fit's first step: between fits Lightning may move the weights out of its buffers.
         self._whole_step = None
         self._configured_optimizer_settings()
+        self._warn_if_the_cosine_changed()
         states = self._restored_rng
         if states and len(states) == self.trainer.world_size:
             state = states[self.global_rank]
