@@ -119,6 +119,12 @@ def job_processes(sweep_pid: int) -> list[int]:
     return sorted(p for p in children if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes())
 
 
+def start_local(cwd: Path, *args: str) -> subprocess.Popen:
+    """The local parallel sweep, its output captured; the sweep itself, not a fork server's client (its
+    children are the jobs)."""
+    return start("train.py", cwd, *LOCAL, *args, env=PROBES, fresh=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def saved_step_2(cwd: Path, jobs: list[str], proc) -> Path:
     """The sweep's folder, once each of `jobs` has saved last.ckpt at step 2 or later."""
     deadline = time.time() + 120
@@ -132,16 +138,7 @@ def saved_step_2(cwd: Path, jobs: list[str], proc) -> Path:
 
 def test_a_local_parallel_job_killed_outside_python_fails_alone_and_the_sweep_says_how_to_resume_it(tmp_path):
     # Three jobs, two at a time; the first gets SIGKILL mid-run (as from the out-of-memory killer).
-    proc = start(
-        "train.py",
-        tmp_path,
-        *LOCAL,
-        "trainer.max_steps=200,8,4",
-        env=PROBES,
-        fresh=True,  # the sweep itself, not a fork server's client: its children are the jobs
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_local(tmp_path, "trainer.max_steps=200,8,4")
     try:
         sweep = saved_step_2(tmp_path, ["0"], proc)
         os.kill(job_processes(proc.pid)[0], signal.SIGKILL)
@@ -164,16 +161,7 @@ def test_a_local_parallel_job_killed_outside_python_fails_alone_and_the_sweep_sa
 
 
 def test_sigterm_to_a_local_parallel_sweep_stops_every_running_job_at_a_step_with_its_last_ckpt(tmp_path):
-    proc = start(
-        "train.py",
-        tmp_path,
-        *LOCAL,
-        "trainer.max_steps=200,201",
-        env=PROBES,
-        fresh=True,  # the sweep itself, not a fork server's client: its children are the jobs
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_local(tmp_path, "trainer.max_steps=200,201")
     try:
         sweep = saved_step_2(tmp_path, ["0", "1"], proc)
         jobs = job_processes(proc.pid)
