@@ -1,7 +1,7 @@
 """Callbacks for the runs the tests start (importable there: the tests put the repository on their
 PYTHONPATH, which sbatch passes on to SLURM jobs): steps made slow enough to be interrupted mid-run, by
 sleeping, which changes no number, and where each start of the job began training (tests/test_slurm.py);
-a SIGTERM sent at one exact step (tests/test_reliability.py)."""
+a SIGTERM or a second Ctrl-C at one exact step (tests/test_reliability.py)."""
 
 import os
 import signal
@@ -36,3 +36,18 @@ class SigtermAt(Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SecondCtrlCAt(Callback):
+    """A second Ctrl-C as training step `step` ends (the first one already taken), as the handler sees it."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            from vdvae.interrupts import CtrlCStopsAtStep
+
+            ctrl_c = CtrlCStopsAtStep()
+            ctrl_c.caught = True
+            ctrl_c._handle(signal.SIGINT, None)

@@ -572,3 +572,14 @@ def test_a_folder_output_is_swapped_whole_even_when_sigterm_arrives_between_its_
             (tmp / "new.png").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.png"]  # handled after the swap: the new folder, whole
     assert interrupts.write_atomically(tmp_path / "report.json", "{}").read_text() == "{}"
+
+
+def test_a_second_ctrl_c_stops_training_at_once_as_interrupted_which_lightning_passes_on(tmp_path):
+    # Lightning turns a KeyboardInterrupt into exit status 1; Interrupted reaches the command (130).
+    from tests.run_helpers import run_in_process
+    from vdvae.interrupts import Interrupted
+
+    probe = ["+callbacks.stop._target_=tests.job_probes.SecondCtrlCAt", "+callbacks.stop.step=3"]
+    with pytest.raises(Interrupted):
+        run_in_process(tmp_path, *TINY_RUN, "trainer.max_steps=20", *probe)
+    assert load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 3  # between updates: saved

@@ -5,7 +5,7 @@ output that looks complete.
   BaseExceptions: `except Exception` never swallows a stop, `finally` blocks run, and Lightning passes them
   on after its `on_exception` hooks (a KeyboardInterrupt it would turn into exit status 1).
 - `CtrlCStopsAtStep`: in training, a first Ctrl-C takes Lightning's SIGTERM path (stop at the next step
-  boundary, save, exit 130) instead of interrupting a step half-way; a second one stops at once.
+  boundary, save, exit 130) instead of interrupting a step half-way; a second one stops at once (130 too).
 - `atomic_path(path)`: a temporary name beside `path` (a file or a folder) to write to, moved into place
   only when the block ends normally, removed otherwise. Readers see the whole result or nothing.
 """
@@ -60,7 +60,7 @@ class CtrlCStopsAtStep:
     """While installed (`with`), SIGINT is turned into SIGTERM for Lightning's handler, which stops training
     at the next step boundary on every rank, where last.ckpt is saved: a Ctrl-C never saves a half-done
     update. `caught` says whether it did. Before Lightning has its handler, and at a second Ctrl-C,
-    SIGINT interrupts as usual."""
+    SIGINT stops at once: `Interrupted`, which Lightning passes on after its on_exception hooks."""
 
     def __init__(self):
         self.caught = False
@@ -75,7 +75,7 @@ class CtrlCStopsAtStep:
     def _handle(self, signum, frame):
         lightning_listens = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
         if self.caught or not lightning_listens:
-            raise KeyboardInterrupt
+            raise Interrupted()  # not KeyboardInterrupt, which Lightning turns into exit status 1
         self.caught = True
         log.warning("Ctrl-C: stopping after this step, saving last.ckpt (Ctrl-C again: stop at once)")
         os.kill(os.getpid(), signal.SIGTERM)
