@@ -132,7 +132,7 @@ class VDVAEModule(LightningModule):
         self.data_config = data_config
         self.accumulate_grad_batches = accumulate_grad_batches
         self._stalled, self._stall_warned = None, False
-        self._restored_rng = None
+        self._restored_rng = self._restored_cosine_length = None
         self._whole_step = None  # built at the first training step (after a resume has loaded the optimizer)
         # From the optimizer's step to the schedule's: stopped in between, the state mixes two updates.
         self.applying_update = False
@@ -153,14 +153,13 @@ class VDVAEModule(LightningModule):
             optimizer = torch.optim.Adamax(
                 self.vae.parameters(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay
             )
-        if h.lr_schedule == "cosine":
-            self._decay_steps()  # a cosine without a length fails now, not once warm-up is over
+        self.check_schedule()
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def check_schedule(self, max_steps: int | None):
-        """A cosine needs a length: refused before training (train.py calls this before any output), not
-        once warm-up is over."""
+    def check_schedule(self, max_steps: int | None = None):
+        """A cosine needs a length: refused before training (train.py calls this before any output, with the
+        trainer's max_steps; configure_optimizers with its trainer's), not once warm-up is over."""
         if self.hparams.lr_schedule == "cosine":
             self._decay_steps(max_steps)
 
@@ -481,7 +480,7 @@ class VDVAEModule(LightningModule):
     def _warn_if_the_cosine_changed(self):
         """A cosine whose length follows trainer.max_steps changes under a resume with another max_steps, and
         the learning rate jumps at once: say so, and how to keep the saved schedule."""
-        before, self._restored_cosine_length = getattr(self, "_restored_cosine_length", None), None
+        before, self._restored_cosine_length = self._restored_cosine_length, None
         if not isinstance(before, int) or self.hparams.lr_schedule != "cosine" or not self.trainer.is_global_zero:
             return
         now = self._decay_steps()

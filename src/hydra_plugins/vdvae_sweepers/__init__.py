@@ -1,1 +1,1 @@
-"""Hydra plugins of the vdvae package: its sweepers and its SLURM launcher (Hydra finds plugins in `hydra_plugins`)."""
+"""Hydra plugins of the vdvae package: its sweepers and launchers (Hydra finds plugins in `hydra_plugins`)."""

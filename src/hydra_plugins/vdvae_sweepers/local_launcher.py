@@ -23,6 +23,7 @@ from hydra.plugins.launcher import Launcher
 from omegaconf import open_dict
 
 from hydra_plugins.vdvae_sweepers import jobs
+from vdvae.config import wanted_value
 from vdvae.interrupts import Interrupted, signals_interrupt
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 
 class LocalLauncher(Launcher):
     def __init__(self, n_jobs: int = 2):
-        if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs < 1:
-            raise ValueError(f"hydra.launcher.n_jobs={n_jobs!r} is not valid: it must be an integer >= 1")
+        wanted = wanted_value(n_jobs, "int", 1)
+        if wanted is not None:
+            raise ValueError(f"hydra.launcher.n_jobs={n_jobs!r} is not valid: it must be {wanted}")
         self.n_jobs = n_jobs
         self.config = self.hydra_context = self.task_function = None
 
