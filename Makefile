@@ -24,8 +24,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 test: dev
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# Style, and the layers of docs/architecture.md (pyproject.toml's import-linter contract).
 lint: dev
 	$(VENV)/bin/ruff check src tests *.py
+	$(VENV)/bin/lint-imports
 
 # The quick start: a small VDVAE on Fashion-MNIST on the CPU (its time and figures: README).
 train: install fashion-mnist

@@ -46,8 +46,8 @@ class SecondCtrlCAt(Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            from vdvae.interrupts import CtrlCStopsAtStep
+            from vdvae.lifecycle import StopController
 
-            ctrl_c = CtrlCStopsAtStep()
-            ctrl_c.caught = True
-            ctrl_c._handle(signal.SIGINT, None)
+            stop = StopController(at_step=True)
+            stop.caught = signal.SIGINT
+            stop._on_sigint(signal.SIGINT, None)

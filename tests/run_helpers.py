@@ -5,6 +5,7 @@ last.ckpt."""
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -13,7 +14,6 @@ from lightning import Callback
 from omegaconf import open_dict
 
 from tests.conftest import ROOT, compose_config
-from tests.interpreters import python
 from vdvae.tasks.train import train
 
 # A tiny model on scikit-learn's digits: seconds per run.
@@ -63,17 +63,16 @@ def shows_progress(output: str) -> bool:
     return "\r" in output or "img/s" in output or "it/s]" in output
 
 
-def start(script: str, cwd: Path, *args: str, env=None, fresh=False, **kwargs) -> subprocess.Popen:
-    """`python /path/to/<script> *args` started in the working directory `cwd`, W&B offline (no server here);
-    in a fresh interpreter if `fresh`, else wherever a forked one is the same (tests/interpreters.py)."""
+def start(script: str, cwd: Path, *args: str, env=None, **kwargs) -> subprocess.Popen:
+    """`python /path/to/<script> *args` started in a fresh interpreter in the working directory `cwd`, W&B
+    offline (no server here)."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
-    command = python(str(ROOT / script), *args, env=env, fresh=fresh)
-    return subprocess.Popen(command, cwd=cwd, env=env, text=True, **kwargs)
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, text=True, **kwargs)
 
 
-def run(script: str, cwd: Path, *args: str, timeout=300, env=None, fresh=False) -> subprocess.CompletedProcess:
+def run(script: str, cwd: Path, *args: str, timeout=300, env=None) -> subprocess.CompletedProcess:
     """As `start`, to the end; its output captured."""
-    proc = start(script, cwd, *args, env=env, fresh=fresh, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = start(script, cwd, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

@@ -35,7 +35,7 @@ from vdvae.compression import (
     write_file,
 )
 from vdvae.data.base import Preprocess
-from vdvae.interrupts import Terminated
+from vdvae.errors import Terminated
 from vdvae.tasks import compress as task
 
 IMAGES = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

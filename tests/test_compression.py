@@ -4,6 +4,7 @@ independently, the size against the ELBO, and files that must fail."""
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import constriction
@@ -13,7 +14,6 @@ import torch
 from PIL import Image
 
 from tests.conftest import ROOT, build_model, perturb_
-from tests.interpreters import python
 from tests.run_helpers import TINY_RUN, run_in_process, shows_progress
 from vdvae.compression import Codec, CodingOptions, CompressedFileError, codec_from_checkpoint
 from vdvae.data.base import first_images
@@ -38,7 +38,7 @@ def run_compress(cwd, *args, threads="2"):
     """compress.py run from `cwd` (its logs/ go there) with `threads` threads."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": threads}
     return subprocess.run(
-        python(str(ROOT / "compress.py"), *args, env=env),
+        [sys.executable, str(ROOT / "compress.py"), *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -239,7 +239,7 @@ def test_truncated_or_corrupt_checkpoints_give_a_clear_error(trained, tmp_path, 
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"this is not a checkpoint")
     # Refused before the run directory exists and before Lightning is imported (python -X importtime).
-    result = run(script, tmp_path, f"ckpt_path={truncated}", env={"PYTHONPROFILEIMPORTTIME": "1"}, fresh=True)
+    result = run(script, tmp_path, f"ckpt_path={truncated}", env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode != 0 and f"{truncated} is not a readable checkpoint" in result.stderr, result.stderr[
         -2000:
     ]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import build_model, perturb_, random_batch
-from vdvae.interrupts import Terminated
+from vdvae.errors import Terminated
 from vdvae.sampling import decode_latents, load_latents, save_grid, save_latents
 
 

@@ -19,7 +19,6 @@ import torch
 
 from tests import fixtures
 from tests.conftest import DATA, ROOT
-from tests.interpreters import python
 
 pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
 
@@ -87,15 +86,14 @@ class User:
 
     def program(self, command: list[str], env: dict) -> list[str]:
         """How `command` starts here: `python <script> ...` or `vdvae-<name> ...`, both run by the
-        interpreter of the checkout or of the installed package (forked, tests/interpreters.py: the
-        console scripts are Python scripts of that interpreter), and `make` as itself."""
+        interpreter of the checkout or of the installed package, and `make` as itself."""
         if self.bin_dir is not None:  # the installed commands, run by the installed interpreter
             script, args = (SCRIPTS[command[1]], command[2:]) if command[0] == "python" else (command[0], command[1:])
-            return python(str(self.bin_dir / script), *args, env=env, interpreter=self.bin_dir / "python")
+            return [str(self.bin_dir / "python"), str(self.bin_dir / script), *args]
         if command[0] == "python":
-            return python(str(ROOT / command[1]), *command[2:], env=env)
+            return [sys.executable, str(ROOT / command[1]), *command[2:]]
         if command[0] in SCRIPTS.values():
-            return python(str(Path(sys.executable).parent / command[0]), *command[1:], env=env)
+            return [sys.executable, str(Path(sys.executable).parent / command[0]), *command[1:]]
         return command
 
     def run(self, command: list[str], *extra: str, timeout=600) -> subprocess.CompletedProcess:
@@ -301,5 +299,5 @@ def test_readme_command_runs_as_written(user, command):
 def test_readme_python_example_runs_from_any_directory(tmp_path):
     script = tmp_path / "example.py"
     script.write_text(readme_python_block())
-    result = subprocess.run(python(str(script)), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

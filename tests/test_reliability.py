@@ -1,8 +1,8 @@
 """The fault battery: a run never loses work and a file never runs code.
 
 Runs are processes started as a user starts them (`python /path/to/train.py ...` in a working
-directory of its own, run directories chosen by the framework; the interpreter forked from one that
-has imported torch, tests/interpreters.py, except where the test sends SIGKILL), on a tiny model: kill -9 then resume
+directory of its own, run directories chosen by the framework, each in a fresh interpreter), on a tiny
+model: kill -9 then resume
 bit for bit, SIGTERM's exit status, stale temporary files of interrupted saves, two runs in one second,
 a diverging run, and hostile checkpoints and data files."""
 
@@ -74,8 +74,7 @@ def straight(tmp_path_factory):
 
 
 def test_kill_9_mid_epoch_then_resume_in_place_continues_bit_for_bit(tmp_path, straight):
-    # A fresh interpreter: SIGKILL cannot be forwarded to a forked one (tests/interpreters.py).
-    proc = start("train.py", tmp_path, *WITH_WANDB, fresh=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start("train.py", tmp_path, *WITH_WANDB, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (run_dir,) = run_dirs(tmp_path) or [None]
     deadline = time.time() + 60
     while run_dir is None and time.time() < deadline:
@@ -210,7 +209,7 @@ def test_bad_values_are_refused_by_the_check_that_runs_before_the_run_directory(
     from hydra.core.hydra_config import HydraConfig
 
     from tests.conftest import compose_config
-    from vdvae.config import RunDirGuard
+    from vdvae.lifecycle import RunDirGuard
 
     cfg = compose_config(*TINY_RUN, *args, config_name="train")
     HydraConfig.instance().set_config(cfg)
@@ -243,7 +242,8 @@ def test_a_resumed_optimizer_state_must_fit_the_parameters_it_belongs_to():
     step mid-run): a resume refuses it before the run, naming it, as it does weights."""
     from tests.conftest import TINY_VAE
     from vdvae import VDVAEModule
-    from vdvae.checkpoints import CheckpointError, check_fits
+    from vdvae.checkpoints import CheckpointError
+    from vdvae.resume import check_fits
 
     module = VDVAEModule(TINY_VAE)
     first = next(module.vae.parameters())
@@ -483,15 +483,16 @@ def test_a_failure_before_the_first_step_leaves_last_ckpt_and_a_failed_save_hide
     save = lambda path, weights_only=False: saves.append(path)  # noqa: E731
     trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), global_step=7, save_checkpoint=save, world_size=1)
     callback = LastCheckpoint(str(tmp_path))
-    callback.on_exception(trainer, None, RuntimeError("restoring the optimizer failed"))
+    idle = SimpleNamespace(applying_update=False)  # the module between two updates
+    callback.on_exception(trainer, idle, RuntimeError("restoring the optimizer failed"))
     assert saves == []  # resumed at step 7, failed before training: last.ckpt already holds step 7
     callback._stepped = True
     callback.on_exception(trainer, SimpleNamespace(applying_update=True), KeyboardInterrupt())
     assert saves == [] and "in the middle of update 7: not saved" in caplog.text  # a second Ctrl-C mid-update
     trainer.world_size = 2  # one process of two failed: the others are in the step, a save would wait for them
-    callback.on_exception(trainer, None, RuntimeError("one rank"))
+    callback.on_exception(trainer, idle, RuntimeError("one rank"))
     assert saves == [] and "in one of 2 processes: not saved" in caplog.text
-    callback.on_exception(trainer, None, SIGTERMException())  # every process stops at the same step boundary
+    callback.on_exception(trainer, idle, SIGTERMException())  # every process stops at the same step boundary
     assert saves == [callback.path]
     trainer.world_size = 1
 
@@ -499,7 +500,7 @@ def test_a_failure_before_the_first_step_leaves_last_ckpt_and_a_failed_save_hide
         raise PermissionError(f"[Errno 13] Permission denied: '{path}'")
 
     callback._stepped, trainer.save_checkpoint = True, unwritable
-    callback.on_exception(trainer, None, RuntimeError("the real failure"))  # reported by the caller, not hidden
+    callback.on_exception(trainer, idle, RuntimeError("the real failure"))  # reported by the caller, not hidden
     assert "could not be saved" in caplog.text and "Permission denied" in caplog.text
     blocked = tmp_path / "a_file"
     blocked.write_text("")
@@ -554,30 +555,32 @@ def test_a_checkpoint_of_weights_that_hold_no_data_is_refused(tmp_path, straight
 
 
 def test_a_folder_output_is_swapped_whole_even_when_sigterm_arrives_between_its_two_moves(tmp_path, monkeypatch):
-    from vdvae import interrupts
+    from vdvae import files
+    from vdvae.errors import Terminated
+    from vdvae.lifecycle import StopController
 
     out = tmp_path / "pngs"
     out.mkdir()
     (out / "old.png").write_text("old")
-    remove = interrupts.shutil.rmtree
+    remove = files.shutil.rmtree
 
     def remove_then_sigterm(path, *args, **kwargs):  # the old folder is gone, the new one not yet moved in
         remove(path, *args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(interrupts.shutil, "rmtree", remove_then_sigterm)
-    with pytest.raises(interrupts.Terminated):
-        with interrupts.signals_interrupt(), interrupts.atomic_path(out) as tmp:
+    monkeypatch.setattr(files.shutil, "rmtree", remove_then_sigterm)
+    with pytest.raises(Terminated):
+        with StopController(), files.atomic_path(out) as tmp:
             tmp.mkdir()
             (tmp / "new.png").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.png"]  # handled after the swap: the new folder, whole
-    assert interrupts.write_atomically(tmp_path / "report.json", "{}").read_text() == "{}"
+    assert files.write_atomically(tmp_path / "report.json", "{}").read_text() == "{}"
 
 
 def test_a_second_ctrl_c_stops_training_at_once_as_interrupted_which_lightning_passes_on(tmp_path):
     # Lightning turns a KeyboardInterrupt into exit status 1; Interrupted reaches the command (130).
     from tests.run_helpers import run_in_process
-    from vdvae.interrupts import Interrupted
+    from vdvae.errors import Interrupted
 
     probe = ["+callbacks.stop._target_=tests.job_probes.SecondCtrlCAt", "+callbacks.stop.step=3"]
     with pytest.raises(Interrupted):

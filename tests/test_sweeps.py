@@ -120,9 +120,8 @@ def job_processes(sweep_pid: int) -> list[int]:
 
 
 def start_local(cwd: Path, *args: str) -> subprocess.Popen:
-    """The local parallel sweep, its output captured; the sweep itself, not a fork server's client (its
-    children are the jobs)."""
-    return start("train.py", cwd, *LOCAL, *args, env=PROBES, fresh=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """The local parallel sweep, its output captured (its children are the jobs)."""
+    return start("train.py", cwd, *LOCAL, *args, env=PROBES, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def saved_step_2(cwd: Path, jobs: list[str], proc) -> Path:

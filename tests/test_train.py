@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tests.conftest import TINY_VAE, build_model
 from tests.run_helpers import TINY_RUN, LastCheckpointProbe, run_in_process
 from vdvae import VDVAEModule
-from vdvae.config import route_library_logs
+from vdvae.lifecycle import route_library_logs
 
 
 def logged(run_dir, key: str) -> list[float]:
@@ -427,22 +427,22 @@ def test_image_grids_take_at_most_their_share_of_training_time(tmp_path, monkeyp
 def test_a_checkpoint_holds_the_generator_state_of_its_own_gpu_only(monkeypatch):
     # Every visible GPU's state, restored by index, failed on a machine with fewer GPUs (IndexError as
     # training started) and restored another device's where a rank's device index changed.
-    from vdvae.lit_module import _own_cuda_state
+    from vdvae.resume import ResumeState, own_cuda_state
 
     own = torch.full((16,), 7, dtype=torch.uint8)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: own)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every GPU's state"))
     checkpoint = {}
-    VDVAEModule(TINY_VAE).on_save_checkpoint(checkpoint)
+    ResumeState().on_save_checkpoint(SimpleNamespace(loggers=[]), VDVAEModule(TINY_VAE), checkpoint)
     (state,) = checkpoint["rng_states"]
     assert len(state["cuda"]) == 1 and torch.equal(state["cuda"][0], own)
-    assert _own_cuda_state(state["cuda"]) is state["cuda"][0]
+    assert own_cuda_state(state["cuda"]) is state["cuda"][0]
     older = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # every GPU's, by index
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert _own_cuda_state(older) is older[1]
+    assert own_cuda_state(older) is older[1]
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # the saving machine had two GPUs
-    assert _own_cuda_state(older) is older[0]
+    assert own_cuda_state(older) is older[0]
 
 
 def test_a_cosine_without_a_length_is_refused_before_the_loggers_start(tmp_path):

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from tests.conftest import TINY_VAE
 from tests.test_train import fit_on_batches
 from vdvae import VDVAEModule
-from vdvae.config import route_library_logs
+from vdvae.lifecycle import route_library_logs
 from vdvae.whole_step import WholeStep, compile_whole_step
 
 # Two blocks each way, two latent groups; and seven each way, with channels_last.
@@ -42,7 +42,7 @@ def module(vae=SMALL_VAE, **options):
 @pytest.mark.parametrize(
     "options, backend", [({}, "aot_eager"), (EFFICIENT, "eager")], ids=["adamw", "adamax-kl-warmup-balancing"]
 )
-def test_the_compiled_whole_step_is_one_graph_and_trains_as_the_eager_step(options, backend):
+def test_the_compiled_whole_step_is_one_graph_and_trains_as_the_eager_step(options, backend, monkeypatch):
     losses = {}
 
     def fit(m):
@@ -54,7 +54,7 @@ def test_the_compiled_whole_step_is_one_graph_and_trains_as_the_eager_step(optio
     eager = module(**options)
     eager_states = fit(eager)
     whole = module(**options)
-    whole._build_whole_step = lambda optimizer: compile_whole_step(whole, optimizer, backend=backend)
+    monkeypatch.setattr("vdvae.lit_module.build_whole_step", lambda m, o: compile_whole_step(m, o, backend=backend))
     torch._dynamo.reset()
     counters.clear()
     whole_states = fit(whole)

@@ -7,7 +7,6 @@
 import importlib
 
 import vdvae.config  # noqa: F401  (registers the resolvers the configs use)
-import vdvae.slurm  # noqa: F401  (and the SLURM launcher's)
 
 __all__ = ["ELBO", "VAE", "VDVAEModule"]
 _HOMES = {"ELBO": "vdvae.model", "VAE": "vdvae.model", "VDVAEModule": "vdvae.lit_module"}

@@ -1,10 +1,10 @@
 """Optional training behaviour: sample and reconstruction grids (labelled with what they show, the step and
 the bits/dim at that step; vdvae.grids), the rate-per-group plot, `last.ckpt` as the latest state (also on
 SIGTERM and crashes), the best checkpoints (Lightning's ModelCheckpoint confined to the run's checkpoints
-folder), and the W&B run id in checkpoints. Images are saved in the run directory and sent, with their
-labels as captions, to the loggers that take images (W&B, TensorBoard). The trainer's checkpoint plugin:
-atomic saves, weights-only loads, removals of checkpoint files only. And eval.py's progress bar over the
-test images (vdvae.progress)."""
+folder). Images are saved in the run directory and sent, with their labels as captions, to the loggers
+that take images (W&B, TensorBoard). The trainer's checkpoint plugin: atomic saves, weights-only loads,
+removals of checkpoint files only. And eval.py's progress bar over the test images (vdvae.progress).
+What a resume needs in a checkpoint is vdvae.resume's."""
 
 import logging
 import math
@@ -251,18 +251,6 @@ class LastCheckpoint(Callback):
             trainer.save_checkpoint(self.path, weights_only=False)
             self._saved_step, self._saved_time = trainer.global_step, time.monotonic()
 
-    def on_save_checkpoint(self, trainer, module, checkpoint):
-        # A save between two epochs (SIGTERM at an epoch's last step stops the fit loop once the epoch is
-        # counted complete; a run's final save) records the finished epoch's batches as the current epoch's:
-        # resumed so, Lightning would take the next epoch as done already and skip it. Record the next
-        # epoch's start instead, as Lightning's own reset at that start would.
-        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
-        epoch = fit_loop.get("epoch_progress", {}).get("current", {})
-        batches = fit_loop.get("epoch_loop.batch_progress")
-        if epoch and batches and epoch["ready"] == epoch["completed"] and batches["current"]["ready"]:
-            batches["current"] = dict.fromkeys(batches["current"], 0)
-            batches["is_last_batch"] = False
-
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self._stepped = True
         by_steps = self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0
@@ -289,7 +277,7 @@ class LastCheckpoint(Callback):
             return
         what = "SIGTERM" if isinstance(exception, SIGTERMException) else type(exception).__name__
         kept = f"{self.path} keeps the state last saved"
-        if getattr(module, "applying_update", False):  # a second Ctrl-C, a crash inside the optimizer's step
+        if module.applying_update:  # a second Ctrl-C, a crash inside the optimizer's step
             log.error(
                 "%s in the middle of update %d: not saved (it would mix two updates); %s",
                 what,
@@ -354,12 +342,3 @@ class EvaluationProgress(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-class LoggerRunIds(Callback):
-    """Stores the W&B run id in every checkpoint, so that a resumed run continues the same W&B run."""
-
-    def on_save_checkpoint(self, trainer, module, checkpoint):
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                checkpoint["wandb_run_id"] = logger.version

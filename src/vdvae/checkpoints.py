@@ -9,8 +9,6 @@ request names before they load the rest, so that a wrong file is refused in seco
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import zipfile
 from pathlib import Path
@@ -19,12 +17,13 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from vdvae.data import check_stored_data_config
+from vdvae.errors import one_line
+from vdvae.files import remove_stale_temp_files, write_atomically
 
 if TYPE_CHECKING:
     from vdvae.data import ImageDataModule
     from vdvae.lit_module import VDVAEModule
 
-_TMP = re.compile(r"^\..+\.tmp(\d+)$")
 # The reason inside torch's refusal of a file that is not plain data (its advice to load the file with
 # weights_only=False, which would run what the file names, is left out).
 _REFUSED_CODE = re.compile(r"(Trying to load unsupported GLOBAL[^\n]*)")
@@ -51,62 +50,21 @@ def load_weights_only(path, what: str, error_type: type[Exception] = ValueError,
         raise error_type(f"{path} is not a readable {what}{why}") from error
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def remove_stale_temp_files(directory: Path):
-    """Delete `.<name>.tmp<pid>` files whose writing process is gone."""
-    for path in directory.glob(".*.tmp*"):
-        match = _TMP.match(path.name)
-        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
-            path.unlink(missing_ok=True)
-
-
 def save_atomically(checkpoint: dict, path):
-    """torch.save to a temporary file renamed into place: readers see the old file or the new one, also
-    after a crash of the machine (the file reaches the disk before the rename, the rename after)."""
+    """torch.save to a temporary file renamed into place (vdvae.files): readers see the old file or the new
+    one, also after a crash of the machine; a save also removes what interrupted saves left behind."""
     import torch
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(path.parent)
-        with open(tmp, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)  # atomic on POSIX
-        sync_folder(path.parent)
+        write_atomically(path, lambda file: torch.save(checkpoint, file))
     except (OSError, RuntimeError) as error:  # torch.save reports an unwritable file as a RuntimeError
         raise OSError(
-            f"cannot save the checkpoint {path}: {' '.join(str(error).split())[:300]}. Check that "
+            f"cannot save the checkpoint {path}: {one_line(error, 300)}. Check that "
             f"{path.parent} is writable and its disk has room"
         ) from error
-    finally:
-        with contextlib.suppress(OSError):  # a folder that refused the file may refuse this too
-            tmp.unlink(missing_ok=True)
-
-
-def sync_folder(folder):
-    """fsync a folder, so that a rename in it survives a crash of the machine (where the file system can)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:  # a file system that cannot sync folders
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def check_writable(folder):
@@ -212,95 +170,6 @@ def check_checkpoint(path, stored_data: bool) -> dict:
         except ValueError as error:
             raise CheckpointError(f"{path}: {error}") from error
     return checkpoint
-
-
-def check_resume(path, module) -> dict:
-    """The checkpoint to resume `module`'s training from, read weights-only with its tensors mapped, after
-    checking that it is one and that its weights fit the model (see `check_fits`)."""
-    return check_fits(load_checkpoint(path, mmap=True), path, module)
-
-
-def check_fits(checkpoint: dict, path, module) -> dict:
-    """`checkpoint` (read from `path`), after checking that its weights fit `module` for resuming its
-    training (the first few mismatched keys are named)."""
-    optimizer_states = checkpoint.get("optimizer_states")
-    mismatch = (
-        state_mismatch(module.state_dict(), checkpoint["state_dict"])
-        or optimizer_mismatch(optimizer_states, list(module.vae.parameters()))
-        or optimizer_kind_mismatch(optimizer_states, module.hparams.optimizer)
-    )
-    if mismatch:
-        raise CheckpointError(
-            f"{path} does not fit the configured model ({mismatch}). Resume with the model config it was "
-            f"trained with (its .hydra/config.yaml), or start a new run without ckpt_path"
-        )
-    try:
-        check_rng_states(checkpoint.get("rng_states"))
-    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as error:
-        raise CheckpointError(
-            f"{path}: its random number generator states cannot be restored ({' '.join(str(error).split())[:200]}); "
-            f"the file is damaged: resume from another checkpoint of the run"
-        ) from error
-    return checkpoint
-
-
-def optimizer_mismatch(optimizer_states, params: list) -> str:
-    """The optimizer's stored state, checked as the weights are (see `state_mismatch`): every tensor it holds
-    for a parameter (moments, step count) belongs to one of `params` and has its shape (a scalar step count),
-    so that no moment of another shape is broadcast into the model's (the whole step copies them), or ""."""
-    import torch
-
-    expected, found = {}, {}
-    for stored in optimizer_states or []:
-        states = stored.get("state") if isinstance(stored, dict) else None
-        if not isinstance(states, dict) or not all(isinstance(tensors, dict) for tensors in states.values()):
-            return "its optimizer state is not one dictionary of tensors per parameter"
-        for index, tensors in states.items():
-            for name, value in tensors.items():
-                key = f"optimizer {name} of parameter {index}"
-                found[key] = value
-                if isinstance(index, int) and 0 <= index < len(params):
-                    expected[key] = torch.zeros(()) if name == "step" else params[index]
-    return state_mismatch(expected, found)
-
-
-# The moment only each optimizer keeps (both keep step and exp_avg).
-OPTIMIZER_MOMENTS = {"adamw": "exp_avg_sq", "adamax": "exp_inf"}
-
-
-def optimizer_kind_mismatch(optimizer_states, optimizer: str) -> str:
-    """Where the stored optimizer state is another optimizer's than `optimizer` (model.optimizer), which would
-    fail at the first update: which one it is, or ""."""
-    stored = {name for s in optimizer_states or [] for tensors in s["state"].values() for name in tensors}
-    for kind, moment in OPTIMIZER_MOMENTS.items():
-        if kind != optimizer and moment in stored:
-            return f"its optimizer state is {kind}'s ({moment}), and model.optimizer={optimizer}"
-    return ""
-
-
-def check_rng_states(states):
-    """The generator states a training checkpoint stores (VDVAEModule.on_save_checkpoint), each set on a
-    scratch generator of its library: a state that would fail as training starts fails now."""
-    import random
-
-    import numpy as np
-    import torch
-
-    if states is None:
-        return
-    if not isinstance(states, list) or not states or not all(isinstance(s, dict) for s in states):
-        raise TypeError("not a list of one state per process")
-    for state in states:
-        torch.Generator().set_state(state["torch"])
-        name, keys, pos, has_gauss, gauss = state["numpy"]
-        if not torch.is_tensor(keys) or keys.dtype != torch.int64:
-            raise TypeError("numpy's key is not an int64 tensor")
-        np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        random.Random().setstate(state["python"])
-        if not isinstance(state["cuda"], list) or not all(
-            torch.is_tensor(t) and t.dtype == torch.uint8 for t in state["cuda"]
-        ):
-            raise TypeError("the CUDA states are not a list of uint8 tensors")
 
 
 def load_module(path, **evaluation) -> tuple[VDVAEModule, dict]:

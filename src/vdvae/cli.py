@@ -7,15 +7,13 @@ path with Hydra's `--config-dir`: `vdvae-train --config-dir my_conf model=my_mod
 `my_conf/model/my_model.yaml`.
 """
 
-import contextlib
+import importlib
 import logging
-import os
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-import vdvae.config  # noqa: F401  (registers the resolvers the configs use)
+from vdvae.lifecycle import command
 
 CONFIGS = "pkg://vdvae.conf"
 log = logging.getLogger(__name__)
@@ -44,99 +42,36 @@ def register_plugins():
 register_plugins()
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+def _command(recipe: str, cfg: DictConfig, writes_files: bool = False):
+    """The recipe `vdvae.tasks.<module>:<function>` run as a command (vdvae.lifecycle.command), imported
+    inside it: a stop during the imports is handled too. The files it wrote are logged."""
 
+    def run(cfg):
+        module, function = recipe.split(":")
+        result = getattr(importlib.import_module(f"vdvae.tasks.{module}"), function)(cfg)
+        for path in result if writes_files else ():
+            log.info("wrote %s", path)
+        return result
 
-def _in_a_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-@contextlib.contextmanager
-def refusals_in_one_line(interruptible: bool):
-    """A refusal (a ValueError or OSError: bad input, a damaged file, a folder it cannot write) ends the
-    command with one line, `Error: ...`, and exit status 1 (HYDRA_FULL_ERROR=1: the traceback instead).
-    `interruptible`: SIGTERM and Ctrl-C stop the command at once with 143 or 130. Either way a run
-    directory that this run created and that holds nothing but its config and log is removed."""
-    from vdvae.config import remove_empty_run_dir
-    from vdvae.interrupts import Interrupted, signals_interrupt
-    from vdvae.sweeps import TrainingStalled as RunFailed  # a run stopped by its stall guard
-
-    try:
-        with signals_interrupt() if interruptible else contextlib.nullcontext():
-            yield
-    except Interrupted as stop:
-        remove_empty_run_dir()
-        log.error("%s; no result written", stop)
-        raise SystemExit(stop.exit_code) from None
-    except (ValueError, OSError, RunFailed) as error:
-        remove_empty_run_dir()
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_a_sweep():
-            raise  # a sweep's job fails alone: Hydra records it and runs the others
-        raise SystemExit(f"Error: {_one_line(error)}{_traceback_kept_in_log(error)}") from None
-
-
-def _traceback_kept_in_log(error: BaseException) -> str:
-    """Append the traceback to the run's log file where the run directory is kept (a failure after work
-    started: worth reading), and say where; "" where there is none."""
-    import traceback
-    from pathlib import Path
-
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return ""
-    config = HydraConfig.get()
-    path = Path(config.runtime.output_dir) / f"{config.job.name}.log"
-    if not path.is_file():
-        return ""
-    with open(path, "a") as file:
-        file.write("".join(traceback.format_exception(error)))
-    return f" (traceback in {path})"
-
-
-def finish_wandb():
-    """End the W&B run of this job, if a logger started one: one W&B run per job, also in multirun sweeps.
-    Without a W&B logger wandb is never imported (runs with logger=csv need no wandb installed)."""
-    if "wandb" in sys.modules:
-        sys.modules["wandb"].finish()
+    return command(run, cfg)
 
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
     """Train a VDVAE; returns the metric a sweep optimizes."""
-    from vdvae.tasks.train import train as run
-
-    try:  # SIGTERM: training saves at the next step and exits 143 itself (vdvae.tasks.train)
-        with refusals_in_one_line(interruptible=False):
-            return run(cfg)
-    finally:
-        finish_wandb()
+    return _command("train:train", cfg)
 
 
 @hydra.main(config_path=CONFIGS, config_name="eval", version_base="1.3")
 def evaluate(cfg: DictConfig) -> None:
     """Score a checkpoint on its test set."""
-    with refusals_in_one_line(interruptible=True):  # before the imports: a stop during them is handled too
-        from vdvae.tasks.eval import evaluate as run
-
-        try:
-            run(cfg)
-        finally:
-            finish_wandb()
+    _command("eval:evaluate", cfg)
 
 
 @hydra.main(config_path=CONFIGS, config_name="sample", version_base="1.3")
 def sample(cfg: DictConfig) -> None:
     """Samples, reconstructions, interpolations, latents from a checkpoint."""
-    with refusals_in_one_line(interruptible=True):
-        from vdvae.tasks.sample import sample as run
-
-        for path in run(cfg):
-            log.info("wrote %s", path)
+    _command("sample:sample", cfg, writes_files=True)
 
 
 def import_original(argv=None):
@@ -149,8 +84,4 @@ def import_original(argv=None):
 @hydra.main(config_path=CONFIGS, config_name="compress", version_base="1.3")
 def compress(cfg: DictConfig) -> None:
     """Compress images losslessly with a checkpoint (bits-back coding), or decompress a file."""
-    with refusals_in_one_line(interruptible=True):
-        from vdvae.tasks.compress import compress as run
-
-        for path in run(cfg):
-            log.info("wrote %s", path)
+    _command("compress:compress", cfg, writes_files=True)

@@ -1,5 +1,5 @@
-"""What every entry point shares about its config: the resolvers the configs use, the checks that run
-before any work, and the Hydra callback that guards run directories.
+"""What every entry point shares about its config: the resolvers the configs use, the value checks, and
+the checks of a composed config that run before any work (the run lifecycle, vdvae.lifecycle, runs them).
 
 Resolvers (registered on import, before Hydra composes anything):
 - `${vdvae.cwd:}`          the absolute working directory; unlike `${hydra:runtime.cwd}` it also
@@ -12,30 +12,21 @@ Resolvers (registered on import, before Hydra composes anything):
 - `${vdvae.hydra_subdir:dir}`   `.hydra` for a new run; `.hydra/resume_<run name>` when `dir` already
                            holds a run, so that resuming never overwrites the config a run started with;
                            null (nothing saved) in the further ranks of a multi-process run.
+- `${vdvae.slurm:key,accelerator,devices}`  a SLURM resource of the job, from the trainer
+                           (`launcher_default`; conf/hydra/launcher/slurm.yaml).
 """
 
-import contextlib
-import logging
 import math
 import numbers
 import os
 import re
 import secrets
-import shutil
 import time
-import warnings
-from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# Checkpoints of a run live in <run>/checkpoints; a run dir holds .hydra/config.yaml.
-CHECKPOINT_DIR = "checkpoints"
-
-
-class ConfigError(ValueError):
-    """The composed config is inconsistent; the message names the options involved."""
+from vdvae.errors import ConfigError
+from vdvae.run_folder import holds_a_run, run_of_checkpoint
 
 
 def _run_name() -> str:
@@ -51,22 +42,6 @@ def is_worker_process() -> bool:
     """Whether this process is a further rank of a multi-process run (Lightning's DDP children, torchrun,
     srun tasks), which joins the directory its rank 0 made instead of starting a run of its own."""
     return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
-
-
-def holds_a_run(directory) -> bool:
-    """Whether `directory` is the run directory of an earlier run (Hydra saved its config there)."""
-    return (Path(str(directory)) / ".hydra" / "config.yaml").is_file()
-
-
-def run_of_checkpoint(ckpt_path) -> Path | None:
-    """The run directory a checkpoint belongs to (`<run>/checkpoints/x.ckpt` with `<run>/.hydra`), if any."""
-    if not ckpt_path or str(ckpt_path).startswith("wandb:"):
-        return None
-    path = Path(str(ckpt_path)).expanduser().absolute()
-    run = path.parent.parent
-    if path.parent.name == CHECKPOINT_DIR and holds_a_run(run):
-        return run
-    return None
 
 
 def _run_dir(ckpt_path, base) -> str:
@@ -88,9 +63,7 @@ def register_resolvers():
     OmegaConf.register_new_resolver("vdvae.run_name", _run_name, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("vdvae.run_dir", _run_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("vdvae.hydra_subdir", _hydra_subdir, use_cache=True, replace=True)
-
-
-register_resolvers()
+    OmegaConf.register_new_resolver("vdvae.slurm", launcher_default, replace=True)
 
 
 def wanted_value(value, kind, low=None, high=None, *, nullable=False, open_low=False, infinite=False, nonzero=False):
@@ -124,22 +97,63 @@ def _require(cfg, key, kind, low=None, high=None, **allowed):
         raise ConfigError(f"{key}={value!r} is not valid: it must be {wanted}")
 
 
+def device_count(devices) -> int | None:
+    """How many devices `trainer.devices` names: a list's length, or a whole number (also written as a
+    string); None where it leaves the count to Lightning ("auto")."""
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        return int(devices)
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices
+    return None
+
+
 def _cpu_devices(trainer) -> int | None:
     """How many processes `trainer.devices` asks for when training runs on the CPU (None: not the CPU)."""
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator not in ("cpu", "auto"):
         return None
     devices = trainer.get("devices", "auto")
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        devices = int(devices)
-    if not isinstance(devices, int) or isinstance(devices, bool):
-        return None
-    if accelerator == "auto":
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return None  # Lightning refuses a list of CPU devices itself
+    devices = device_count(devices)
+    if devices is not None and accelerator == "auto":
         import torch  # only now: importing it takes seconds, and most configs never get here
 
         if torch.cuda.is_available():
             return None
     return devices
+
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def devices_per_node(accelerator, devices) -> int:
+    """How many devices (and so tasks: one process each) `trainer.devices` asks for on each node."""
+    n = device_count(devices)
+    if n is not None and n > 0:
+        return n
+    if str(accelerator) not in GPU_ACCELERATORS:
+        return 1  # `auto` on the CPU: one process
+    raise ValueError(
+        f"trainer.devices={devices!r} with trainer.accelerator={accelerator}: under hydra/launcher=slurm, say how "
+        f"many GPUs each node gets (e.g. trainer.devices=4), which the job asks SLURM for"
+    )
+
+
+def launcher_default(key: str, accelerator, devices):
+    """A SLURM resource of the job, from the trainer: one task per device; on GPUs (trainer.accelerator gpu or
+    cuda) as many GPUs, 8 CPUs a task and 64 GB a node; otherwise no GPU, 1 CPU and 4 GB a task."""
+    n = devices_per_node(accelerator, devices)
+    on_gpus = str(accelerator) in GPU_ACCELERATORS
+    values = {
+        "tasks_per_node": n,
+        "gpus_per_node": n if on_gpus else None,
+        "cpus_per_task": 8 if on_gpus else 1,
+        "mem_gb": 64 if on_gpus else 4 * n,
+    }
+    return values[key]
 
 
 def check_model_and_data(vae, data):
@@ -172,9 +186,10 @@ def check_no_nan(cfg, prefix: str = ""):
             raise ConfigError(f"{name}=nan is not valid: no option takes NaN")
 
 
-# The metrics training logs (vdvae.lit_module; tests/test_sweeps.py checks a run's against these), which
-# `optimized_metric` may name; plus `{val,test}/kl/group_<NN>`, the rate of each latent group.
-TRAIN_METRICS = ("loss", "bpd", "distortion", "rate", "grad_norm", "skipped", "skipped_total", "skip_rate", "bpd_avg")
+# The metrics training logs (vdvae.lit_module logs these names; tests/test_sweeps.py checks a run's against
+# them), which `optimized_metric` may name; plus `{val,test}/kl/group_<NN>`, the rate of each latent group.
+STEP_METRICS = ("loss", "bpd", "distortion", "rate", "grad_norm", "skipped", "skipped_total", "skip_rate")
+TRAIN_METRICS = (*STEP_METRICS, "bpd_avg")
 EVAL_METRICS = ("loss", "bpd", "distortion", "rate", "nats_per_image", "n_images")
 
 
@@ -252,83 +267,6 @@ def check_trainer(trainer):
         )
 
 
-def route_library_logs():
-    """Lightning's messages and Python warnings go through Hydra's handlers, into the console and the run's
-    log file once each: Lightning gives its loggers their own console handler when imported before Hydra
-    configures logging, and stops them from reaching the root logger."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        library = logging.getLogger(name)
-        for handler in list(library.handlers):
-            library.removeHandler(handler)
-        library.propagate = True
-    logging.captureWarnings(True)
-    # ResumableSampler continues an epoch where the checkpoint left it (tests/test_reliability.py), which
-    # Lightning cannot see: its warning that a mid-epoch resume is unreliable does not apply.
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    # A machine with SLURM's client installed runs local jobs too; SLURM jobs are started by srun (vdvae.slurm).
-    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
-    # Lightning 2.6's own use of torch's pytree API, deprecated by torch 2.14: nothing a user can act on.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-
-
-# The run directory this process's job created (set by RunDirGuard as the job starts), or None: one that
-# existed before (a folder of the user's, a run being resumed or requeued) is never removed.
-_created_run_dir: Path | None = None
-
-
-@contextlib.contextmanager
-def no_run_dir_on_failure():
-    """A failure in the block (bad input, checked before any work) deletes what Hydra wrote for this run,
-    if that is all there is and this run created the directory, and re-raises."""
-    try:
-        yield
-    except Exception:
-        remove_empty_run_dir()
-        raise
-
-
-def remove_empty_run_dir():
-    """Delete this run's directory if this run created it and it holds nothing but what Hydra wrote for it
-    (its config and log) and empty folders (a logger's): nothing of a user's, an earlier run's or a resumed
-    run's is ever removed."""
-    try:
-        out = Path(HydraConfig.get().runtime.output_dir).absolute()
-        log_file = f"{HydraConfig.get().job.name}.log"
-    except ValueError:  # not under Hydra
-        return
-    if out != _created_run_dir or not out.is_dir() or out.is_symlink():
-        return
-    for folder, subfolders, files in os.walk(out):
-        where = Path(folder).relative_to(out)
-        if where.parts[:1] == (".hydra",):
-            continue
-        links = [d for d in subfolders if (Path(folder) / d).is_symlink()]
-        if links or (files and (where != Path(".") or files != [log_file])):
-            return  # something this run made that may be worth keeping
-    shutil.rmtree(out)
-
-
-def _entries(directory) -> set[str] | None:
-    """The names in `directory`, or None if it does not exist."""
-    path = Path(str(directory)).expanduser().absolute()
-    return {p.name for p in path.iterdir()} if path.is_dir() else None
-
-
-def check_resume_on_meta(config: DictConfig):
-    """The checkpoint to resume from must be readable and fit the configured model (built on the meta
-    device: shapes only, no memory), before a run directory exists. The file is read first: a wrong one
-    is refused before Lightning is imported."""
-    from vdvae.checkpoints import check_fits, load_checkpoint
-
-    checkpoint = load_checkpoint(config.ckpt_path, mmap=True)
-    import torch
-    from hydra.utils import instantiate
-
-    with torch.device("meta"):
-        module = instantiate(config.model)  # imports Lightning
-    check_fits(checkpoint, config.ckpt_path, module)
-
-
 # What sample.py and compress.py can do.
 SAMPLE_MODES = ("samples", "reconstruct", "interpolate", "encode", "decode", "overview")
 COMPRESS_MODES = ("compress", "decompress")
@@ -351,69 +289,4 @@ def check_mode(cfg: DictConfig):
             raise ConfigError("mode=decompress needs file=<a file written by mode=compress>")
 
 
-def check_request(cfg: DictConfig):
-    """eval.py, sample.py, compress.py: the mode, and the checkpoint the request names (readable, a vdvae
-    checkpoint, and its data config plain data where it will be used), before any work."""
-    check_mode(cfg)
-    check_trainer(cfg.get("trainer") or {})
-    from vdvae.checkpoints import check_checkpoint
-
-    check_checkpoint(cfg.ckpt_path, stored_data=cfg.get("data") is None)
-
-
-class RunDirGuard(Callback):
-    """Refuses, before Hydra creates or writes anything, a run directory that holds another run; and notes
-    which directories Hydra is about to create, so that only those are ever removed (`remove_empty_run_dir`).
-
-    A run may write into an existing run's directory only to resume it (`ckpt_path=<run>/checkpoints/...`).
-    """
-
-    def __init__(self):
-        # What existed before Hydra made anything: the run directory (single runs), or the sweep directory
-        # and its entries (multirun; the guard travels to the jobs' processes with Hydra's callbacks).
-        self.existed: dict[str, set[str] | None] = {}
-
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self.existed = {"run": _entries(config.hydra.run.dir)}
-        # Hydra turns a callback's exception into a warning and goes on: stop the run with its message instead.
-        try:
-            self.check(config)
-        except Exception as error:
-            raise SystemExit(f"Error: {error}") from None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.existed = {"sweep": _entries(config.hydra.sweep.dir)}
-        if config.get("model") is not None:  # a training sweep: what it optimizes, before its first job
-            try:
-                check_optimized_metric(config)
-            except ConfigError as error:
-                raise SystemExit(f"Error: {error}") from None
-
-    def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        global _created_run_dir
-        out = Path(str(config.hydra.runtime.output_dir)).absolute()
-        if "run" in self.existed:
-            created = self.existed["run"] is None
-        else:  # a sweep's job: its directory is new if the sweep's was, or if the sweep's lacked it
-            sweep = Path(str(config.hydra.sweep.dir)).absolute()
-            before = self.existed.get("sweep")
-            created = out.parent == sweep and (before is None or out.name not in before)
-        _created_run_dir = out if created and not is_worker_process() else None
-
-    def check(self, config: DictConfig):
-        is_training = config.get("model") is not None
-        if is_training:
-            check_config(config)
-            if config.get("ckpt_path"):
-                check_resume_on_meta(config)
-        elif config.get("task_name") in ("eval", "sample", "compress"):
-            check_request(config)
-        run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
-        if not holds_a_run(run_dir) or is_worker_process():
-            return
-        if is_training and run_of_checkpoint(config.get("ckpt_path")) == run_dir:
-            return
-        raise ConfigError(
-            f"hydra.run.dir={run_dir} holds an earlier run: a new run never writes into it. Resume that run with "
-            f"ckpt_path={run_dir / CHECKPOINT_DIR / 'last.ckpt'}, or leave hydra.run.dir unset for a new directory"
-        )
+register_resolvers()

@@ -3,7 +3,7 @@ neighbour, so pixels stay pixels); larger ones keep their size, and a grid keeps
 are in the image: a title (what is shown: step, temperature, bits/dim), a heading per part and a label
 per row, in PIL's default font. The PNG's text metadata holds the same labels ("Title", "Description"),
 and `caption` gives them as one line for the loggers. Files are written whole or not at all
-(vdvae.interrupts.atomic_path).
+(vdvae.files.atomic_path).
 """
 
 from dataclasses import dataclass, field
@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from torchvision.utils import make_grid
 
-from vdvae.interrupts import atomic_path
+from vdvae.files import atomic_path
 
 MIN_CELL = 64  # px per image, at least, once scaled
 PAD = 2  # px between images

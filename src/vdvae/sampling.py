@@ -16,7 +16,7 @@ than the file stores is refused, so memory follows the file's size). Images are 
 `batch_size` at a time (`decode_latents`).
 
 Every output is written under a temporary name and renamed into place when complete
-(`vdvae.interrupts.atomic_path`): an interrupted command never leaves a file that looks whole.
+(`vdvae.files.atomic_path`): an interrupted command never leaves a file that looks whole.
 """
 
 from pathlib import Path
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vdvae.files import atomic_path
 from vdvae.grids import Part, save_figure
-from vdvae.interrupts import atomic_path
 from vdvae.model import VAE
 from vdvae.progress import advance
 

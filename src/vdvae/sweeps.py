@@ -27,6 +27,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 
+from vdvae import run_folder
+from vdvae.config import is_worker_process
+from vdvae.errors import RunDiverged, TrainingStalled, one_line
+
 log = logging.getLogger(__name__)
 
 RECORD = "job.json"
@@ -34,25 +38,12 @@ RECORD = "job.json"
 REPORTED: dict = {}
 
 
-class RunDiverged(ValueError):
-    """Training ended with a non-finite objective or test score: the run diverged."""
-
-
-class TrainingStalled(RuntimeError):
-    """Training stopped because every update in a row was skipped; the message says what to change."""
-
-
-class JobDied(RuntimeError):
-    """A sweep job ended with no result: killed outside Python (the out-of-memory killer, SIGKILL, a crash
-    of the interpreter, a failed node). Its launcher reports it (hydra_plugins.vdvae_sweepers)."""
-
-
 def resume_hint(run_dir: Path | None, overrides=()) -> str:
     """The command that resumes the run in `run_dir` (made with `overrides`) from its last.ckpt, in
     place, or that it saved none yet."""
     if run_dir is None:
         return "its last.ckpt resumes it"
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    last = run_folder.last_checkpoint(run_dir)
     if not last.is_file():
         return f"no checkpoint yet in {last.parent}"
     return "resume it: " + shlex.join(["python", "train.py", *overrides, f"ckpt_path={last}"])
@@ -81,7 +72,7 @@ def make_record(job: str, overrides, error: BaseException | None, **measured) ->
         "overrides": list(overrides or []),
         "status": status_of(error),
         **measured,
-        "error": " ".join(str(error).split())[:1000] if error is not None else None,
+        "error": one_line(error, 1000) if error is not None else None,
     }
 
 
@@ -97,8 +88,6 @@ class JobRecord(Callback):
         self._started = time.monotonic()
 
     def on_job_end(self, config, job_return, **kwargs):
-        from vdvae.config import is_worker_process
-
         out = Path(str(config.hydra.runtime.output_dir))
         if HydraConfig.get().mode != RunMode.MULTIRUN or is_worker_process() or not out.is_dir():
             return

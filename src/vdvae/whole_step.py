@@ -17,6 +17,7 @@ interpret its Python, AOTAutograd traces it at the operator level, once, into th
 """
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.func import functional_call, grad_and_value
 
 from vdvae.model.vae import ELBO
@@ -44,6 +45,18 @@ def unavailable_reason(module) -> str | None:
     if not hasattr(torch._dynamo, "nonstrict_trace"):
         return f"the captured step needs torch._dynamo.nonstrict_trace (torch >= 2.8), not torch {torch.__version__}"
     return None
+
+
+def build_whole_step(module, optimizer):
+    """With `model.cuda_graphs`, the whole step compiled for CUDA graphs; else (or where it cannot run, with
+    a warning saying why) False: the eager step."""
+    if not module.hparams.cuda_graphs:
+        return False
+    reason = unavailable_reason(module)
+    if reason:
+        rank_zero_warn(f"model.cuda_graphs=true: {reason}; training runs the eager step instead")
+        return False
+    return compile_whole_step(module, optimizer, mode="reduce-overhead")
 
 
 def compile_whole_step(module, optimizer, **compile_kwargs):

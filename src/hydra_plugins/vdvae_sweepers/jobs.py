@@ -6,7 +6,8 @@ from pathlib import Path
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict
 
-from vdvae.sweeps import JobDied, resume_hint
+from vdvae.errors import JobDied
+from vdvae.sweeps import resume_hint
 
 
 def run_dir(launcher, overrides, number: int, job_id: str) -> Path:

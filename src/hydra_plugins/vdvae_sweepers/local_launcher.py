@@ -2,7 +2,7 @@
 at most `n_jobs` at a time, the next one starting as soon as one ends.
 
 A job that dies (the out-of-memory killer, SIGKILL, a crash of the interpreter) fails alone: it comes back
-as a failed job (`vdvae.sweeps.JobDied`: crashed in the sweep's summary, with the command that resumes it)
+as a failed job (`vdvae.errors.JobDied`: crashed in the sweep's summary, with the command that resumes it)
 and the others run on. (A pool of workers, as joblib's, stops every job of the sweep when one of its
 workers dies.) SIGTERM or Ctrl-C to the sweep stops its running jobs as it stops a run, each saving its
 last.ckpt, and the sweep exits 143 or 130 once they have.
@@ -24,7 +24,8 @@ from omegaconf import open_dict
 
 from hydra_plugins.vdvae_sweepers import jobs
 from vdvae.config import wanted_value
-from vdvae.interrupts import Interrupted, signals_interrupt
+from vdvae.errors import Interrupted
+from vdvae.lifecycle import EXIT_STATUS, StopController
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class LocalLauncher(Launcher):
         for job in batch:
             log.info("\t#%d : %s", job.number, " ".join(filter_overrides(job.overrides)))
         try:
-            with signals_interrupt():
+            with StopController():
                 self._run(batch)
         except Interrupted as stop:
             running = [job for job in batch if job.process is not None and job.process.is_alive()]
@@ -59,7 +60,7 @@ class LocalLauncher(Launcher):
                 job.process.terminate()  # SIGTERM: the run stops at its next step and saves
             for job in running:
                 job.process.join()  # Ctrl-C again: at once
-            raise SystemExit(stop.exit_code) from None
+            raise SystemExit(EXIT_STATUS[type(stop)]) from None
         return [job.result for job in batch]
 
     def _run(self, batch):

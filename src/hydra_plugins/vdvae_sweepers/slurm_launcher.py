@@ -3,7 +3,7 @@
 Hydra's launcher collects its jobs' results one after another and raises at the first job that left
 none: a job killed outside Python (the out-of-memory killer, SIGKILL, a failed node) loses the results
 of the whole batch, and the sweep ends with a traceback and no summary. Here such a job comes back as a
-failed job (`vdvae.sweeps.JobDied`: status crashed in the sweep's summary) that names its SLURM state,
+failed job (`vdvae.errors.JobDied`: status crashed in the sweep's summary) that names its SLURM state,
 its output and the checkpoint that resumes it; every other job comes back as it ended.
 """
 

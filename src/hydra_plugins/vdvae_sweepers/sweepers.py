@@ -22,6 +22,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from vdvae import sweeps
+from vdvae.errors import one_line
+from vdvae.lifecycle import refuse
 
 try:  # the optuna extra (pip install -e '.[optuna]'); Hydra imports this module for every command
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as HydraOptunaSweeper
@@ -58,7 +60,7 @@ def _finish(sweep_dir, records: list[dict], config, extra: str = ""):
         kinds = ", ".join(
             f"{s}: {sum(r['status'] == s for r in failed)}" for s in sorted({r["status"] for r in failed})
         )
-        raise SystemExit(f"Error: {len(failed)} of {len(records)} jobs failed ({kinds}): see {summary}")
+        refuse(f"{len(failed)} of {len(records)} jobs failed ({kinds}): see {summary}")
 
 
 class _Settling:
@@ -175,5 +177,5 @@ def _study_summary(study) -> str:
             importances = optuna.importance.get_param_importances(study)
             lines.append("parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
         except Exception as error:  # needs two complete trials with varied parameters, and scikit-learn
-            lines.append(f"parameter importances: not available ({' '.join(str(error).split())[:120]})")
+            lines.append(f"parameter importances: not available ({one_line(error, 120)})")
     return "\n".join(lines)

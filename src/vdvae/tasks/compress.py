@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image
 
+from vdvae import run_folder
 from vdvae.compression import (
     CodingOptions,
     CompressedFileError,
@@ -31,10 +31,11 @@ from vdvae.compression import (
     read_compressed,
     read_file,
 )
-from vdvae.config import check_mode, no_run_dir_on_failure
+from vdvae.config import check_mode
 from vdvae.data.base import first_images
 from vdvae.data.folder import input_files
-from vdvae.interrupts import atomic_path, write_atomically
+from vdvae.files import atomic_path, write_atomically
+from vdvae.lifecycle import no_run_dir_on_failure
 from vdvae.progress import progress
 from vdvae.sampling import pil_image
 
@@ -122,7 +123,7 @@ def unique_names(files) -> list[str]:
 def compress(cfg: DictConfig) -> list[Path]:
     with no_run_dir_on_failure():
         check_mode(cfg)  # with the checkpoint, checked before the run directory exists, except in sweeps
-        out = Path(HydraConfig.get().runtime.output_dir)
+        out = run_folder.current()
         if cfg.mode == "decompress":
             return decompress_file(cfg, out)
         return compress_images(cfg, out)

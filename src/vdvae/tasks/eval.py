@@ -6,16 +6,16 @@ trainer.enable_progress_bar=false); logs and pipes get none."""
 import json
 import logging
 import math
-from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from vdvae import run_folder
 from vdvae.checkpoints import data_module, load_module, module_from_checkpoint
-from vdvae.config import check_model_and_data, no_run_dir_on_failure, route_library_logs
+from vdvae.config import check_model_and_data
 from vdvae.data.base import first_images
-from vdvae.interrupts import write_atomically
+from vdvae.files import write_atomically
+from vdvae.lifecycle import no_run_dir_on_failure, route_library_logs
 from vdvae.metrics import format_table
 from vdvae.progress import advance, progress
 
@@ -74,7 +74,7 @@ def evaluate(cfg: DictConfig) -> dict:
             f"finite): no eval.json written. The model is unstable on this data: try an earlier checkpoint"
         )
     if trainer.global_rank == 0:
-        out = Path(HydraConfig.get().runtime.output_dir) / "eval.json"
+        out = run_folder.current() / "eval.json"
         kl = [metrics[k] for k in sorted(metrics) if k.startswith("test/kl/group_")]
         active = [metrics[k] for k in sorted(metrics) if k.startswith("test/active_units/group_")]
         report = {

@@ -19,14 +19,14 @@ import math
 from pathlib import Path
 
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from vdvae import sampling
+from vdvae import run_folder, sampling
 from vdvae.checkpoints import data_module, load_module
-from vdvae.config import check_mode, no_run_dir_on_failure
+from vdvae.config import check_mode
 from vdvae.data.base import first_images
 from vdvae.grids import Part, save_figure
+from vdvae.lifecycle import no_run_dir_on_failure
 from vdvae.progress import progress
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def sample(cfg: DictConfig) -> list[Path]:
             images, inputs, targets = input_images(cfg, vae, checkpoint, device)
             if cfg.mode == "interpolate" and len(images) < 2:
                 raise ValueError(f"mode=interpolate needs two images or more; the inputs hold {len(images)}")
-    out = Path(HydraConfig.get().runtime.output_dir)
+    out = run_folder.current()
     job = Job(cfg, vae, out, batch_size, mode_temperatures(cfg), checkpoint_note(checkpoint, cfg.use_ema))
     torch.manual_seed(cfg.seed)
     if cfg.mode == "samples":

@@ -1,43 +1,29 @@
 """The training recipe: check the config, load the data, build module, callbacks, loggers and
-trainer from the config, fit, test, and return the metric a sweep optimizes."""
+trainer from the config, fit, test, and return the metric a sweep optimizes. Around it, the run
+lifecycle (vdvae.lifecycle) decides how it ends; during fit and test its stop controller stops training
+at a step boundary."""
 
 import logging
 import math
 import os
-from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from vdvae import sweeps
-from vdvae.checkpoints import check_resume, check_writable, resolve
-from vdvae.config import CHECKPOINT_DIR, check_config, no_run_dir_on_failure, route_library_logs
-from vdvae.interrupts import CtrlCStopsAtStep
+from vdvae import run_folder, sweeps
+from vdvae.checkpoints import check_writable, resolve
+from vdvae.config import check_config
+from vdvae.errors import RunDiverged
+from vdvae.lifecycle import StopController, no_run_dir_on_failure, route_library_logs
 from vdvae.loggers import loggers_from_config
 from vdvae.metrics import format_table
-from vdvae.slurm import RequeueOnSignal
+from vdvae.resume import ResumeState, check_resume, previous_last_checkpoint
+from vdvae.schedule import check_schedule
 
 log = logging.getLogger(__name__)
-
-
-# The exit status of a run stopped by SIGTERM after saving (128 + 15, as the shell reports a kill by
-# SIGTERM), so that SLURM and wrapper scripts can tell a pre-empted run from a finished one.
-SIGTERM_EXIT_CODE = 143
-INTERRUPT_EXIT_CODE = 130  # Ctrl-C: 128 + SIGINT
-
-
-def previous_last_checkpoint() -> str | None:
-    """`last.ckpt` of this job's run directory if it already has one: the job is a requeued one (a SLURM
-    job that submitit resubmits with its original overrides into the same directory), which resumes."""
-    try:
-        last = Path(HydraConfig.get().runtime.output_dir) / CHECKPOINT_DIR / "last.ckpt"
-    except ValueError:  # not under Hydra
-        return None
-    return str(last) if last.is_file() else None
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -62,16 +48,17 @@ def train(cfg: DictConfig) -> float | None:
         datamodule.setup("fit")  # missing or corrupt data fails here, before any output is written
         # Not recursive: the data config is stored as plain values, not instantiated.
         data_config = OmegaConf.to_container(cfg.data, resolve=True)
-        module = instantiate(cfg.model, data_config=data_config, accumulate_grad_batches=accumulate, _recursive_=False)
+        module = instantiate(cfg.model, accumulate_grad_batches=accumulate, _recursive_=False)
         if ckpt_path:  # a W&B artifact: downloaded once, and the local file is what training resumes from
             ckpt_path = str(resolve(ckpt_path))
         resumed = check_resume(ckpt_path, module) if ckpt_path else None
-        check_writable(Path(cfg.paths.output_dir) / CHECKPOINT_DIR)
+        check_writable(run_folder.checkpoints(cfg.paths.output_dir))
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        callbacks.append(ResumeState(data_config))
         # The trainer before the loggers, which write into the run directory: a trainer option Lightning
         # refuses (an accelerator the machine lacks, a misspelt strategy) leaves nothing behind.
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, accumulate_grad_batches=1)
-        module.check_schedule(trainer.max_steps)
+        check_schedule(module.hparams, trainer.max_steps)
     trainer.loggers = loggers_from_config(cfg.get("logger"), resumed)
     del resumed
     for logger in trainer.loggers:
@@ -85,8 +72,7 @@ def train(cfg: DictConfig) -> float | None:
         datamodule.name,
     )
 
-    requeue = RequeueOnSignal()  # SLURM pre-emption and time limits under submitit
-    with CtrlCStopsAtStep() as ctrl_c:
+    with StopController(at_step=True) as stop:  # also SLURM's pre-emption and time limits under submitit
         try:
             try:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -104,18 +90,14 @@ def train(cfg: DictConfig) -> float | None:
             if cfg.get("test"):
                 metrics.update(score_test_set(trainer, module, datamodule))
         except SIGTERMException:  # Lightning's stop at a step boundary, in training or testing
-            if requeue.caught:
-                requeue.requeue()
-            code = INTERRUPT_EXIT_CODE if ctrl_c.caught else SIGTERM_EXIT_CODE
-            log.error("stopped by %s; exit status %d", "Ctrl-C" if ctrl_c.caught else "SIGTERM", code)
-            raise SystemExit(code) from None
+            raise stop.stopped() from None
     value = metrics.get(objective)
     sweeps.report(objective=value)
     broken = [k for k in (objective, "test/bpd") if k in metrics and not math.isfinite(metrics[k])]
     if broken:
-        raise sweeps.RunDiverged(
+        raise RunDiverged(
             f"{broken[0]}={metrics[broken[0]]}: the run diverged (its last state is in "
-            f"{Path(cfg.paths.output_dir) / CHECKPOINT_DIR / 'last.ckpt'}); lower model.lr or model.skip_threshold"
+            f"{run_folder.last_checkpoint(cfg.paths.output_dir)}); lower model.lr or model.skip_threshold"
         )
     return value
 
