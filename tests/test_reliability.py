@@ -205,7 +205,7 @@ def test_a_diverging_run_stops_saved_with_a_nonzero_status_and_no_crash_in_the_i
         (["seed=-1"], "seed=-1 is not valid: it must be an integer >= 0 and <= 4294967295"),
     ],
 )
-def test_bad_values_are_refused_by_the_check_that_runs_before_the_run_directory(args, message):
+def test_bad_values_are_refused_by_the_check_that_runs_before_the_run_directory(args, message, capsys):
     from hydra.core.hydra_config import HydraConfig
 
     from tests.conftest import compose_config
@@ -213,8 +213,9 @@ def test_bad_values_are_refused_by_the_check_that_runs_before_the_run_directory(
 
     cfg = compose_config(*TINY_RUN, *args, config_name="train")
     HydraConfig.instance().set_config(cfg)
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(SystemExit) as refused:
         RunDirGuard().on_run_start(config=cfg)
+    assert refused.value.code == 1 and message in capsys.readouterr().err
 
 
 def test_a_bad_value_fails_as_typed_in_one_short_message_before_a_run_directory_exists(tmp_path):

@@ -109,17 +109,27 @@ def resolve(path: str) -> Path:
     return p
 
 
-def load_checkpoint(path, mmap: bool = False) -> dict:
-    """torch.load a checkpoint on the CPU, weights-only (a checkpoint is data, never code), explaining failures;
-    `mmap`: its tensors mapped, not read (see `load_weights_only`)."""
+# The file this process read last, by identity, and what it holds: the checks before a run and the run
+# itself read a checkpoint once. Treat what `load_checkpoint` returns as read-only.
+_last_read: tuple = (None, None)
+
+
+def load_checkpoint(path) -> dict:
+    """torch.load a checkpoint on the CPU, weights-only (a checkpoint is data, never code), explaining failures.
+    Its tensors are mapped, not read (see `load_weights_only`); an unchanged file is read once per process."""
+    global _last_read
     p = resolve(path)
-    checkpoint = load_weights_only(p, "checkpoint", CheckpointError, mmap=mmap)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise CheckpointError(
-            f"{p} is not a vdvae checkpoint (no state_dict and hyper_parameters); weights of the "
-            f"original VDVAE code are converted with import_original.py"
-        )
-    return checkpoint
+    stat = p.stat()
+    identity = (str(p.absolute()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if _last_read[0] != identity:
+        checkpoint = load_weights_only(p, "checkpoint", CheckpointError, mmap=True)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+            raise CheckpointError(
+                f"{p} is not a vdvae checkpoint (no state_dict and hyper_parameters); weights of the "
+                f"original VDVAE code are converted with import_original.py"
+            )
+        _last_read = (identity, checkpoint)
+    return _last_read[1]
 
 
 def state_mismatch(expected: dict, found: dict, limit: int = 5) -> str:
@@ -163,7 +173,7 @@ def _holds_like(tensor, like) -> bool:
 def check_checkpoint(path, stored_data: bool) -> dict:
     """The checkpoint at `path`, its tensors mapped (not read), after checking that it is one and, where
     `stored_data` (the data it was trained on will be used), that its data config is plain data."""
-    checkpoint = load_checkpoint(path, mmap=True)
+    checkpoint = load_checkpoint(path)
     if stored_data and "data_config" in checkpoint:
         try:
             check_stored_data_config(checkpoint["data_config"])

@@ -29,9 +29,8 @@ def register_plugins():
     from hydra_plugins.vdvae_sweepers import local_launcher, sweepers
 
     plugins.register(local_launcher.LocalLauncher)
-    for sweeper in (sweepers.BasicSweeper, sweepers.OptunaSweeper):
-        if issubclass(sweeper, Sweeper):  # the Optuna one where the optuna extra is installed
-            plugins.register(sweeper)
+    if issubclass(sweepers.OptunaSweeper, Sweeper):  # where the optuna extra is installed
+        plugins.register(sweepers.OptunaSweeper)
     try:  # where the slurm extra is installed
         from hydra_plugins.vdvae_sweepers.slurm_launcher import SlurmLauncher
     except ImportError:

@@ -1,8 +1,11 @@
-"""The ways a command can end other than by finishing, as exceptions every layer may raise, and the one
-way an error is put in one line. What each means to the user (its exit status, its message, its folder)
-is decided by the run lifecycle (vdvae.lifecycle); nothing here catches anything."""
+"""The ways a command can end other than by finishing: the exceptions every layer may raise, the exit
+status of each (`EXIT_STATUS`), the one way an error is put in one line, and `refuse`, which ends a
+command with that line. Where each is caught, and what happens to the run's folder, is the run lifecycle's
+(vdvae.lifecycle); nothing here catches anything."""
 
 import signal
+import sys
+from typing import NoReturn
 
 
 def one_line(error: BaseException | str, limit: int | None = None) -> str:
@@ -52,3 +55,14 @@ class Terminated(Interrupted):
     """SIGTERM arrived: the command stops."""
 
     signum = signal.SIGTERM
+
+
+# The exit status of each way a command ends without finishing. A stop is 128 + its signal, as the shell
+# reports a command it killed, so that SLURM and scripts tell a stopped run from a finished one.
+EXIT_STATUS = {Interrupted: 128 + signal.SIGINT, Terminated: 128 + signal.SIGTERM, "refused": 1}
+
+
+def refuse(error: BaseException | str, note: str = "") -> NoReturn:
+    """End the command in one line, `Error: ...` (and `note`), with a refusal's exit status."""
+    print(f"Error: {one_line(error)}{note}", file=sys.stderr)
+    raise SystemExit(EXIT_STATUS["refused"])

@@ -2,9 +2,10 @@
 
 - How a command ends (`command`, the wrapper of every task): a refusal (a ValueError or OSError: bad
   input, a damaged file, a folder it cannot write; or a stalled run) ends it with one line, `Error: ...`,
-  exit status 1 (HYDRA_FULL_ERROR=1: the traceback); SIGTERM and Ctrl-C with 143 and 130 (`EXIT_STATUS`);
-  inside a sweep a failure is the job's alone (Hydra records it, vdvae.sweeps its record). Either way a
-  run folder this run created and left empty is removed, and the job's W&B run is finished.
+  exit status 1 (HYDRA_FULL_ERROR=1: the traceback); SIGTERM and Ctrl-C with 143 and 130 (the statuses:
+  vdvae.errors.EXIT_STATUS). A training sweep's job that fails does so alone: its record says how
+  (vdvae.sweeps) and it returns, so that the sweep goes on. A run folder this run created and left empty
+  is removed, and the job's W&B run is finished.
 - Which folder is this run's (`RunDirGuard`, a Hydra callback): a run never writes into an earlier run's
   folder except to resume it, and only a folder this run created is ever removed.
 - Signals (`StopController`): SIGINT, SIGTERM and SIGUSR2 stop the command at once, or in training at the
@@ -21,23 +22,18 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from vdvae import run_folder
+from vdvae import run_folder, sweeps
 from vdvae.config import check_config, check_mode, check_optimized_metric, check_trainer, is_worker_process
-from vdvae.errors import ConfigError, Interrupted, JobEnded, Terminated, TrainingStalled, one_line
+from vdvae.errors import EXIT_STATUS, ConfigError, Interrupted, JobEnded, Terminated, TrainingStalled, refuse
 
 log = logging.getLogger(__name__)
 
-# How a command that does not finish ends: the exit status of each kind of end. A stop is 128 + its
-# signal, as the shell reports a command it killed, so that SLURM and scripts tell a stopped run from a
-# finished one.
-EXIT_STATUS = {Interrupted: 128 + signal.SIGINT, Terminated: 128 + signal.SIGTERM, "refused": 1}
 # What is a refusal (bad input, explained in one line), not a crash (a traceback).
 REFUSALS = (ValueError, OSError, TrainingStalled)
 
@@ -53,19 +49,19 @@ def command(task, cfg: DictConfig):
         remove_empty_run_dir()
         log.error("%s", stop.line or f"{stop}; no result written")
         raise SystemExit(EXIT_STATUS[type(stop)]) from None
-    except REFUSALS as error:
+    except Exception as error:
+        if sweeps.recording():  # a training sweep's job fails alone: its record says how, the sweep goes on
+            sweeps.report(error=error)
+            _traceback_kept_in_log(error)
+            return None
+        if not isinstance(error, REFUSALS):
+            raise  # a crash: its traceback
         remove_empty_run_dir()
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_a_sweep():
-            raise  # a sweep's job fails alone: Hydra records it and runs the others
+            raise  # in other sweeps, Hydra records the failure
         refuse(error, _traceback_kept_in_log(error))
     finally:
         finish_wandb()
-
-
-def refuse(error: BaseException | str, note: str = "") -> NoReturn:
-    """End the command in one line, `Error: ...` (and `note`), with a refusal's exit status."""
-    print(f"Error: {one_line(error)}{note}", file=sys.stderr)
-    raise SystemExit(EXIT_STATUS["refused"])
 
 
 def _in_a_sweep() -> bool:
@@ -112,6 +108,16 @@ def route_library_logs():
 # The run directory this process's job created (set by RunDirGuard as the job starts), or None: one that
 # existed before (a folder of the user's, a run being resumed or requeued) is never removed.
 _created_run_dir: Path | None = None
+# The run directory whose config (and the checkpoint it names) RunDirGuard checked before the run started.
+_checked_run_dir: Path | None = None
+
+
+def checked_before_start() -> bool:
+    """Whether this run's config, and the checkpoint it names, were checked before the run started (single
+    runs, by RunDirGuard): the recipe need not check them again. A sweep's jobs, and recipes run in-process,
+    check their own."""
+    folder = run_folder.current()
+    return folder is not None and folder.absolute() == _checked_run_dir
 
 
 @contextlib.contextmanager
@@ -174,12 +180,14 @@ class RunDirGuard(Callback):
         self.existed: dict[str, set[str] | None] = {}
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        global _checked_run_dir
         self.existed = {"run": _entries(config.hydra.run.dir)}
         # Hydra turns a callback's exception into a warning and goes on: stop the run with its message instead.
         try:
             self.check(config)
         except Exception as error:
             refuse(error)
+        _checked_run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.existed = {"sweep": _entries(config.hydra.sweep.dir)}

@@ -1,17 +1,18 @@
 """What a sweep's jobs did, and the table that says it.
 
-Every job of a multirun records itself in `<job dir>/job.json` as it ends (`JobRecord`, a Hydra callback
-that runs in the job's own process, whatever the launcher): its overrides, its status, its objective,
-its best val/bpd, its steps and its wall time. The status is one of
+Every job of a multirun records itself in `<job dir>/job.json` (`JobRecord`, a Hydra callback that runs
+in the job's own process, whatever the launcher): "running" as it starts, then its overrides, its status,
+its objective, its best val/bpd, its steps and its wall time. The status is one of
 
     completed   trained and returned a finite objective
     diverged    its metrics are NaN or infinite (`RunDiverged`)
     stalled     the stall guard stopped it: every update in a row was skipped (`TrainingStalled`)
-    crashed     any other failure
+    crashed     any other failure, or none recorded: the job was killed outside Python
 
-At the end the sweeper (hydra_plugins.vdvae_sweepers) gathers the records into `summary.md` and
-`summary.csv` in the sweep's folder, logs the table, and sends it to W&B as a summary run where W&B is
-the logger; an Optuna study adds its best trial and the parameters' importances.
+At the end of the sweep `SweepSummary` (a Hydra callback too) gathers the records into `summary.md` and
+`summary.csv` in the sweep's folder, logs the table, sends it to W&B as a summary run where W&B is the
+logger (an Optuna study adds its best trial and the parameters' importances, `NOTES`), and ends the sweep
+with exit status 1 if a job failed.
 """
 
 import csv
@@ -29,7 +30,7 @@ from hydra.types import RunMode
 
 from vdvae import run_folder
 from vdvae.config import is_worker_process
-from vdvae.errors import RunDiverged, TrainingStalled, one_line
+from vdvae.errors import RunDiverged, TrainingStalled, one_line, refuse
 
 log = logging.getLogger(__name__)
 
@@ -81,29 +82,92 @@ def _finite_or_none(value):
 
 
 class JobRecord(Callback):
-    """Writes `job.json` into each multirun job's directory as the job ends."""
+    """Writes `job.json` into each multirun job's directory: "running" as the job starts, what it did as it
+    ends. A job that fails does so alone: the run lifecycle notes its error here (`report(error=...)`) and
+    the job returns, so that the sweep goes on."""
 
     def on_job_start(self, config, **kwargs):
+        global _recording
         REPORTED.clear()
         self._started = time.monotonic()
+        out = Path(str(config.hydra.runtime.output_dir))
+        _recording = HydraConfig.get().mode == RunMode.MULTIRUN and not is_worker_process()
+        if _recording:
+            started = make_record(out.name, config.hydra.overrides.task, None, num=config.hydra.job.num)
+            write_record(out, {**started, "status": "running"})
 
     def on_job_end(self, config, job_return, **kwargs):
-        out = Path(str(config.hydra.runtime.output_dir))
-        if HydraConfig.get().mode != RunMode.MULTIRUN or is_worker_process() or not out.is_dir():
+        global _recording
+        out, recording, _recording = Path(str(config.hydra.runtime.output_dir)), _recording, False
+        if not recording or not out.is_dir():
             return
-        error = job_return._return_value if job_return.status.name == "FAILED" else None
+        error = REPORTED.get("error") or (job_return._return_value if job_return.status.name == "FAILED" else None)
         record = make_record(
             out.name,
             job_return.overrides,
             error,
+            num=config.hydra.job.num,
             objective=_finite_or_none(REPORTED.get("objective")),
             best_val_bpd=_finite_or_none(REPORTED.get("best_val_bpd")),
             steps=REPORTED.get("steps"),
-            seconds=round(time.monotonic() - getattr(self, "_started", time.monotonic()), 1),
+            seconds=round(time.monotonic() - self._started, 1),
         )
-        (out / RECORD).write_text(json.dumps(record, indent=1))
+        write_record(out, record)
         if error is not None:
             log.error("job %s %s: %s", record["job"], record["status"], record["error"])
+
+
+# Whether this process runs a sweep job that JobRecord records (its failure is then the job's alone).
+_recording = False
+
+
+def recording() -> bool:
+    return _recording
+
+
+def write_record(job_dir: Path, record: dict):
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    (Path(job_dir) / RECORD).write_text(json.dumps(record, indent=1))
+
+
+def sweep_records(sweep_dir: Path) -> list[dict]:
+    """The records of the jobs in `sweep_dir`, in the order they were started; a job whose record still says
+    "running" died without writing its end (killed outside Python): crashed, with how to resume it."""
+    records = []
+    for folder in sorted(Path(sweep_dir).iterdir()) if Path(sweep_dir).is_dir() else []:
+        record = read_record(folder)
+        if record is None:
+            continue
+        if record["status"] == "running":
+            hint = resume_hint(folder, record["overrides"])
+            record.update(status="crashed", error=f"the job ended without a record of its end (killed?); {hint}")
+        records.append(record)
+    return sorted(records, key=lambda r: (r.get("num") is None, r.get("num") or 0, r["job"]))
+
+
+# What a sweeper adds below the table of its sweep (an Optuna study: its best trial, the importances).
+NOTES: list[str] = []
+
+
+class SweepSummary(Callback):
+    """At the end of a sweep: `summary.md` and `summary.csv` of its jobs' records, the table in the log and
+    in W&B; a sweep with a failed job exits non-zero, in one line."""
+
+    def on_multirun_start(self, config, **kwargs):
+        NOTES.clear()
+
+    def on_multirun_end(self, config, **kwargs):
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        records = sweep_records(sweep_dir)
+        if not records:
+            return
+        summary = write_summary(sweep_dir, records, "\n".join(NOTES), config)
+        failed = [r for r in records if r["status"] != "completed"]
+        if failed:
+            kinds = ", ".join(
+                f"{s}: {sum(r['status'] == s for r in failed)}" for s in sorted({r["status"] for r in failed})
+            )
+            refuse(f"{len(failed)} of {len(records)} jobs failed ({kinds}): see {summary}")
 
 
 def read_record(job_dir: Path) -> dict | None:

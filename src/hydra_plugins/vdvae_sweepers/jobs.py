@@ -1,13 +1,14 @@
 """What this package's launchers share: the run directory of a sweep job, and a job that died without a
-result (killed outside Python) as a failed job of the sweep, which the sweepers record as crashed."""
+result (killed outside Python), which only its launcher sees: its record says so (vdvae.sweeps), and it
+comes back to the sweeper as a job without a value, so that the sweep goes on."""
 
 from pathlib import Path
 
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict
 
+from vdvae import sweeps
 from vdvae.errors import JobDied
-from vdvae.sweeps import resume_hint
 
 
 def run_dir(launcher, overrides, number: int, job_id: str) -> Path:
@@ -19,12 +20,14 @@ def run_dir(launcher, overrides, number: int, job_id: str) -> Path:
 
 
 def died(launcher, overrides, number: int, job_id: str, what: str, output=None) -> JobReturn:
-    """A failed JobReturn for a job that left no result: `what` happened, how to resume it, its output."""
+    """Record that job `number` left no result (`what` happened; how to resume it; its output), and its
+    JobReturn: completed, without a value."""
     folder = run_dir(launcher, overrides, number, job_id)
-    message = f"{what}; {resume_hint(folder, overrides)}" + (f"; its output: {output}" if output else "")
+    message = f"{what}; {sweeps.resume_hint(folder, overrides)}" + (f"; its output: {output}" if output else "")
+    sweeps.write_record(folder, sweeps.make_record(folder.name, overrides, JobDied(message), num=number))
     return JobReturn(
         overrides=list(overrides),
         hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": str(folder)}}}),
-        status=JobStatus.FAILED,
-        _return_value=JobDied(message),
+        status=JobStatus.COMPLETED,
+        _return_value=None,
     )

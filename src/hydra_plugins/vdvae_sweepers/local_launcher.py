@@ -20,12 +20,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from hydra_plugins.vdvae_sweepers import jobs
 from vdvae.config import wanted_value
-from vdvae.errors import Interrupted
-from vdvae.lifecycle import EXIT_STATUS, StopController
+from vdvae.errors import EXIT_STATUS, Interrupted
+from vdvae.lifecycle import StopController
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ def _run_job(job: bytes, writer):
         job_dir_key="hydra.sweep.dir",
         job_subdir_key="hydra.sweep.subdir",
     )
+    # Plain values: the config's dataclass nodes (Hydra's sweeper's) are classes of this process's plugin scan.
+    result.hydra_cfg = OmegaConf.create(OmegaConf.to_container(result.hydra_cfg))
     try:
         writer.send(result)  # pickled whole before anything is written
     except (pickle.PicklingError, TypeError, AttributeError):  # an error that cannot be pickled: its words

@@ -2,58 +2,60 @@
 
 Hydra's launcher collects its jobs' results one after another and raises at the first job that left
 none: a job killed outside Python (the out-of-memory killer, SIGKILL, a failed node) loses the results
-of the whole batch, and the sweep ends with a traceback and no summary. Here such a job comes back as a
-failed job (`vdvae.errors.JobDied`: status crashed in the sweep's summary) that names its SLURM state,
-its output and the checkpoint that resumes it; every other job comes back as it ended.
+of the whole batch, and the sweep ends with a traceback and no summary. This launch submits the jobs as
+Hydra's does (the same options, each job run by Hydra's job function) and collects every result: a job
+that left none is recorded as crashed (`vdvae.errors.JobDied`) with its SLURM state, its output and the
+checkpoint that resumes it, and every other job comes back as it ended.
 """
 
-from hydra.core.utils import JobReturn
+import logging
+from pathlib import Path
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf
 
 from hydra_plugins.vdvae_sweepers import jobs
 
+log = logging.getLogger(__name__)
+
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
-    def launch(self, job_overrides, initial_job_idx):
+    def launch(self, job_overrides, initial_job_idx) -> list[JobReturn]:
         import submitit  # here, as Hydra's launcher does: every command imports this module
 
-        # Hydra's launch submits with executor.map_array and then calls results() on each job it
-        # returned; for that one call, the jobs it gets are ones whose results() do not raise.
-        submit = submitit.AutoExecutor.map_array
+        options = dict(self.params)
+        executor = submitit.AutoExecutor(
+            folder=options.pop("submitit_folder"),
+            cluster="slurm",
+            slurm_max_num_timeout=options.pop("max_num_timeout", 0),
+        )
+        shared = set(OmegaConf.structured(BaseQueueConf).keys())  # every cluster's options; the rest are SLURM's
+        executor.update_parameters(**{k if k in shared else f"slurm_{k}": v for k, v in options.items()})
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        log.info("Submitit 'slurm' sweep output dir : %s", sweep_dir)
+        numbers = [initial_job_idx + i for i in range(len(job_overrides))]
+        overrides = [list(o) for o in job_overrides]
+        for number, job in zip(numbers, overrides, strict=True):
+            log.info("\t#%d : %s", number, " ".join(filter_overrides(job)))
+        state, n = Singleton.get_state(), len(numbers)
+        ids = [f"job_id_for_{number}" for number in numbers]
+        submitted = executor.map_array(self, overrides, ["hydra.sweep.dir"] * n, numbers, ids, [state] * n)
+        return [self._result(*job) for job in zip(submitted, overrides, numbers, strict=True)]
 
-        def map_array(executor, fn, overrides, job_dir_key, numbers, *rest):
-            submitted = submit(executor, fn, overrides, job_dir_key, numbers, *rest)
-            return [_Settled(self, *job) for job in zip(submitted, overrides, numbers, strict=True)]
-
-        submitit.AutoExecutor.map_array = map_array
-        try:
-            return super().launch(job_overrides, initial_job_idx)
-        finally:
-            del submitit.AutoExecutor.map_array  # the inherited one again
-
-
-class _Settled:
-    """A submitted job whose results() is a failed JobReturn, not an exception, where it left no result."""
-
-    def __init__(self, launcher: SlurmLauncher, job, overrides, number: int):
-        self.launcher, self.job, self.overrides, self.number = launcher, job, list(overrides), number
-
-    def results(self):
+    def _result(self, job, overrides: list, number: int) -> JobReturn:
+        """The job's JobReturn, or, where it left none, its death recorded (`jobs.died`)."""
         import submitit
 
         try:
-            return self.job.results()
-        except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as error:
-            return [self._failed(error)]
-
-    def _failed(self, error) -> JobReturn:
-        import submitit
-
-        if isinstance(error, submitit.core.utils.UncompletedJobError):
-            what = f"ended with no result (SLURM state {self.job.state}; killed outside Python: out of memory, "
+            return job.results()[0]
+        except submitit.core.utils.UncompletedJobError:
+            what = f"ended with no result (SLURM state {job.state}; killed outside Python: out of memory, "
             what += "SIGKILL or a failed node)"
-        else:
+        except submitit.core.utils.FailedJobError:
             what = "failed outside the run (see its output)"
-        job_id = self.job.job_id
-        what = f"SLURM job {job_id} {what}"
-        return jobs.died(self.launcher, self.overrides, self.number, job_id, what, self.job.paths.stderr)
+        what = f"SLURM job {job.job_id} {what}"
+        return jobs.died(self, overrides, number, job.job_id, what, job.paths.stderr)

@@ -1,29 +1,27 @@
-"""Sweeps that survive their jobs: a job that fails (diverged, stalled, crashed) fails alone, every
-other job still runs, the sweep's folder gets a table of what each job did (vdvae.sweeps), and the
-sweep exits non-zero at its end if any job failed.
+"""The Optuna sweeper (`hparams_search=optuna`): hydra-optuna-sweeper's search space and options, with a
+study loop of its own. A failed trial is told to the study as FAIL and the study goes on to `n_trials`;
+with a storage (on by default in conf/hparams_search/optuna.yaml) the same command continues a stopped
+study, keeping its finished trials and asking its interrupted ones again. Each job's record
+(vdvae.sweeps) gets its trial's number, and the sweep's summary the study's best trial and the
+parameters' importances.
 
-- `BasicSweeper`: Hydra's basic sweeper (grids of `a=1,2 b=x,y`), which stops at the first batch with
-  a failed job; here it goes on.
-- `OptunaSweeper`: hydra-optuna-sweeper's search space and options, with a study loop of its own: a
-  failed trial is recorded as FAIL and the study goes on to `n_trials` (the plugin's 1.2.0 release
-  crashes the whole study on a NaN objective, Hydra issue 2237); with a storage (on by default in
-  conf/hparams_search/optuna.yaml) the same command continues a stopped study, keeping its finished
-  trials and asking its interrupted ones again.
+The loop is a backport: hydra-optuna-sweeper 1.2.0 (the release that works with hydra-core 1.3) ends the
+whole study at a trial without a finite objective (Hydra issue 2237), and 1.3.0's `max_failure_rate` still
+fails there (`study.tell` is given values with state FAIL). It can go when a release tells such a trial as
+FAIL and goes on; until then it uses the plugin's private `_impl` helpers (search space, trial overrides),
+held by the pin in pyproject.toml.
 """
 
-import dataclasses
 import functools
 import logging
 import math
 from pathlib import Path
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper as HydraBasicSweeper
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from vdvae import sweeps
 from vdvae.errors import one_line
-from vdvae.lifecycle import refuse
 
 try:  # the optuna extra (pip install -e '.[optuna]'); Hydra imports this module for every command
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as HydraOptunaSweeper
@@ -38,58 +36,16 @@ def _job_dir(job: JobReturn) -> Path | None:
     return Path(output_dir) if output_dir else None
 
 
-def _record(job: JobReturn, **extra) -> dict:
-    """The job's own record (written by vdvae.sweeps.JobRecord), or what its return says where it left none."""
+def _note_trial(job: JobReturn, trial: int, value):
+    """The job's record gets its trial's number; a job that completed without an objective crashed."""
     folder = _job_dir(job)
     record = sweeps.read_record(folder) if folder else None
     if record is None:
-        name = folder.name if folder else "?"
-        if job.status == JobStatus.FAILED:
-            record = sweeps.make_record(name, job.overrides, job._return_value)
-        else:
-            record = {**sweeps.make_record(name, job.overrides, None), "status": "crashed"}
-            record["error"] = "no record: the job died"
-    return {**record, **extra}
-
-
-def _finish(sweep_dir, records: list[dict], config, extra: str = ""):
-    """Write the summary; exit non-zero, in one line, if a job failed."""
-    summary = sweeps.write_summary(sweep_dir, records, extra, config)
-    failed = [r for r in records if r["status"] != "completed"]
-    if failed:
-        kinds = ", ".join(
-            f"{s}: {sum(r['status'] == s for r in failed)}" for s in sorted({r["status"] for r in failed})
-        )
-        refuse(f"{len(failed)} of {len(records)} jobs failed ({kinds}): see {summary}")
-
-
-class _Settling:
-    """A launcher whose failed jobs come back as completed ones without a value, so that the sweeper goes on;
-    `returns` keeps what really happened."""
-
-    def __init__(self, launcher):
-        self.launcher, self.returns = launcher, []
-
-    def launch(self, job_overrides, initial_job_idx):
-        returns = self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
-        self.returns.extend(returns)
-        return [
-            dataclasses.replace(r, status=JobStatus.COMPLETED, _return_value=None)
-            if r.status == JobStatus.FAILED
-            else r
-            for r in returns
-        ]
-
-
-class BasicSweeper(HydraBasicSweeper):
-    def setup(self, *, hydra_context, task_function, config):
-        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        self.launcher = _Settling(self.launcher)
-
-    def sweep(self, arguments):
-        returns = super().sweep(arguments)
-        _finish(self.config.hydra.sweep.dir, [_record(r) for r in self.launcher.returns], self.config)
-        return returns
+        return
+    record["trial"] = trial
+    if record["status"] == "completed" and value is None:
+        record.update(status="crashed", error="no objective: the run returned none")
+    sweeps.write_record(folder, record)
 
 
 class OptunaSweeper(HydraOptunaSweeper or object):
@@ -126,7 +82,6 @@ class OptunaSweeper(HydraOptunaSweeper or object):
             1 for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not t.user_attrs.get("interrupted")
         )
         log.info("study %s (storage %s): %d of %d trials done", study.study_name, storage, done, n_trials)
-        records = []
         while done < n_trials:
             trials = [study.ask() for _ in range(min(impl.n_jobs, n_trials - done))]
             overrides = impl._configure_trials(trials, distributions, fixed)
@@ -138,15 +93,12 @@ class OptunaSweeper(HydraOptunaSweeper or object):
                     study.tell(trial, values=[float(value)])
                 else:
                     study.tell(trial, state=TrialState.FAIL)
-                record = _record(job, trial=trial.number)
-                if record["status"] == "completed" and value is None:
-                    record.update(status="crashed", error="no objective: the run returned none")
-                records.append(record)
+                _note_trial(job, trial.number, value)
             done += len(trials)
         sweep_dir = Path(self.sweeper.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         _write_results(study, sweep_dir / "optimization_results.yaml")
-        _finish(sweep_dir, records, self.sweeper.config, _study_summary(study))
+        sweeps.NOTES.append(_study_summary(study))  # below the sweep's table (vdvae.sweeps.SweepSummary)
 
 
 def _write_results(study, path: Path):

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vdvae.config import wanted_value
+
 _TOKEN = re.compile(r"^(\d+)(?:([xdmr])(\d+))?$")
 
 
@@ -69,7 +71,7 @@ def parse_block_string(blocks: str, kind: str) -> list[BlockSpec]:
 def widths_by_resolution(width: int, custom: str | Mapping | None, resolutions) -> dict[int, int]:
     """Channel width at each of `resolutions`: `width` unless `custom` ("512:32,256:64" or {512: 32}) says
     otherwise."""
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+    if wanted_value(width, "int", 1) is not None:
         raise ValueError(f"width must be a positive integer, got {width!r}")
     if isinstance(custom, str):
         try:

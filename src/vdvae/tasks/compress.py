@@ -35,7 +35,7 @@ from vdvae.config import check_mode
 from vdvae.data.base import first_images
 from vdvae.data.folder import input_files
 from vdvae.files import atomic_path, write_atomically
-from vdvae.lifecycle import no_run_dir_on_failure
+from vdvae.lifecycle import checked_before_start, no_run_dir_on_failure
 from vdvae.progress import progress
 from vdvae.sampling import pil_image
 
@@ -122,7 +122,8 @@ def unique_names(files) -> list[str]:
 
 def compress(cfg: DictConfig) -> list[Path]:
     with no_run_dir_on_failure():
-        check_mode(cfg)  # with the checkpoint, checked before the run directory exists, except in sweeps
+        if not checked_before_start():  # else checked with the checkpoint before the run directory existed
+            check_mode(cfg)
         out = run_folder.current()
         if cfg.mode == "decompress":
             return decompress_file(cfg, out)

@@ -23,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from vdvae import run_folder, sampling
 from vdvae.checkpoints import data_module, load_module
-from vdvae.config import check_mode
+from vdvae.config import check_mode, wanted_value
 from vdvae.data.base import first_images
 from vdvae.grids import Part, save_figure
-from vdvae.lifecycle import no_run_dir_on_failure
+from vdvae.lifecycle import checked_before_start, no_run_dir_on_failure
 from vdvae.progress import progress
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def input_images(cfg, vae, checkpoint, device):
 
 def check_batch_size(value):
     """`batch_size`: a whole number of images per pass, or null (None) for the model's default."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if wanted_value(value, "int", 1, nullable=True) is not None:
         raise ValueError(f"batch_size={value!r}: give a positive whole number of images per pass, or null")
     return value
 
@@ -75,7 +75,8 @@ def checkpoint_note(checkpoint: dict, use_ema: bool) -> list[str]:
 def sample(cfg: DictConfig) -> list[Path]:
     # Everything that reads the request's files runs first: a mistake leaves no run directory behind.
     with no_run_dir_on_failure():
-        check_mode(cfg)  # with the checkpoint, checked before the run directory exists, except in sweeps
+        if not checked_before_start():  # else checked with the checkpoint before the run directory existed
+            check_mode(cfg)
         check_batch_size(cfg.batch_size)
         module, checkpoint = load_module(cfg.ckpt_path)
         device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))

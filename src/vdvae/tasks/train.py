@@ -14,10 +14,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vdvae import run_folder, sweeps
-from vdvae.checkpoints import check_writable, resolve
+from vdvae.checkpoints import check_writable, load_checkpoint, resolve
 from vdvae.config import check_config
 from vdvae.errors import RunDiverged
-from vdvae.lifecycle import StopController, no_run_dir_on_failure, route_library_logs
+from vdvae.lifecycle import StopController, checked_before_start, no_run_dir_on_failure, route_library_logs
 from vdvae.loggers import loggers_from_config
 from vdvae.metrics import format_table
 from vdvae.resume import ResumeState, check_resume, previous_last_checkpoint
@@ -31,8 +31,11 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = cfg.get("ckpt_path") or previous_last_checkpoint()
     if ckpt_path and not cfg.get("ckpt_path"):
         log.warning("this run directory already holds %s: resuming from it", ckpt_path)
+    # The config and the checkpoint it names, checked before the run started (not a requeued job's last.ckpt).
+    checked = checked_before_start()
     with no_run_dir_on_failure():
-        check_config(cfg)
+        if not checked:
+            check_config(cfg)
         L.seed_everything(cfg.seed, workers=True)
         # Gradient accumulation runs inside the training step (vdvae.lit_module): each loaded batch holds
         # all the batches of one update, and Lightning sees one batch per update.
@@ -49,9 +52,12 @@ def train(cfg: DictConfig) -> float | None:
         # Not recursive: the data config is stored as plain values, not instantiated.
         data_config = OmegaConf.to_container(cfg.data, resolve=True)
         module = instantiate(cfg.model, accumulate_grad_batches=accumulate, _recursive_=False)
+        resumed = None
         if ckpt_path:  # a W&B artifact: downloaded once, and the local file is what training resumes from
+            resumed = (
+                load_checkpoint(ckpt_path) if checked and cfg.get("ckpt_path") else check_resume(ckpt_path, module)
+            )
             ckpt_path = str(resolve(ckpt_path))
-        resumed = check_resume(ckpt_path, module) if ckpt_path else None
         check_writable(run_folder.checkpoints(cfg.paths.output_dir))
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         callbacks.append(ResumeState(data_config))
