@@ -77,6 +77,7 @@ def test_iw_bound_is_above_the_elbo_and_grows_with_k():
     assert bounds[512] > elbo + 1.0
 
 
+@pytest.mark.slow  # the command as typed, in a process of its own
 def test_eval_script_scores_every_test_image_once(trained, tmp_path):
     result = run("eval.py", tmp_path, f"ckpt_path={trained}", "iw_samples=4", "trainer=cpu")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -91,6 +92,7 @@ def test_eval_script_scores_every_test_image_once(trained, tmp_path):
     assert not shows_progress(result.stdout + result.stderr)  # no bar, Lightning's or ours, off a terminal
 
 
+@pytest.mark.slow  # the command as typed, in a process of its own
 def test_encode_then_decode(trained, tmp_path):
     result = run("sample.py", tmp_path, f"ckpt_path={trained}", "mode=encode")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -164,6 +166,7 @@ def test_overview_is_one_labelled_figure(trained, tmp_path, monkeypatch):
     assert_legible(path, rows=4 + 6, columns=4)  # 4 temperatures, the inputs and 5 values of k
 
 
+@pytest.mark.slow  # the command as typed, in a process of its own
 def test_a_terminal_shows_the_progress_of_evaluation(trained, tmp_path):
     import fcntl
     import pty
@@ -212,6 +215,7 @@ def test_a_damaged_or_foreign_latents_file_is_refused_clearly(tmp_path):
         load_latents(vae, tmp_path / "foreign.pt", "cpu")
 
 
+@pytest.mark.slow  # the command as typed, in a process of its own
 def test_decode_refuses_a_crafted_latents_file_in_one_line_and_leaves_no_run_folder(trained, tmp_path):
     # 5 KB of expanded (stride-0) tensors that declare 20,000 images: refused before any decoding.
     crafted = tmp_path / "crafted.pt"
@@ -223,6 +227,7 @@ def test_decode_refuses_a_crafted_latents_file_in_one_line_and_leaves_no_run_fol
     assert run_dirs(tmp_path, "sample") == []
 
 
+@pytest.mark.slow  # the command as typed, in a process of its own
 def test_generation_needs_no_data(trained, tmp_path):
     checkpoint = torch.load(trained, weights_only=True)
     checkpoint["data_config"]["root"] = "/nonexistent"
@@ -232,6 +237,7 @@ def test_generation_needs_no_data(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow  # the command as typed, in a process of its own
 @pytest.mark.parametrize("script", ["eval.py", "sample.py", "compress.py"])
 def test_truncated_or_corrupt_checkpoints_give_a_clear_error(trained, tmp_path, script):
     truncated = tmp_path / "truncated.ckpt"

@@ -60,8 +60,10 @@ def test_a_basic_sweep_runs_every_job_writes_its_table_and_exits_nonzero(tmp_pat
 
 
 def test_an_optuna_study_survives_diverged_and_short_trials_and_resumes_after_a_stop(tmp_path):
-    # Stopped while its third trial runs (SIGTERM, as a scheduler or a user sends it) ...
-    proc = start("train.py", tmp_path, *OPTUNA, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Stopped while its third trial runs (SIGTERM, as a scheduler or a user sends it; its steps slowed down,
+    # which changes no number, so that the stop lands mid-trial on a fast machine too) ...
+    slow = ["+callbacks.slow._target_=tests.job_probes.SlowSteps", "+callbacks.slow.seconds=0.2"]
+    proc = start("train.py", tmp_path, *OPTUNA, *slow, env=PROBES, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob("logs/train/multiruns/*/2")):
         time.sleep(0.1)

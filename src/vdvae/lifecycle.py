@@ -212,8 +212,11 @@ class RunDirGuard(Callback):
         is_training = config.get("model") is not None
         if is_training:
             check_config(config)
-            if config.get("ckpt_path"):
-                from vdvae.resume import check_resume_on_meta  # here: it imports torch and Lightning
+            if config.get("ckpt_path"):  # the file first: a wrong one is refused before Lightning is imported
+                from vdvae.checkpoints import load_checkpoint
+
+                load_checkpoint(config.ckpt_path)
+                from vdvae.resume import check_resume_on_meta
 
                 check_resume_on_meta(config)
         elif config.get("task_name") in ("eval", "sample", "compress"):

@@ -161,20 +161,10 @@ def _warn_if_the_cosine_changed(trainer, module, before):
 
 def check_resume_on_meta(config: DictConfig):
     """The checkpoint to resume from must be readable and fit the configured model (built on the meta
-    device: shapes only, no memory), before a run directory exists. The file is read first: a wrong one
-    is refused before Lightning is imported."""
-    checkpoint = load_checkpoint(config.ckpt_path)
-    import torch
-
+    device: shapes only, no memory), before a run directory exists."""
     with torch.device("meta"):
-        module = instantiate(config.model)  # imports Lightning
-    check_fits(checkpoint, config.ckpt_path, module)
-
-
-def check_resume(path, module) -> dict:
-    """The checkpoint to resume `module`'s training from, read weights-only with its tensors mapped, after
-    checking that it is one and that its weights fit the model (see `check_fits`)."""
-    return check_fits(load_checkpoint(path), path, module)
+        module = instantiate(config.model)
+    check_fits(load_checkpoint(config.ckpt_path), config.ckpt_path, module)
 
 
 def check_fits(checkpoint: dict, path, module) -> dict:

@@ -20,7 +20,7 @@ from vdvae.errors import RunDiverged
 from vdvae.lifecycle import StopController, checked_before_start, no_run_dir_on_failure, route_library_logs
 from vdvae.loggers import loggers_from_config
 from vdvae.metrics import format_table
-from vdvae.resume import ResumeState, check_resume, previous_last_checkpoint
+from vdvae.resume import ResumeState, check_fits, previous_last_checkpoint
 from vdvae.schedule import check_schedule
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,10 @@ def train(cfg: DictConfig) -> float | None:
         # Not recursive: the data config is stored as plain values, not instantiated.
         data_config = OmegaConf.to_container(cfg.data, resolve=True)
         module = instantiate(cfg.model, accumulate_grad_batches=accumulate, _recursive_=False)
-        resumed = None
+        resumed = load_checkpoint(ckpt_path) if ckpt_path else None
+        if ckpt_path and not (checked and cfg.get("ckpt_path")):
+            check_fits(resumed, ckpt_path, module)
         if ckpt_path:  # a W&B artifact: downloaded once, and the local file is what training resumes from
-            resumed = (
-                load_checkpoint(ckpt_path) if checked and cfg.get("ckpt_path") else check_resume(ckpt_path, module)
-            )
             ckpt_path = str(resolve(ckpt_path))
         check_writable(run_folder.checkpoints(cfg.paths.output_dir))
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
