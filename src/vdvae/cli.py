@@ -41,7 +41,7 @@ def register_plugins():
 register_plugins()
 
 
-def _command(recipe: str, cfg: DictConfig, writes_files: bool = False):
+def _command(recipe: str, cfg: DictConfig, writes_files: bool = False, interruptible: bool = True):
     """The recipe `vdvae.tasks.<module>:<function>` run as a command (vdvae.lifecycle.command), imported
     inside it: a stop during the imports is handled too. The files it wrote are logged."""
 
@@ -52,13 +52,13 @@ def _command(recipe: str, cfg: DictConfig, writes_files: bool = False):
             log.info("wrote %s", path)
         return result
 
-    return command(run, cfg)
+    return command(run, cfg, interruptible)
 
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
     """Train a VDVAE; returns the metric a sweep optimizes."""
-    return _command("train:train", cfg)
+    return _command("train:train", cfg, interruptible=False)  # it stops at a step boundary itself
 
 
 @hydra.main(config_path=CONFIGS, config_name="eval", version_base="1.3")

@@ -38,12 +38,12 @@ log = logging.getLogger(__name__)
 REFUSALS = (ValueError, OSError, TrainingStalled)
 
 
-def command(task, cfg: DictConfig):
-    """Run `task(cfg)` as a command: signals stop it at once (training's own stop at a step boundary is the
-    task's), its refusals end it in one line, an empty run folder it created is removed, and its W&B run
-    is finished. Returns what the task returns (a sweep's objective)."""
+def command(task, cfg: DictConfig, interruptible: bool = True):
+    """Run `task(cfg)` as a command: where `interruptible`, signals stop it at once (training, which is not,
+    stops at a step boundary itself), its refusals end it in one line, an empty run folder it created is
+    removed, and its W&B run is finished. Returns what the task returns (a sweep's objective)."""
     try:
-        with StopController():
+        with StopController() if interruptible else contextlib.nullcontext():
             return task(cfg)
     except Interrupted as stop:
         remove_empty_run_dir()
@@ -241,7 +241,8 @@ class StopController:
     saved, and a first Ctrl-C is turned into such a SIGTERM (a second one stops at once), so that no stop
     saves a half-done update. Under SLURM with submitit's USR2 handler (its time limit, pre-emption), USR2
     is such a stop too, after which `stopped()` hands the job to submitit's handler, which requeues it.
-    Outside Lightning's fit and test, `at_step` stops at once as well."""
+    Outside Lightning's fit and test, `at_step` ends the process as SIGTERM's default does (an exception
+    raised from a handler can be lost, where the signal lands in a finalizer) and Ctrl-C stops at once."""
 
     def __init__(self, at_step: bool = False):
         self.at_step, self.caught, self.previous = at_step, None, {}
@@ -267,8 +268,11 @@ class StopController:
         return self.at_step and signal.getsignal(signal.SIGTERM) != self._on_sigterm
 
     def _on_sigterm(self, signum, frame):
-        if not self._lightning_listens():
+        if not self.at_step:
             raise Terminated()
+        if not self._lightning_listens():  # between fit, validation and test: the signal's own end (exit 143)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         self.caught = self.caught or signal.SIGTERM  # Lightning stops at the step boundary
 
     def _on_sigint(self, signum, frame):
