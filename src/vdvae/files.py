@@ -40,7 +40,8 @@ def atomic_path(path):
             os.replace(aside, path)
         for leftover in (tmp, aside):
             if leftover.exists() or leftover.is_symlink():
-                _remove(leftover)
+                with contextlib.suppress(OSError):  # a folder that refused the output may refuse this too
+                    _remove(leftover)
 
 
 def write_atomically(path, data) -> Path:

@@ -215,10 +215,10 @@ class RunDirGuard(Callback):
             if config.get("ckpt_path"):  # the file first: a wrong one is refused before Lightning is imported
                 from vdvae.checkpoints import load_checkpoint
 
-                load_checkpoint(config.ckpt_path)
+                checkpoint = load_checkpoint(config.ckpt_path)
                 from vdvae.resume import check_resume_on_meta
 
-                check_resume_on_meta(config)
+                check_resume_on_meta(config, checkpoint)
         elif config.get("task_name") in ("eval", "sample", "compress"):
             check_request(config)
         run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from vdvae import run_folder
-from vdvae.checkpoints import CheckpointError, load_checkpoint, state_mismatch
+from vdvae.checkpoints import CheckpointError, state_mismatch
 from vdvae.errors import one_line
 from vdvae.schedule import cosine_length, lr_factor
 
@@ -159,12 +159,12 @@ def _warn_if_the_cosine_changed(trainer, module, before):
         )
 
 
-def check_resume_on_meta(config: DictConfig):
-    """The checkpoint to resume from must be readable and fit the configured model (built on the meta
-    device: shapes only, no memory), before a run directory exists."""
+def check_resume_on_meta(config: DictConfig, checkpoint: dict):
+    """The checkpoint to resume from (read from `config.ckpt_path`) must fit the configured model (built on
+    the meta device: shapes only, no memory), before a run directory exists."""
     with torch.device("meta"):
         module = instantiate(config.model)
-    check_fits(load_checkpoint(config.ckpt_path), config.ckpt_path, module)
+    check_fits(checkpoint, config.ckpt_path, module)
 
 
 def check_fits(checkpoint: dict, path, module) -> dict:

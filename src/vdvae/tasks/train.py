@@ -52,11 +52,11 @@ def train(cfg: DictConfig) -> float | None:
         # Not recursive: the data config is stored as plain values, not instantiated.
         data_config = OmegaConf.to_container(cfg.data, resolve=True)
         module = instantiate(cfg.model, accumulate_grad_batches=accumulate, _recursive_=False)
+        if ckpt_path:  # a W&B artifact: downloaded once, and the local file is what training resumes from
+            ckpt_path = str(resolve(ckpt_path))
         resumed = load_checkpoint(ckpt_path) if ckpt_path else None
         if ckpt_path and not (checked and cfg.get("ckpt_path")):
             check_fits(resumed, ckpt_path, module)
-        if ckpt_path:  # a W&B artifact: downloaded once, and the local file is what training resumes from
-            ckpt_path = str(resolve(ckpt_path))
         check_writable(run_folder.checkpoints(cfg.paths.output_dir))
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         callbacks.append(ResumeState(data_config))
