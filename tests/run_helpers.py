@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning import Callback
+from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import open_dict
 
 from tests.conftest import ROOT, compose_config
@@ -82,8 +82,9 @@ def run_dirs(cwd: Path, task: str = "train") -> list[Path]:
     return sorted((cwd / "logs" / task / "runs").glob("*"))
 
 
-class LastCheckpointProbe(Callback):
-    """After every training step: the step last.ckpt holds; raises at `fail_at` (a crash in training)."""
+class LastCheckpointProbe(Checkpoint):
+    """After every training step: the step last.ckpt holds; raises at `fail_at` (a crash in training). A
+    checkpoint callback, which Lightning runs last, after the last.ckpt callback that comes before it."""
 
     made = []  # the instances Hydra made, newest last
 

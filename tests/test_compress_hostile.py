@@ -170,6 +170,34 @@ def test_every_image_costs_a_word_padding_the_seed_where_images_are_cheaper(code
         read_file(craft(header, words, count=count, chunks=[1] * count))
 
 
+def test_a_file_of_garbage_under_a_genuine_header_stops_at_its_first_chunk(codec, monkeypatch, tmp_path):
+    """A file that passes every check of its header (copied from a genuine one) but holds other words is
+    decoded no further than its first chunk: each chunk's SHA-256 is checked as it is decoded."""
+    data, _ = codec.compress(torch.cat([IMAGES] * 8), CodingOptions(batch_size=4))
+    header, words = read_file(data)
+    assert len(header["chunks"]) >= 8 and len(header["chunks_sha256"]) == len(header["chunks"])
+    garbage = np.random.default_rng(0).integers(0, 2**32, len(words), dtype=np.uint32)
+    header, words = read_file(write_file(header, garbage))
+    decoded = []
+    decode_chunk = Codec._decode_chunk
+    monkeypatch.setattr(Codec, "_decode_chunk", lambda self, *a: decoded.append(1) or decode_chunk(self, *a))
+    with pytest.raises(CompressedFileError, match=f"chunk {len(header['chunks'])} of {len(header['chunks'])} decoded"):
+        codec.decode(header, words)
+    assert len(decoded) == 1
+    # A file of the format's first version (no chunk digests) is refused before any decoding.
+    first = dict(read_file(data)[0])
+    del first["chunks_sha256"]
+    text = json.dumps(first, separators=(",", ":")).encode()
+    body = compression.MAGIC + struct.pack("<HI", 1, len(text)) + text + read_file(data)[1].astype("<u4").tobytes()
+    with pytest.raises(CompressedFileError, match="format version 1, whose chunks carry no checksums"):
+        read_file(body + hashlib.sha256(body).digest())
+    # Chunks larger than this run's batch size (the memory of one pass) are refused before the model loads.
+    (tmp_path / "f.vdvae").write_bytes(data)
+    cfg = OmegaConf.create({"file": str(tmp_path / "f.vdvae"), "batch_size": 2, "ckpt_path": "never read"})
+    with pytest.raises(CompressedFileError, match="chunks of up to 4 images, .* more than batch_size=2"):
+        task.decompress_file(cfg, tmp_path)
+
+
 def test_files_ask_for_no_more_threads_than_the_machine_has(codec, monkeypatch):
     monkeypatch.setattr(compression, "_cpus", lambda: 1)
     before = torch.get_num_threads()

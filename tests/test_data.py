@@ -310,6 +310,43 @@ def test_images_of_other_modes_are_refused_at_set_up(tmp_path):
     assert pixels(Image.new("I", (2, 2), 65535), "L", "ok.png").tolist() == [[255, 255], [255, 255]]
 
 
+def test_image_files_that_would_hang_or_cost_more_than_they_hold_are_refused_at_set_up(tmp_path):
+    import os
+    import zlib
+
+    from PIL import Image
+
+    folder = tmp_path / "f"
+    write_pngs(folder, 4, 8)
+    os.mkfifo(folder / "pipe.png")  # opened, it would block the run for ever
+    # 1 x 20,000,000 pixels in 20 KB: resized to 8 pixels high it would be 160 million wide.
+    row = zlib.compress(b"\0" * (20_000_001), 9)
+    header = b"\x89PNG\r\n\x1a\n" + _png_chunk(
+        b"IHDR", (20_000_000).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"\x08\x00\x00\x00\x00"
+    )
+    (folder / "wide.png").write_bytes(header + _png_chunk(b"IDAT", row) + _png_chunk(b"IEND", b""))
+    full = (folder / "00000.png").read_bytes()
+    (folder / "truncated.png").write_bytes(full[: len(full) - 20])
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    frames[0].save(folder / "animated.png", save_all=True, append_images=frames[1:])
+    with pytest.raises(ValueError, match="4 of 8 image files cannot be read") as error:
+        loaded(ImageFolderDataModule(root=str(folder), image_size=8, channels=3, batch_size=2, val_size=1))
+    said = str(error.value)
+    for line in (
+        "pipe.png (not a regular file",
+        "wide.png (20000000x1 pixels",
+        "truncated.png (truncated",
+        "animated.png (animated, 2 frames",
+    ):
+        assert line in said, said
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
 # --- Batch sizes against the splits, a checkpoint's stored data values, and data=<name> for every command ---
 
 DIGITS = dict(_target_="vdvae.data.DigitsDataModule", root=".", image_size=8, channels=1, batch_size=8, val_size=200)

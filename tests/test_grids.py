@@ -116,3 +116,12 @@ def test_the_loggers_get_the_labels(tmp_path, monkeypatch):
     assert written == [("val/samples_t1", shape, 7), ("val/samples_t1/caption", "val samples, t=1, step 7", 7)]
     log_image(trainer, "val/other", path)  # no caption: none sent
     assert len(logged) == 2 and len(written) == 3
+
+
+def test_many_images_without_row_labels_wrap_into_rows_of_at_most_16(tmp_path):
+    images = torch.zeros(1000, 1, 8, 8, dtype=torch.uint8)
+    one_row = Image.open(save_grid(images[:16], tmp_path / "row.png", 16))
+    wrapped = Image.open(save_grid(images, tmp_path / "many.png", len(images)))  # as decode asks: one row
+    assert wrapped.width == one_row.width and wrapped.height > 60 * 64
+    labelled = Image.open(save_grid(images[:40], tmp_path / "labelled.png", 20, rows=["a", "b"]))
+    assert labelled.width > one_row.width  # labelled rows keep their columns

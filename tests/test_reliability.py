@@ -443,16 +443,22 @@ def test_kept_checkpoints_restored_from_a_file_are_confined_to_the_checkpoints_f
 
 
 def test_a_run_that_fails_in_a_folder_of_the_users_leaves_the_folder(tmp_path):
-    # The user's folder holds a file named as the run's log; the run fails its config check inside the task
-    # (hydra.run.dir is the user's, so the guard cannot refuse it: it holds no run).
+    # The user's folder holds a file named as the run's log: refused before anything is written.
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "train.log").write_text("my notes")
     no_data = [o for o in TINY_RUN if o != "data=digits"]
     no_data += ["data=image_folder", "data.image_size=8", "data.channels=1", f"data.root={tmp_path / 'none'}"]
     result = run("train.py", tmp_path, *no_data, f"hydra.run.dir={mine}")
+    assert result.returncode != 0 and "not this run's" in result.stderr, result.stderr[-2000:]
+    assert (mine / "train.log").read_text() == "my notes" and len(list(mine.iterdir())) == 1
+    # An empty folder of the user's is written into; the run fails its data check inside the task and
+    # leaves the folder, which it did not create.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run("train.py", tmp_path, *no_data, f"hydra.run.dir={empty}")
     assert result.returncode != 0 and "no data found" in result.stderr, result.stderr[-2000:]
-    assert mine.is_dir() and (mine / "train.log").read_text().startswith("my notes")
+    assert empty.is_dir()
     # A run directory that the failed run made itself is removed.
     result = run("train.py", tmp_path, *no_data)
     assert result.returncode != 0 and "Error: " in result.stderr and "Traceback" not in result.stderr

@@ -77,7 +77,8 @@ def test_an_optuna_study_survives_diverged_and_short_trials_and_resumes_after_a_
     # ... the same command continues it: the two finished trials kept, the third asked again, to 3 in all.
     result = run("train.py", tmp_path, *OPTUNA, timeout=600)
     after = rows_of_study(tmp_path)
-    assert after[:2] == before[:2]
+    assert after[:2] == before[:2], result.stderr[-3000:]
+    assert len(after) == 4, result.stderr[-3000:]
     assert after[2]["state"] == "FAIL" and after[3]["lr"] == before[2]["lr"] and len(after) == 4
     assert after[3]["state"] == "COMPLETE" and after[3]["value"] is not None  # validated at its end
     assert result.returncode == 0, result.stderr[-3000:]
@@ -85,6 +86,34 @@ def test_an_optuna_study_survives_diverged_and_short_trials_and_resumes_after_a_
     assert second != first and [r["trial"] for r in rows(second)] == ["3"]
     assert "best trial: #" in (second / "summary.md").read_text()
     assert "best_value" in (second / "optimization_results.yaml").read_text()
+
+
+def test_two_processes_share_one_study_and_a_study_names_only_its_own_file(tmp_path):
+    # Optuna's way to parallelise: the same command twice at once. Neither fails the other's live trial.
+    slow = ["+callbacks.slow._target_=tests.job_probes.SlowSteps", "+callbacks.slow.seconds=0.2"]
+    study = [*[o for o in OPTUNA if o != "model.lr=choice(3e-3,1e5)"], "model.lr=choice(3e-3,2e-3)", *slow]
+    first = start("train.py", tmp_path, *study, env=PROBES, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not list(tmp_path.glob("logs/train/multiruns/*/0")):
+        time.sleep(0.1)
+    second = run("train.py", tmp_path, *study, env=PROBES, timeout=600)
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [t["state"] for t in rows_of_study(tmp_path)] == ["COMPLETE"] * 3
+    assert sum(len(rows(sweep)) for sweep in sweep_dirs(tmp_path)) == 3
+    # A study name is a plain name, and its storage no other program's database.
+    result = run("train.py", tmp_path, *OPTUNA, "hydra.sweeper.study_name=../../elsewhere")
+    assert result.returncode == 1 and "is not a plain name" in result.stderr, result.stderr[-2000:]
+    import sqlite3
+
+    other = tmp_path / "notes.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (text)")
+    before = other.read_bytes()
+    result = run("train.py", tmp_path, *OPTUNA, f"hydra.sweeper.storage=sqlite:///{other}")
+    assert result.returncode == 1 and "the SQLite database of another program" in result.stderr, result.stderr[-2000:]
+    assert other.read_bytes() == before
 
 
 def rows_of_study(cwd) -> list[dict]:

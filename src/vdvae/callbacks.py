@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from lightning import Callback  # noqa: E402
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
@@ -56,17 +56,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class BestCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint (the best `save_top_k` checkpoints by a metric), whose paths restored
-    from a checkpoint are kept only where they name a file inside its own `dirpath`: Lightning deletes the
-    kept checkpoints it replaces, and a crafted file (`<dirpath>/../../some_dir`) must not choose what."""
+    from a checkpoint are kept only where they name an existing file inside its own `dirpath`: Lightning
+    deletes the kept checkpoints it replaces, and a crafted file (`<dirpath>/../../some_dir`) must not choose
+    what; and a file removed after the checkpoint was saved (a crash between two saves) cannot be tested."""
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        dropped = [p for p in self.best_k_models if not self._owns(p)]
-        self.best_k_models = {p: score for p, score in self.best_k_models.items() if self._owns(p)}
+        named = [*self.best_k_models, self.best_model_path, self.kth_best_model_path, self.last_model_path]
+        dropped = [p for p in dict.fromkeys(named) if p and not self._keeps(p)]
+        self.best_k_models = {p: score for p, score in self.best_k_models.items() if p not in dropped}
         for name in ("best_model_path", "kth_best_model_path", "last_model_path"):
-            path = getattr(self, name)
-            if path and not self._owns(path):
-                dropped.append(path)
+            if getattr(self, name) in dropped:
                 setattr(self, name, "")
         if not self.best_model_path:
             self.best_model_score = None
@@ -74,13 +74,16 @@ class BestCheckpoint(ModelCheckpoint):
             pick = max if self.mode == "min" else min
             self.kth_best_model_path = pick(self.best_k_models, key=self.best_k_models.get)
             self.kth_value = self.best_k_models[self.kth_best_model_path]
-        for path in dict.fromkeys(dropped):
+        for path in dropped:
+            what = "no longer exists" if self._owns(path) else f"is not a file in {self.dirpath}"
             log.warning(
-                "the checkpoint's record of kept checkpoints names %r, which is not a file in %s: forgotten, "
-                "never loaded or removed",
+                "the checkpoint's record of kept checkpoints names %r, which %s: forgotten, never loaded or removed",
                 path,
-                self.dirpath,
+                what,
             )
+
+    def _keeps(self, path) -> bool:
+        return self._owns(path) and Path(path).is_file()
 
     def _owns(self, path) -> bool:
         """Whether `path` resolves (links and `..` followed) to an entry of this callback's own folder."""
@@ -231,9 +234,18 @@ class RatePerGroupPlot(Callback):
                 logger.log_metrics({f"{stage}/kl_per_group": chart}, step=trainer.global_step)
 
 
-class LastCheckpoint(Callback):
+def _kept(trainer) -> tuple:
+    """The best checkpoints kept now (last.ckpt must name these, not ones already replaced)."""
+    best = getattr(trainer, "checkpoint_callback", None)
+    return (best.best_model_path, *best.best_k_models) if best is not None else ()
+
+
+class LastCheckpoint(Checkpoint):
     """`last.ckpt` is always the latest state: written every `every_n_train_steps` updates and every
-    `train_time_interval` seconds (what a kill -9 can lose), after every validation, at the end of
+    `train_time_interval` seconds (what a kill -9 can lose), after every validation, also after a step
+    saved already where the best checkpoints changed (Lightning runs checkpoint callbacks last, in their
+    order, and the best's comes first in conf/callbacks, saving after validation too: last.ckpt names
+    the best checkpoints that exist), at the end of
     training (also when the stall guard stops it), and on SIGTERM or an exception in training, except
     where the exception cut an update short (the state would mix two) or struck one process of several.
     Lightning's ModelCheckpoint writes `last` only at its own save events, so a run that ends between
@@ -243,13 +255,15 @@ class LastCheckpoint(Callback):
     def __init__(self, dirpath: str, every_n_train_steps: int | None = None, train_time_interval: float | None = None):
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps, self.train_time_interval = every_n_train_steps, train_time_interval
-        self._saved_step, self._saved_time = -1, time.monotonic()
+        self._saved_step, self._saved_time, self._saved_kept = -1, time.monotonic(), None
         self._stepped = False  # whether this process trained: before that, last.ckpt already holds the state
 
     def save(self, trainer):
-        if trainer.global_step != self._saved_step:
+        """Save unless last.ckpt holds this step and these best checkpoints already."""
+        if (trainer.global_step, _kept(trainer)) != (self._saved_step, self._saved_kept):
             trainer.save_checkpoint(self.path, weights_only=False)
             self._saved_step, self._saved_time = trainer.global_step, time.monotonic()
+            self._saved_kept = _kept(trainer)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self._stepped = True

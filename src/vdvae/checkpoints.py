@@ -191,16 +191,23 @@ def load_module(path, **evaluation) -> tuple[VDVAEModule, dict]:
 
 def module_from_checkpoint(checkpoint: dict, path, **evaluation) -> VDVAEModule:
     """The VDVAEModule of a checkpoint read by `load_checkpoint` (in eval mode); `path` names it in errors."""
+    import torch
+
     from vdvae.lit_module import VDVAEModule
 
+    hyper_parameters = checkpoint["hyper_parameters"]
+    _check_block_count(hyper_parameters, len(checkpoint["state_dict"]), path)
+    # Its shapes first, on the meta device (no memory): a file of kilobytes may describe a model of gigabytes.
     try:
-        module = VDVAEModule(**checkpoint["hyper_parameters"], **evaluation)
-    except (TypeError, ValueError, KeyError) as error:
+        with torch.device("meta"):
+            mismatch = state_mismatch(
+                VDVAEModule(**hyper_parameters, **evaluation).state_dict(), checkpoint["state_dict"]
+            )
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
         raise CheckpointError(f"{path}: its hyperparameters do not describe a model: {str(error)[:300]}") from error
-    mismatch = state_mismatch(module.state_dict(), checkpoint["state_dict"])
     if mismatch:
         raise CheckpointError(f"{path}: its weights do not fit the model its hyperparameters describe ({mismatch})")
-    import torch
+    module = VDVAEModule(**hyper_parameters, **evaluation)
 
     broken = [
         k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
@@ -212,6 +219,27 @@ def module_from_checkpoint(checkpoint: dict, path, **evaluation) -> VDVAEModule:
         )
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
+
+
+def _check_block_count(hyper_parameters, n_tensors: int, path):
+    """Every block the block strings name holds a weight tensor: more blocks than the file has tensors is
+    refused before anything is built (a block string of 100,000 blocks in a file of kilobytes)."""
+    from vdvae.model.blocks import parse_block_string
+
+    vae = hyper_parameters.get("vae") if isinstance(hyper_parameters, dict) else None
+    if not isinstance(vae, dict):
+        return  # the module's constructor names what is missing
+    try:
+        blocks = sum(
+            len(parse_block_string(vae[k], kind)) for k, kind in (("enc_blocks", "encoder"), ("dec_blocks", "decoder"))
+        )
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: its hyperparameters do not describe a model: {str(error)[:300]}") from error
+    if blocks > n_tensors:
+        raise CheckpointError(
+            f"{path}: its hyperparameters name {blocks:,} blocks, its weights hold {n_tensors:,} tensors: the file "
+            f"is damaged or not a vdvae checkpoint"
+        )
 
 
 def data_module(checkpoint: dict, path, data: DictConfig | None = None, **overrides) -> tuple[ImageDataModule, dict]:

@@ -51,7 +51,9 @@ from vdvae.data import ImageDataModule
 from vdvae.progress import progress
 
 MAGIC = b"VDVAE-BB"
-VERSION = 1
+# 2 adds each chunk's SHA-256: damaged or crafted data stops the decode at its first chunk. Version 1 files
+# (without) are refused: one whose header is genuine but whose data is not costs a whole decode to find out.
+VERSION = 2
 PRECISION_BITS = 24  # probability precision of constriction's default ANS coder and models
 SEED_PATTERN = 0x5EED  # the seed words are a fixed pseudo-random pattern; only their count varies
 MAX_FILE_BYTES = 4 * 2**30  # a generous bound on a file to read: it is read whole into memory
@@ -430,7 +432,8 @@ class Codec:
             "options": asdict(options),
             "chunks": chunks,
             "seed_words": seed + padding,
-            "images_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest(),
+            "images_sha256": _sha256(images),
+            "chunks_sha256": [_sha256(part) for part in torch.split(images, chunks)],
             "names": names,
         }
         data = write_file(header, words)
@@ -461,19 +464,25 @@ class Codec:
         coder = constriction.stream.stack.AnsCoder(words)
         # As many threads as the encoder's: threads can change the order of a kernel's sums.
         with _torch_threads(header["threads"]), progress(header["count"], "decompressing") as bar:
-            decoded = []
-            for n in reversed(header["chunks"]):
-                decoded.append(self._decode_chunk(coder, grid, n))
-                bar.update(n)
+            decoded, hashes = [], header["chunks_sha256"]
+            for i in reversed(range(len(header["chunks"]))):
+                decoded.append(self._decode_chunk(coder, grid, header["chunks"][i]))
+                if _sha256(decoded[-1]) != hashes[i]:  # the first wrong chunk ends the decode
+                    raise CompressedFileError(self._mismatch(header, f"chunk {i + 1} of {len(hashes)}"))
+                bar.update(header["chunks"][i])
         images = torch.cat(decoded[::-1])
-        intact = hashlib.sha256(images.numpy().tobytes()).hexdigest() == header["images_sha256"]
+        intact = _sha256(images) == header["images_sha256"]
         if not intact or not np.array_equal(coder.get_compressed(), seed_words(header["seed_words"])):
-            raise CompressedFileError(
-                "the decoded images do not match the file's checksum: this machine computed other probabilities "
-                f"than the encoder's (which ran torch {header['torch']}; this is {torch.__version__}). Decompress "
-                "on the same kind of machine and software"
-            )
+            raise CompressedFileError(self._mismatch(header, "the images"))
         return images, header["names"]
+
+    @staticmethod
+    def _mismatch(header, what: str) -> str:
+        return (
+            f"{what} decoded do not match the file's checksum: its compressed data is damaged, or this machine "
+            f"computed other probabilities than the encoder's (which ran torch {header['torch']}; this is "
+            f"{torch.__version__}; a file decodes only on the same kind of machine and software)"
+        )
 
     def _check_images(self, images):
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
@@ -496,6 +505,7 @@ HEADER_KEYS = {
     "chunks",
     "seed_words",
     "images_sha256",
+    "chunks_sha256",
     "names",
 }
 
@@ -518,6 +528,11 @@ def read_file(data: bytes) -> tuple[dict, np.ndarray]:
     if hashlib.sha256(body).digest() != data[-32:]:
         raise CompressedFileError("the file is truncated or corrupt (its SHA-256 checksum does not match)")
     version, length = struct.unpack_from("<HI", data, len(MAGIC))
+    if version == 1:
+        raise CompressedFileError(
+            "the file is format version 1, whose chunks carry no checksums (a damaged one costs a whole decode "
+            f"to find out); this vdvae reads version {VERSION}: compress the images again"
+        )
     if version != VERSION:
         raise CompressedFileError(f"the file is format version {version}; this vdvae reads version {VERSION}")
     if length > len(body) - fixed:
@@ -531,6 +546,10 @@ def read_file(data: bytes) -> tuple[dict, np.ndarray]:
     words = np.frombuffer(body, dtype="<u4", offset=fixed + length).astype(np.uint32, copy=False)
     check_header(header, len(words))
     return header, words
+
+
+def _sha256(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.numpy().tobytes()).hexdigest()
 
 
 def _is_int(value) -> bool:
@@ -568,6 +587,9 @@ def check_header(header, n_words: int):
         raise bad("chunks", f"are not positive integers adding up to the {count} images")
     if max(chunks) > options.batch_size:
         raise bad("chunks", f"are larger than the file's batch size {options.batch_size}")
+    hashes = header["chunks_sha256"]
+    if not isinstance(hashes, list) or len(hashes) != len(chunks) or not all(map(_is_sha256, hashes)):
+        raise bad("chunks_sha256", f"are not {len(chunks)} SHA-256 digests, one per chunk")
     if not _is_int(header["seed_words"]) or header["seed_words"] < 1:
         raise bad("seed_words", "is not a positive integer")
     _check_threads(header["threads"], bad)
@@ -579,6 +601,10 @@ def check_header(header, n_words: int):
             check_names(names)
         except ValueError as error:
             raise CompressedFileError(f"the file cannot be decompressed under its stored names: {error}") from error
+
+
+def _is_sha256(text) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _check_options(options, bad) -> CodingOptions:

@@ -94,7 +94,7 @@ def _require(cfg, key, kind, low=None, high=None, **allowed):
     value = OmegaConf.select(cfg, key, default=None)
     wanted = wanted_value(value, kind, low, high, **allowed)
     if wanted is not None:
-        raise ConfigError(f"{key}={value!r} is not valid: it must be {wanted}")
+        raise ConfigError(f"{key}={one_line_value(value)} is not valid: it must be {wanted}")
 
 
 def device_count(devices) -> int | None:
@@ -233,6 +233,32 @@ def check_config(cfg: DictConfig):
     _require(cfg, "model.warmup_steps", "int", 0)
     if OmegaConf.select(cfg, "model.skip_threshold") not in (None, -1):  # -1 or null: no norm-based skip
         _require(cfg, "model.skip_threshold", "number", 0, open_low=True, infinite=True)
+    _require(cfg, "model.eps", "number", 0, open_low=True)
+    _require(cfg, "model.weight_decay", "number", 0)
+    _require(cfg, "model.lr_min", "number", 0)
+    _require(cfg, "model.decay_steps", "int", 1, nullable=True)
+    _require(cfg, "model.decay_start", "int", 0, nullable=True)
+    _require(cfg, "model.kl_warmup_steps", "int", 0)
+    _require(cfg, "model.kl_balancing_steps", "int", 0)
+    betas = OmegaConf.select(cfg, "model.betas", default=None)
+    betas = list(betas) if isinstance(betas, (ListConfig, list, tuple)) else betas
+    if not isinstance(betas, list) or len(betas) != 2 or any(wanted_value(b, "number", 0, 1) or b == 1 for b in betas):
+        raise ConfigError(f"model.betas={betas!r} is not valid: it must be two numbers in [0, 1), e.g. [0.9,0.9]")
+    for key in ("zdim", "width", "num_mixtures"):
+        _require(cfg, f"model.vae.{key}", "int", 1, nullable=key == "num_mixtures")
+    interval = OmegaConf.select(cfg, "trainer.val_check_interval", default=None)
+    if (
+        interval is not None
+        and wanted_value(interval, "int", 1)
+        and wanted_value(interval, "number", 0, 1, open_low=True)
+    ):
+        raise ConfigError(
+            f"trainer.val_check_interval={interval!r} is not valid: it must be a number of updates (>= 1), a "
+            f"share of an epoch (> 0 and <= 1), or null"
+        )
+    grids = OmegaConf.select(cfg, "callbacks.image_grids", default=None)
+    if grids is not None and grids.get("temperatures") is not None:
+        check_temperatures("callbacks.image_grids.temperatures", grids.temperatures)
     _require(cfg, "data.batch_size", "int", 1)
     _require(cfg, "data.eval_batch_size", "int", 1, nullable=True)
     _require(cfg, "data.num_workers", "int", 0)
@@ -272,9 +298,56 @@ SAMPLE_MODES = ("samples", "reconstruct", "interpolate", "encode", "decode", "ov
 COMPRESS_MODES = ("compress", "decompress")
 
 
+# The options of eval.py, sample.py and compress.py: (key, kind, low, high, allowed).
+REQUEST_OPTIONS = {
+    "eval": [
+        ("iw_samples", "int", 0, None, {}),
+        ("iw_chunk", "int", 1, None, {}),
+        ("batch_size", "int", 1, None, {"nullable": True}),
+        ("prune_quantile", "number", 0, 1, {"nullable": True, "open_low": True}),
+        ("prune_images", "int", 1, None, {}),
+    ],
+    "sample": [
+        ("n", "int", 1, None, {}),
+        ("n_images", "int", 1, None, {}),
+        ("steps", "int", 2, None, {}),
+        ("batch_size", "int", 1, None, {"nullable": True}),
+    ],
+    "compress": [
+        ("n_images", "int", 1, None, {"nullable": True}),
+        ("bin_width", "number", 0, None, {"open_low": True}),
+        ("latent_range", "number", 0, None, {"open_low": True}),
+        ("batch_size", "int", 1, None, {}),
+    ],
+}
+
+
+def check_temperatures(key: str, temperatures):
+    """Each temperature a finite number >= 0, or a list of such (one per latent group)."""
+    flat = []
+    for t in temperatures if isinstance(temperatures, (ListConfig, list, tuple)) else [temperatures]:
+        flat += list(t) if isinstance(t, (ListConfig, list, tuple)) else [t]
+    bad = [t for t in flat if wanted_value(t, "number", 0)]
+    if bad or not flat:
+        raise ConfigError(
+            f"{key}={one_line_value(temperatures)} is not valid: each temperature must be a finite number >= 0 "
+            f"(or a list of such, one per latent group)"
+        )
+
+
+def one_line_value(value, limit: int = 100) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def check_mode(cfg: DictConfig):
-    """sample.py and compress.py: the mode, and what it needs."""
+    """eval.py, sample.py and compress.py: the options' values, the mode, and what it needs."""
     task = cfg.get("task_name")
+    for key, kind, low, high, allowed in REQUEST_OPTIONS.get(task, []):
+        if key in cfg:
+            _require(cfg, key, kind, low, high, **allowed)
+    if task == "sample" and cfg.get("temperatures") is not None:
+        check_temperatures("temperatures", cfg.temperatures)
     if task == "sample":
         if cfg.mode not in SAMPLE_MODES:
             raise ConfigError(f"mode={cfg.mode!r}: choose one of {', '.join(SAMPLE_MODES)}")

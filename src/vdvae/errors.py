@@ -62,7 +62,13 @@ class Terminated(Interrupted):
 EXIT_STATUS = {Interrupted: 128 + signal.SIGINT, Terminated: 128 + signal.SIGTERM, "refused": 1}
 
 
+# The longest refusal printed: a message that quotes a field of a file (a megabyte of it) is cut here.
+REFUSAL_LIMIT = 2000
+
+
 def refuse(error: BaseException | str, note: str = "") -> NoReturn:
     """End the command in one line, `Error: ...` (and `note`), with a refusal's exit status."""
-    print(f"Error: {one_line(error)}{note}", file=sys.stderr)
+    text = one_line(error)
+    text = text if len(text) <= REFUSAL_LIMIT else f"{text[:REFUSAL_LIMIT]}... ({len(text):,} characters)"
+    print(f"Error: {text}{note}", file=sys.stderr)
     raise SystemExit(EXIT_STATUS["refused"])

@@ -16,6 +16,7 @@
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -26,10 +27,17 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vdvae import run_folder, sweeps
-from vdvae.config import check_config, check_mode, check_optimized_metric, check_trainer, is_worker_process
+from vdvae.config import (
+    check_config,
+    check_mode,
+    check_optimized_metric,
+    check_trainer,
+    is_worker_process,
+    wanted_value,
+)
 from vdvae.errors import EXIT_STATUS, ConfigError, Interrupted, JobEnded, Terminated, TrainingStalled, refuse
 
 log = logging.getLogger(__name__)
@@ -39,11 +47,15 @@ REFUSALS = (ValueError, OSError, TrainingStalled)
 
 
 def command(task, cfg: DictConfig, interruptible: bool = True):
-    """Run `task(cfg)` as a command: where `interruptible`, signals stop it at once (training, which is not,
-    stops at a step boundary itself), its refusals end it in one line, an empty run folder it created is
-    removed, and its W&B run is finished. Returns what the task returns (a sweep's objective)."""
+    """Run `task(cfg)` as a command: where `interruptible`, signals stop it at once; training, which is not,
+    stops at a step boundary in fit and test and elsewhere ends as the signal's default does. Its refusals
+    end it in one line, an empty run folder it created is removed, and its W&B run is finished. Returns
+    what the task returns (a sweep's objective)."""
     try:
-        with StopController() if interruptible else contextlib.nullcontext():
+        if _refusal is not None:  # a sweep job whose folder is another's
+            raise _refusal
+        # Training's own controller (around fit and test) hands SLURM's USR2 to submitit's requeue.
+        with StopController(at_step=not interruptible, requeue=False):
             return task(cfg)
     except Interrupted as stop:
         remove_empty_run_dir()
@@ -106,10 +118,12 @@ def route_library_logs():
 
 
 # The run directory this process's job created (set by RunDirGuard as the job starts), or None: one that
-# existed before (a folder of the user's, a run being resumed or requeued) is never removed.
+# existed before (an empty folder of the user's, a run being resumed or requeued) is never removed.
 _created_run_dir: Path | None = None
 # The run directory whose config (and the checkpoint it names) RunDirGuard checked before the run started.
 _checked_run_dir: Path | None = None
+# Why this sweep job may not write into its folder (another job's), found as it started, or None.
+_refusal: ConfigError | None = None
 
 
 def checked_before_start() -> bool:
@@ -117,7 +131,7 @@ def checked_before_start() -> bool:
     runs, by RunDirGuard): the recipe need not check them again. A sweep's jobs, and recipes run in-process,
     check their own."""
     folder = run_folder.current()
-    return folder is not None and folder.absolute() == _checked_run_dir
+    return folder is not None and run_folder.normalised(folder) == _checked_run_dir
 
 
 @contextlib.contextmanager
@@ -133,12 +147,12 @@ def no_run_dir_on_failure():
 
 def remove_empty_run_dir():
     """Delete this run's directory if this run created it and it holds nothing but what Hydra wrote for it
-    (its config and log) and empty folders (a logger's): nothing of a user's, an earlier run's or a resumed
-    run's is ever removed."""
+    (its config and log), its identity, and empty folders (a logger's): nothing of a user's, an earlier
+    run's or a resumed run's is ever removed."""
     out = run_folder.current()
     if out is None:  # not under Hydra
         return
-    out, log_file = out.absolute(), run_folder.log_file().name
+    out, ours = run_folder.normalised(out), {run_folder.log_file().name, run_folder.IDENTITY}
     if out != _created_run_dir or not out.is_dir() or out.is_symlink():
         return
     for folder, subfolders, files in os.walk(out):
@@ -146,15 +160,9 @@ def remove_empty_run_dir():
         if where.parts[:1] == (".hydra",):
             continue
         links = [d for d in subfolders if (Path(folder) / d).is_symlink()]
-        if links or (files and (where != Path(".") or files != [log_file])):
+        if links or (files and (where != Path(".") or not set(files) <= ours)):
             return  # something this run made that may be worth keeping
     shutil.rmtree(out)
-
-
-def _entries(directory) -> set[str] | None:
-    """The names in `directory`, or None if it does not exist."""
-    path = Path(str(directory)).expanduser().absolute()
-    return {p.name for p in path.iterdir()} if path.is_dir() else None
 
 
 def check_request(cfg: DictConfig):
@@ -167,68 +175,198 @@ def check_request(cfg: DictConfig):
     check_checkpoint(cfg.ckpt_path, stored_data=cfg.get("data") is None)
 
 
-class RunDirGuard(Callback):
-    """Refuses, before Hydra creates or writes anything, a run directory that holds another run; and notes
-    which directories Hydra is about to create, so that only those are ever removed (`remove_empty_run_dir`).
+def check_study(sweeper):
+    """An Optuna study's options: at least one trial, a plain name (its database file is named by it), and a
+    SQLite storage that is no other program's database (Optuna would add its tables to it)."""
+    if "n_trials" in sweeper and wanted_value(sweeper.n_trials, "int", 1):
+        raise ConfigError(f"hydra.sweeper.n_trials={sweeper.n_trials!r} is not valid: it must be an integer >= 1")
+    name = sweeper.get("study_name")
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", str(name)):
+        raise ConfigError(
+            f"hydra.sweeper.study_name={str(name)[:100]!r} is not a plain name: letters, digits, '_', '-' and '.', "
+            f"at most 100, starting with a letter or digit (it names the study's file)"
+        )
+    storage = sweeper.get("storage")
+    if isinstance(storage, str) and storage.startswith("sqlite:///"):
+        _check_sqlite(Path(storage[len("sqlite:///") :]))
 
-    A run may write into an existing run's directory only to resume it (`ckpt_path=<run>/checkpoints/...`).
-    """
+
+def _check_sqlite(path: Path):
+    import sqlite3
+
+    if not path.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error as error:
+        raise ConfigError(f"hydra.sweeper.storage names {path}, which is not a SQLite database ({error})") from None
+    if tables and "studies" not in tables:
+        raise ConfigError(
+            f"hydra.sweeper.storage names {path}, the SQLite database of another program (tables: "
+            f"{', '.join(sorted(tables)[:5])}): name a file of its own for the study"
+        )
+
+
+# The most jobs a grid may hold: Hydra lists every job before the first starts (10 million: minutes, GB).
+MAX_JOBS = 10_000
+
+
+def check_grid_size(overrides):
+    """A grid's jobs (the product of its swept values) must be at most MAX_JOBS."""
+    import math
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
+
+    jobs = 1
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        value = override.value() if override.is_sweep_override() else None
+        if isinstance(value, ChoiceSweep):
+            jobs *= len(value.list)
+        elif isinstance(value, RangeSweep) and value.step:
+            jobs *= max(0, math.ceil((value.stop - value.start) / value.step))
+    if jobs > MAX_JOBS:
+        raise ConfigError(f"the sweep has {jobs:,} jobs, more than {MAX_JOBS:,}: split it into smaller sweeps")
+
+
+def check_writable(folder: Path, option: str):
+    """`folder`, or the nearest folder above it that exists, must be writable: Hydra writes there first."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}={folder} cannot be written ({existing} is read-only to this user): name another")
+
+
+# What a sweep's subfolder must name to give each job a folder of its own.
+_JOB_NAMES = ("hydra.job.num", "hydra.job.id", "hydra.job.override_dirname")
+
+
+class RunDirGuard(Callback):
+    """A run's folder is its own, by identity (`vdvae.run_folder`): a run writes only into a new (or empty)
+    folder, which it claims with an identity of its own, or into its own folder again: resuming it
+    (`ckpt_path=<run>/checkpoints/...`) or requeued (the same SLURM job, the same job of the same sweep).
+    Anything else is refused in one line before Hydra writes anything; a sweep must start in a new folder,
+    and give each job a folder of its own. Paths are compared as Hydra writes them (`run_folder.normalised`).
+    Only a folder this run created is ever removed (`remove_empty_run_dir`)."""
 
     def __init__(self):
-        # What existed before Hydra made anything: the run directory (single runs), or the sweep directory
-        # and its entries (multirun; the guard travels to the jobs' processes with Hydra's callbacks).
-        self.existed: dict[str, set[str] | None] = {}
+        # A single run's identity, or the sweep's (its jobs are `<sweep>/<job number>`); the guard travels
+        # to the jobs' processes with Hydra's callbacks, so that a requeued job finds its own again.
+        self.identity: str | None = None
+        self.sweep = False
+        self.run_dir_existed = False
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         global _checked_run_dir
-        self.existed = {"run": _entries(config.hydra.run.dir)}
+        run_dir = run_folder.normalised(config.hydra.run.dir)
+        self.run_dir_existed = run_dir.exists()
         # Hydra turns a callback's exception into a warning and goes on: stop the run with its message instead.
         try:
             self.check(config)
+            self.identity = None if is_worker_process() else self._identity_in(run_dir, config)
         except Exception as error:
             refuse(error)
-        _checked_run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
+        except KeyboardInterrupt:  # Ctrl-C while the checks import torch: nothing was written
+            print(f"stopped by Ctrl-C before the run started; exit status {EXIT_STATUS[Interrupted]}", file=sys.stderr)
+            raise SystemExit(EXIT_STATUS[Interrupted]) from None
+        _checked_run_dir = run_dir
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.existed = {"sweep": _entries(config.hydra.sweep.dir)}
-        if config.get("model") is not None:  # a training sweep: what it optimizes, before its first job
-            try:
+        if is_worker_process():
+            return
+        self.sweep, self.identity = True, run_folder.new_identity()
+        sweep_dir = run_folder.normalised(config.hydra.sweep.dir)
+        try:
+            if config.get("model") is not None:  # a training sweep: what it optimizes, before its first job
                 check_optimized_metric(config)
-            except ConfigError as error:
-                refuse(error)
+            check_study(config.hydra.get("sweeper") or {})
+            if "n_trials" not in (config.hydra.get("sweeper") or {}):  # a grid (Optuna asks its trials one by one)
+                check_grid_size(config.hydra.overrides.task)
+            check_writable(sweep_dir, "hydra.sweep.dir")
+            subdir = str(OmegaConf.to_container(config.hydra.sweep).get("subdir"))
+            if not any(name in subdir for name in _JOB_NAMES):
+                raise ConfigError(
+                    f"hydra.sweep.subdir={subdir} gives every job of the sweep the same folder: each job needs "
+                    f"its own; leave it unset (${{hydra.job.num}}) or name {' or '.join(_JOB_NAMES)} in it"
+                )
+            # The same sweep again (its driver requeued by SLURM) finds its own identity there.
+            if not run_folder.is_empty(sweep_dir) and run_folder.identity_of(sweep_dir) != self.identity:
+                raise ConfigError(
+                    f"hydra.sweep.dir={sweep_dir} already exists: a sweep writes only into a new folder; name a "
+                    f"new one or leave hydra.sweep.dir unset (each job's last.ckpt resumes that job alone)"
+                )
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            if not run_folder.claim(sweep_dir, self.identity):
+                raise ConfigError(f"hydra.sweep.dir={sweep_dir} was just taken by another sweep: name a new one")
+        except (ConfigError, OSError) as error:
+            refuse(error)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        global _created_run_dir
-        out = Path(str(config.hydra.runtime.output_dir)).absolute()
-        if "run" in self.existed:
-            created = self.existed["run"] is None
-        else:  # a sweep's job: its directory is new if the sweep's was, or if the sweep's lacked it
-            sweep = Path(str(config.hydra.sweep.dir)).absolute()
-            before = self.existed.get("sweep")
-            created = out.parent == sweep and (before is None or out.name not in before)
-        _created_run_dir = out if created and not is_worker_process() else None
+        global _created_run_dir, _refusal
+        _created_run_dir = _refusal = None
+        if is_worker_process():
+            return
+        out = run_folder.normalised(config.hydra.runtime.output_dir)
+        if self.sweep:
+            identity, fresh = f"{self.identity}/{config.hydra.job.num}", run_folder.identity_of(out) is None
+        else:
+            identity, fresh = self.identity or run_folder.new_identity(), not self.run_dir_existed
+        if not run_folder.claim(out, identity):
+            _refusal = ConfigError(
+                f"{out} is another run's folder (a job of this sweep, or a run started at the same time): "
+                f"this job writes nothing there"
+            )
+            return
+        run_folder.own(out, identity)
+        _created_run_dir = out if fresh else None
 
     def check(self, config: DictConfig):
         is_training = config.get("model") is not None
         if is_training:
             check_config(config)
+            checkpoint = None
             if config.get("ckpt_path"):  # the file first: a wrong one is refused before Lightning is imported
                 from vdvae.checkpoints import load_checkpoint
 
                 checkpoint = load_checkpoint(config.ckpt_path)
-                from vdvae.resume import check_resume_on_meta
+            from vdvae.resume import check_resume_on_meta
 
-                check_resume_on_meta(config, checkpoint)
+            check_resume_on_meta(config, checkpoint)
         elif config.get("task_name") in ("eval", "sample", "compress"):
             check_request(config)
-        run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
-        if not run_folder.holds_a_run(run_dir) or is_worker_process():
-            return
-        if is_training and run_folder.run_of_checkpoint(config.get("ckpt_path")) == run_dir:
-            return
+
+    @staticmethod
+    def _identity_in(run_dir: Path, config: DictConfig) -> str:
+        """This run's identity, where `run_dir` may be its folder: a new one for a new (or empty) folder,
+        the folder's own where this run resumes it or is its requeued self; else the run is refused."""
+        check_writable(run_dir, "hydra.run.dir")
+        identity, written = run_folder.new_identity(), run_folder.identity_of(run_dir)
+        if run_folder.is_empty(run_dir):
+            return identity
+        if written == identity:  # its requeued self, which resumes its own last.ckpt only
+            if config.get("model") is not None and not config.get("ckpt_path"):
+                from vdvae.resume import check_last_is_own
+
+                check_last_is_own(run_dir, identity)
+            return identity
+        resumed = config.get("model") is not None and run_folder.run_of_checkpoint(config.get("ckpt_path")) == run_dir
+        if resumed:
+            return written or identity  # a run made before runs had identities takes one now
+        if run_folder.holds_a_run(run_dir):
+            also = (
+                f"Resume that run with ckpt_path={run_folder.last_checkpoint(run_dir)}, or l"
+                if config.get("model")
+                else "L"
+            )
+            raise ConfigError(
+                f"hydra.run.dir={run_dir} holds an earlier run: a new run never writes into it. {also}eave "
+                f"hydra.run.dir unset for a new directory"
+            )
         raise ConfigError(
-            f"hydra.run.dir={run_dir} holds an earlier run: a new run never writes into it. Resume that run with "
-            f"ckpt_path={run_folder.last_checkpoint(run_dir)}, or leave hydra.run.dir unset for a new directory"
+            f"hydra.run.dir={run_dir} already exists and holds files that are not this run's: a run writes only "
+            f"into a new or empty folder; name a new one, or leave hydra.run.dir unset for a new directory"
         )
 
 
@@ -241,16 +379,17 @@ class StopController:
     saved, and a first Ctrl-C is turned into such a SIGTERM (a second one stops at once), so that no stop
     saves a half-done update. Under SLURM with submitit's USR2 handler (its time limit, pre-emption), USR2
     is such a stop too, after which `stopped()` hands the job to submitit's handler, which requeues it.
-    Outside Lightning's fit and test, `at_step` ends the process as SIGTERM's default does (an exception
-    raised from a handler can be lost, where the signal lands in a finalizer) and Ctrl-C stops at once."""
+    Outside Lightning's fit and test, `at_step` ends the process as the signal's default does (an exception
+    raised from a handler can be lost, where the signal lands in a finalizer), after removing an empty run
+    folder this run made. `requeue=False`: SIGUSR2 is left to the handler there (an inner controller's)."""
 
-    def __init__(self, at_step: bool = False):
-        self.at_step, self.caught, self.previous = at_step, None, {}
+    def __init__(self, at_step: bool = False, requeue: bool = True):
+        self.at_step, self.requeue, self.caught, self.previous = at_step, requeue, None, {}
 
     def __enter__(self):
         handlers = {signal.SIGINT: self._on_sigint, signal.SIGTERM: self._on_sigterm}
         usr2 = signal.getsignal(signal.SIGUSR2)
-        if self.at_step and callable(usr2) and os.environ.get("SLURM_JOB_ID"):
+        if self.at_step and self.requeue and callable(usr2) and os.environ.get("SLURM_JOB_ID"):
             handlers[signal.SIGUSR2] = self._on_usr2
             log.info(
                 "SLURM job %s, SLURM_RESTART_COUNT=%s: SIGUSR2 saves last.ckpt and requeues the job",
@@ -270,17 +409,29 @@ class StopController:
     def _on_sigterm(self, signum, frame):
         if not self.at_step:
             raise Terminated()
-        if not self._lightning_listens():  # between fit, validation and test: the signal's own end (exit 143)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        if not self._lightning_listens():
+            self._end_as_the_signal_does(signum)
         self.caught = self.caught or signal.SIGTERM  # Lightning stops at the step boundary
 
     def _on_sigint(self, signum, frame):
+        if self.at_step and not self.caught and not self._lightning_listens():
+            self._end_as_the_signal_does(signum)
         if self.caught or not self._lightning_listens():
             raise Interrupted()  # not KeyboardInterrupt, which Lightning turns into exit status 1
         self.caught = signal.SIGINT
         log.warning("Ctrl-C: stopping after this step, saving last.ckpt (Ctrl-C again: stop at once)")
         os.kill(os.getpid(), signal.SIGTERM)
+
+    @staticmethod
+    def _end_as_the_signal_does(signum):
+        """Outside Lightning's fit and test (starting, or between them): an empty run folder this run made is
+        removed and the process ends as the signal's default does (exit 143 or 130), with one line. (An
+        exception raised here could be lost, where the signal lands in a finalizer.)"""
+        remove_empty_run_dir()
+        log.error("stopped by %s; exit status %d", "Ctrl-C" if signum == signal.SIGINT else "SIGTERM", 128 + signum)
+        logging.shutdown()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def _on_usr2(self, signum, frame):
         log.warning("SIGUSR2: stopping at the next step to save, then requeueing")

@@ -4,7 +4,7 @@ that a requeued job resumes from.
 
 `ResumeState`, a callback that training always has, writes into every checkpoint every rank's generator
 states (torch, numpy, Python, this process's GPU), the cosine's length (it may follow trainer.max_steps),
-the data config (evaluation and sampling read the data from it) and the W&B run id (a resumed run
+the data config (evaluation and sampling read the data from it), the run's identity and the W&B run id (a resumed run
 continues its W&B run), and records a save between two epochs as the next epoch's start. As training
 starts it restores the generators, applies this run's optimizer settings over the restored ones (with a
 warning where they differ: resuming with a lower model.lr rescues a diverging run) and warns where the
@@ -16,14 +16,15 @@ import random
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning import Callback
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from vdvae import run_folder
-from vdvae.checkpoints import CheckpointError, state_mismatch
-from vdvae.errors import one_line
+from vdvae.checkpoints import CheckpointError, load_checkpoint, state_mismatch
+from vdvae.errors import ConfigError, one_line
 from vdvae.schedule import cosine_length, lr_factor
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,24 @@ def previous_last_checkpoint() -> str | None:
     """`last.ckpt` of this job's run directory if it already has one: the job is a requeued one (a SLURM
     job that submitit resubmits with its original overrides into the same directory), which resumes."""
     folder = run_folder.current()
-    last = None if folder is None else run_folder.last_checkpoint(folder)
-    return str(last) if last is not None and last.is_file() else None
+    if folder is None:
+        return None
+    return check_last_is_own(folder, run_folder.own_identity())
+
+
+def check_last_is_own(folder, identity: str | None) -> str | None:
+    """The `last.ckpt` in run folder `folder` that a requeued run with `identity` resumes from, if there is
+    one: only one that this run wrote (its identity is in it), never whatever sits in the folder."""
+    last = run_folder.last_checkpoint(folder)
+    if not last.is_file():
+        return None
+    written_by = load_checkpoint(last).get("run_id")
+    if written_by != identity:
+        raise ConfigError(
+            f"{last} was not written by this run (run {one_line(str(written_by), 80)}, this is run {identity}): "
+            f"nothing resumed from it, nothing written; resume it explicitly with ckpt_path={last}"
+        )
+    return str(last)
 
 
 class ResumeState(Callback):
@@ -47,6 +64,8 @@ class ResumeState(Callback):
 
     def on_save_checkpoint(self, trainer, module, checkpoint):
         checkpoint["rng_states"] = _rng_states_of_every_rank()
+        if run_folder.own_identity() is not None:  # what a requeued job resumes from (previous_last_checkpoint)
+            checkpoint["run_id"] = run_folder.own_identity()
         if module.hparams.lr_schedule == "cosine":  # its length may follow trainer.max_steps
             checkpoint["cosine_length"] = cosine_length(module.hparams, trainer.max_steps)
         if self.data_config is not None:
@@ -159,12 +178,18 @@ def _warn_if_the_cosine_changed(trainer, module, before):
         )
 
 
-def check_resume_on_meta(config: DictConfig, checkpoint: dict):
-    """The checkpoint to resume from (read from `config.ckpt_path`) must fit the configured model (built on
-    the meta device: shapes only, no memory), before a run directory exists."""
-    with torch.device("meta"):
-        module = instantiate(config.model)
-    check_fits(checkpoint, config.ckpt_path, module)
+def check_resume_on_meta(config: DictConfig, checkpoint: dict | None):
+    """The configured model must build (on the meta device: shapes only, no memory), and the checkpoint to
+    resume from (read from `config.ckpt_path`), if any, fit it, before a run directory exists."""
+    try:
+        with torch.device("meta"):
+            module = instantiate(config.model)
+    except InstantiationException as error:  # the model's own refusal (a ValueError), under Hydra's wrapper
+        if not isinstance(error.__cause__, ValueError):
+            raise
+        raise ConfigError(one_line(error.__cause__, 500)) from error
+    if checkpoint is not None:
+        check_fits(checkpoint, config.ckpt_path, module)
 
 
 def check_fits(checkpoint: dict, path, module) -> dict:
@@ -181,6 +206,12 @@ def check_fits(checkpoint: dict, path, module) -> dict:
             f"{path} does not fit the configured model ({mismatch}). Resume with the model config it was "
             f"trained with (its .hydra/config.yaml), or start a new run without ckpt_path"
         )
+    mismatch = counter_mismatch(checkpoint)
+    if mismatch:
+        raise CheckpointError(
+            f"{path}: its step counters disagree ({mismatch}); the file is damaged: resume from another "
+            f"checkpoint of the run"
+        )
     try:
         check_rng_states(checkpoint.get("rng_states"))
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as error:
@@ -189,6 +220,51 @@ def check_fits(checkpoint: dict, path, module) -> dict:
             f"the file is damaged: resume from another checkpoint of the run"
         ) from error
     return checkpoint
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def counter_mismatch(checkpoint: dict) -> str:
+    """The counters a resume restores, checked against the checkpoint's global step, or "": the loops'
+    step count (what Lightning restores the step from) equals it, every learning-rate scheduler has
+    stepped once per update, no optimizer has stepped more often, and every loop counter is a count."""
+    if "global_step" not in checkpoint:  # weights alone (an imported model): no training state to restore
+        return ""
+    step = checkpoint["global_step"]
+    if not _is_count(step):
+        return f"global_step={one_line(repr(step), 40)}, not a count"
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    progress = [(name, value) for name, value in _leaves(fit_loop) if not name.endswith("is_last_batch")]
+    bad = [name for name, value in progress if not _is_count(value)]
+    if bad:
+        return f"the fit loop's {bad[0]}={one_line(repr(dict(progress)[bad[0]]), 40)}, not a count"
+    stepped = sum(
+        value
+        for name, value in progress
+        if name.endswith("optim_step_progress.total.completed") or name.endswith("optimizer.step.total.completed")
+    )
+    if progress and stepped != step:
+        return f"global_step={step}, the fit loop's step count {stepped}"
+    for scheduler in checkpoint.get("lr_schedulers") or []:
+        last = scheduler.get("last_epoch") if isinstance(scheduler, dict) else None
+        if last != step:
+            return f"global_step={step}, the learning-rate schedule's step {one_line(repr(last), 40)}"
+    for stored in checkpoint.get("optimizer_states") or []:
+        for state in (stored.get("state") or {}).values() if isinstance(stored, dict) else []:
+            count = state.get("step") if isinstance(state, dict) else None
+            if torch.is_tensor(count) and count.numel() == 1 and not 0 <= float(count) <= step:
+                return f"global_step={step}, an optimizer's step count {float(count):g}"
+    return ""
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def optimizer_mismatch(optimizer_states, params: list) -> str:

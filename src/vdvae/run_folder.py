@@ -1,18 +1,89 @@
 """A run's folder and its layout: the one place that knows where a run keeps what.
 
+    <run>/.run_id                the run's identity: only the run it names writes into the folder
     <run>/.hydra/config.yaml     the config the run started with (it marks the folder as a run's)
     <run>/<task>.log             the log
     <run>/checkpoints/last.ckpt  the latest state; best-*.ckpt beside it
 
-The folder of the running job is Hydra's output directory.
+The folder of the running job is Hydra's output directory, and paths are compared as Hydra makes it:
+made absolute and normalised by their text (`normalised`), so that `<folder>/nope/..` is `<folder>`.
 """
 
+import os
+import secrets
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
+IDENTITY = ".run_id"
+
+# This process's job: its run folder and the identity it writes there (set as the job starts), or None.
+_own: tuple[Path, str] | None = None
+
+
+def normalised(path) -> Path:
+    """`path` made absolute and normalised by its text, as Hydra makes its output directory (no `~`)."""
+    return Path(os.path.abspath(str(path)))
+
+
+def new_identity() -> str:
+    """A run's identity: `slurm-<job>[_<array task>]` inside a SLURM job (its requeued self is the same
+    run), else random."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}" + (f"_{task}" if task else "")
+    return secrets.token_hex(8)
+
+
+def identity_of(folder) -> str | None:
+    """The identity written in `folder`, or None where it holds none (or no folder)."""
+    try:
+        with open(Path(str(folder)) / IDENTITY, "rb") as file:
+            return file.read(200).decode("utf-8", "replace").strip() or None
+    except OSError:
+        return None
+
+
+def is_empty(folder) -> bool:
+    """Whether `folder` does not exist, or is a folder with nothing in it."""
+    path = Path(str(folder))
+    return not (path.exists() or path.is_symlink()) or (path.is_dir() and not any(path.iterdir()))
+
+
+def claim(folder, identity: str) -> bool:
+    """Write `identity` into `folder` unless it names a run already: whether the folder is now that run's
+    (it named none, or this one). The write is exclusive: of two runs claiming one folder, one wins."""
+    path = normalised(folder)
+    try:
+        descriptor = os.open(path / IDENTITY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return identity_of(path) == identity
+    with os.fdopen(descriptor, "w") as file:
+        file.write(identity + "\n")
+    return True
+
+
+def own(folder, identity: str):
+    """Note `folder`, claimed with `identity`, as this process's job's."""
+    global _own
+    _own = (normalised(folder), identity)
+
+
+def own_identity() -> str | None:
+    """The identity of this process's run: the one its job claimed, or, in a further rank of a
+    multi-process run, the one its folder holds."""
+    folder = current()
+    if _own is not None and folder is not None and normalised(folder) == _own[0]:
+        return _own[1]
+    return identity_of(folder) if folder is not None else None
+
+
+def owns(folder) -> bool:
+    """Whether `folder` is the one this process's job claimed."""
+    return _own is not None and normalised(folder) == _own[0]
 
 
 def checkpoints(run_dir) -> Path:
@@ -32,7 +103,7 @@ def run_of_checkpoint(ckpt_path) -> Path | None:
     """The run directory a checkpoint belongs to (`<run>/checkpoints/x.ckpt` with `<run>/.hydra`), if any."""
     if not ckpt_path or str(ckpt_path).startswith("wandb:"):
         return None
-    path = Path(str(ckpt_path)).expanduser().absolute()
+    path = normalised(os.path.expanduser(str(ckpt_path)))
     run = path.parent.parent
     if path.parent.name == CHECKPOINT_DIR and holds_a_run(run):
         return run

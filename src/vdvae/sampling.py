@@ -38,9 +38,16 @@ def pil_image(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(image.permute(1, 2, 0).squeeze(-1).cpu().numpy())
 
 
+# The most columns of a grid whose rows are not labelled: more images wrap into further rows (a file of
+# many latents decodes to a grid that a viewer opens, not one row millions of pixels wide).
+MAX_COLUMNS = 16
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int, title=(), rows=()) -> Path:
     """uint8 images as one labelled PNG grid at `path` (vdvae.grids: scaled up if small, the `title`'s parts
-    above, a label per row), written whole or not at all."""
+    above, a label per row), `nrow` to a row (at most MAX_COLUMNS where rows are not labelled), written
+    whole or not at all."""
+    nrow = nrow if rows else min(nrow, MAX_COLUMNS)
     return save_figure(path, [Part(images, nrow, rows=list(rows))], list(title))
 
 

@@ -31,6 +31,7 @@ from hydra.types import RunMode
 from vdvae import run_folder
 from vdvae.config import is_worker_process
 from vdvae.errors import RunDiverged, TrainingStalled, one_line, refuse
+from vdvae.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ class JobRecord(Callback):
         REPORTED.clear()
         self._started = time.monotonic()
         out = Path(str(config.hydra.runtime.output_dir))
-        _recording = HydraConfig.get().mode == RunMode.MULTIRUN and not is_worker_process()
+        # Not in a folder that is not this job's (vdvae.lifecycle.RunDirGuard refused it): its record is another's.
+        _recording = HydraConfig.get().mode == RunMode.MULTIRUN and not is_worker_process() and run_folder.owns(out)
         if _recording:
             started = make_record(out.name, config.hydra.overrides.task, None, num=config.hydra.job.num)
             write_record(out, {**started, "status": "running"})
@@ -205,6 +207,16 @@ def _cell(record, column, varying=None):
     return "" if value is None else str(value)
 
 
+def _markdown(text: str) -> str:
+    """A table cell's text that stays in its cell: one line, its bars escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _spreadsheet(value):
+    """A CSV cell a spreadsheet shows as text, never runs as a formula (`=`, `+`, `-`, `@` first)."""
+    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def _columns(records: list[dict]) -> list[str]:
     return [c for c in COLUMNS if c != "trial" or any("trial" in r for r in records)]  # trials: Optuna's
 
@@ -213,9 +225,11 @@ def table(records: list[dict]) -> str:
     """A Markdown table, one row per job (with the overrides that differ between jobs), and each failure."""
     columns, varying = _columns(records), _varying(records)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r, c, varying) for c in columns) + " |" for r in records]
+    lines += ["| " + " | ".join(_markdown(_cell(r, c, varying)) for c in columns) + " |" for r in records]
     failures = [
-        f"- job {r['job']} {r['status']}: {r.get('error') or ''}" for r in records if r["status"] != "completed"
+        f"- job {_markdown(str(r['job']))} {_markdown(str(r['status']))}: {_markdown(str(r.get('error') or ''))}"
+        for r in records
+        if r["status"] != "completed"
     ]
     return "\n".join(lines + ([""] + failures if failures else []))
 
@@ -225,12 +239,15 @@ def write_summary(sweep_dir, records: list[dict], extra: str = "", config=None) 
     sweep_dir = Path(sweep_dir)
     failed = [r for r in records if r["status"] != "completed"]
     text = f"{table(records)}\n\n{len(records) - len(failed)} of {len(records)} jobs completed\n{extra}".rstrip() + "\n"
-    (sweep_dir / "summary.md").write_text(text)
+    write_atomically(sweep_dir / "summary.md", text)
     with io.StringIO() as buffer:
         writer = csv.DictWriter(buffer, [*_columns(records), "error"], extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({**r, "overrides": " ".join(r.get("overrides") or [])} for r in records)
-        (sweep_dir / "summary.csv").write_text(buffer.getvalue())
+        for r in records:
+            writer.writerow(
+                {k: _spreadsheet(v) for k, v in {**r, "overrides": " ".join(r.get("overrides") or [])}.items()}
+            )
+        write_atomically(sweep_dir / "summary.csv", buffer.getvalue())
     log.info("sweep summary (%s):\n%s", sweep_dir / "summary.md", text)
     if config is not None:
         _to_wandb(sweep_dir, records, config)

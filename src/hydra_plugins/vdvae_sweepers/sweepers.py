@@ -12,9 +12,13 @@ FAIL and goes on; until then it uses the plugin's private `_impl` helpers (searc
 held by the pin in pyproject.toml.
 """
 
+import contextlib
 import functools
 import logging
 import math
+import os
+import socket
+import threading
 from pathlib import Path
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -63,9 +67,7 @@ class OptunaSweeper(HydraOptunaSweeper or object):
         if isinstance(sampler, functools.partial):  # GridSampler: its grid, and no more trials than it holds
             grid = {name: impl._to_grid_sampler_choices(d) for name, d in distributions.items()}
             sampler, n_trials = sampler(grid), min(n_trials, math.prod(len(v) for v in grid.values()))
-        storage = impl.storage
-        if isinstance(storage, str) and storage.startswith("sqlite:///"):
-            Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        storage = study_storage(impl.storage)
         study = optuna.create_study(
             study_name=impl.study_name,
             storage=storage,
@@ -73,32 +75,123 @@ class OptunaSweeper(HydraOptunaSweeper or object):
             directions=impl._get_directions(),
             load_if_exists=True,
         )
-        # Trials an earlier, stopped sweep left running are failed and asked again with their parameters.
+        # Trials whose sweep died (its process is gone from this machine, or it has not beaten for GRACE
+        # seconds) are failed and asked again; live trials of other processes on this study are theirs.
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-            study.tell(trial.number, state=TrialState.FAIL)
-            study.enqueue_trial(trial.params)
-        done = sum(
-            1 for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not t.user_attrs.get("interrupted")
-        )
-        log.info("study %s (storage %s): %d of %d trials done", study.study_name, storage, done, n_trials)
-        while done < n_trials:
-            trials = [study.ask() for _ in range(min(impl.n_jobs, n_trials - done))]
+            if _driver_is_gone(trial.user_attrs.get("driver")):
+                _interrupted(study, trial)
+        optuna.storages.fail_stale_trials(study)
+        log.info("study %s (storage %s): %d of %d trials done", study.study_name, impl.storage, _done(study), n_trials)
+        while (
+            left := n_trials - _done(study) - len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        ) > 0:
+            trials = [study.ask() for _ in range(min(impl.n_jobs, left))]
+            for trial in trials:
+                trial.set_user_attr("driver", f"{socket.gethostname()}:{os.getpid()}")
             overrides = impl._configure_trials(trials, distributions, fixed)
-            returns = impl.launcher.launch(overrides, initial_job_idx=impl.job_idx)
+            try:
+                with _heartbeat(study, trials):
+                    returns = impl.launcher.launch(overrides, initial_job_idx=impl.job_idx)
+            except BaseException:  # a stop (SIGTERM, Ctrl-C): the trials are asked again by the next sweep
+                for trial in trials:
+                    _interrupted(study, study._storage.get_trial(trial._trial_id))
+                raise
             impl.job_idx += len(returns)
             for trial, job in zip(trials, returns, strict=True):
                 value = job._return_value if job.status == JobStatus.COMPLETED else None
-                if isinstance(value, (int, float)) and math.isfinite(value):
+                if study._storage.get_trial(trial._trial_id).state.is_finished():
+                    log.warning("trial %d was ended by another process (its heartbeat was late): kept", trial.number)
+                elif isinstance(value, (int, float)) and math.isfinite(value):
                     study.tell(trial, values=[float(value)])
                 else:
                     study.tell(trial, state=TrialState.FAIL)
                 _note_trial(job, trial.number, value)
-            done += len(trials)
         sweep_dir = Path(self.sweeper.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         _write_results(study, sweep_dir / "optimization_results.yaml")
         sweeps.NOTES.append(_study_summary(study))  # below the sweep's table (vdvae.sweeps.SweepSummary)
+
+
+# Seconds between a running trial's heartbeats; a trial silent for GRACE seconds is failed and asked again.
+HEARTBEAT = 20
+GRACE = 3 * HEARTBEAT
+
+
+def study_storage(url):
+    """Optuna's storage for `url` (None: in memory) with heartbeats, so that several processes may work on one
+    study (the file it names was checked before the sweep: vdvae.lifecycle.check_study)."""
+    import optuna
+
+    if not isinstance(url, str):
+        return url
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # waits for the others' writes
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT, grace_period=GRACE, failed_trial_callback=_interrupted
+    )
+
+
+def _interrupted(study, trial):
+    """A trial that did not end (its sweep was stopped, or died): failed, and asked again by a trial that
+    names it (`retry_of`; a finished trial's own attributes can no longer change)."""
+    from optuna.trial import TrialState, create_trial
+
+    if not trial.state.is_finished():
+        study.tell(trial.number, state=TrialState.FAIL)
+    retry = create_trial(
+        state=TrialState.WAITING, system_attrs={"fixed_params": trial.params}, user_attrs={"retry_of": trial.number}
+    )
+    study.add_trial(retry)
+
+
+def _driver_is_gone(driver) -> bool:
+    """Whether the sweep process `driver` ("<host>:<pid>") ran on this machine and has ended."""
+    host, _, pid = str(driver).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's live process
+        return False
+    return False
+
+
+def _done(study) -> int:
+    """The trials that ended, less the interrupted ones (asked again)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    # "interrupted": how studies of earlier versions of this sweeper marked them
+    return sum(
+        1 for t in trials if t.state.is_finished() and t.number not in retried and "interrupted" not in t.user_attrs
+    )
+
+
+@contextlib.contextmanager
+def _heartbeat(study, trials):
+    """Record the trials' heartbeats while their jobs run (other processes on the study see them alive)."""
+    storage = study._storage
+    if not storage.is_heartbeat_enabled():
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            for trial in trials:
+                storage.record_heartbeat(trial._trial_id)
+            if stop.wait(HEARTBEAT):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True, name="optuna heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _write_results(study, path: Path):

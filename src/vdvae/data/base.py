@@ -99,10 +99,14 @@ class TensorImages(Dataset):
         return TensorImages(self.images, self.channels_last, chosen)
 
 
-def hold_out(dataset, size: int, seed: int):
-    """Split off `size` images at random (fixed by `seed`): returns (rest, held_out)."""
+def hold_out(dataset, size: int, seed: int, option: str = "val_size"):
+    """Split off `size` images at random (fixed by `seed`): returns (rest, held_out). `option` names the size
+    in errors."""
     if not 0 < size < len(dataset):
-        raise ValueError(f"val_size={size} must be between 1 and the {len(dataset)} training images")
+        raise ValueError(
+            f"data.{option}={size} must be between 1 and {len(dataset) - 1}: it splits images off the "
+            f"{len(dataset)} there are"
+        )
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     return _subset(dataset, order[:-size]), _subset(dataset, order[-size:])
 
@@ -112,7 +116,9 @@ def hold_out_as_original(dataset, size: int, seed: int, held_out_first: bool = F
     RandomState(seed) permutation, holding out its last `size` images (its ImageNet and FFHQ-256 splits)
     or its first `size` (scikit-learn's train_test_split, its CIFAR-10 split). Returns (rest, held_out)."""
     if not 0 < size < len(dataset):
-        raise ValueError(f"val_size={size} must be between 1 and the {len(dataset)} training images")
+        raise ValueError(
+            f"data.val_size={size} must be between 1 and the {len(dataset) - 1} of the {len(dataset)} training images"
+        )
     order = torch.from_numpy(np.random.RandomState(seed).permutation(len(dataset)))
     if held_out_first:
         return _subset(dataset, order[size:]), _subset(dataset, order[:size])

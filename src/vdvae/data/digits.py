@@ -18,6 +18,6 @@ class DigitsDataModule(ImageDataModule):
         except ImportError as error:
             raise ImportError("data=digits needs scikit-learn: pip install scikit-learn") from error
         images = torch.from_numpy(load_digits().images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
-        rest, test = hold_out(TensorImages(images), self.test_size, self.split_seed)
+        rest, test = hold_out(TensorImages(images), self.test_size, self.split_seed, "test_size")
         train, val = hold_out(rest, self.val_size, self.split_seed + 1)
         return train, val, test

@@ -4,7 +4,9 @@ A folder dataset reads every image file under a directory (recursively), convert
 grayscale (`pixels`: each image mode's conversion is in `SOURCES`, and in docs/training.md), and
 resizes (shorter side) and centre-crops it to `image_size`. Every file's header is read at set-up: a
 file that is not an image, or whose mode has no stated conversion, stops the run there, named; the
-modes that will be converted are logged once, with how. Splits come from `train/`, `valid/` (or
+modes that will be converted are logged once, with how. Only regular files are read, and a file that
+declares more than a still image of bounded size (`size_problem`), or holds less than it declares (a
+truncated PNG or JPEG), is refused there too, before any pixel is decoded. Splits come from `train/`, `valid/` (or
 `val/`) and `test/` subfolders where they exist; otherwise validation and test images are held out of
 the training images at random.
 """
@@ -92,7 +94,46 @@ def pixels(image: Image.Image, target: str, path) -> np.ndarray:
 
 
 def image_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every file under `directory` named as an image (each one is checked: `check_headers`)."""
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+
+
+# An image's sides may differ at most this much: resizing its shorter side to image_size makes the other at
+# most this many times image_size (1 x 20,000,000 pixels would make a resize of gigabytes).
+MAX_ASPECT = 16
+# The most pixels a file may declare: Pillow's own limit against decompression bombs (about 89 million).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# How each format ends, where a complete file ends so (sought in its last bytes: trailing padding is allowed).
+_ENDINGS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """Why an image of `width` x `height` pixels is not read (before its pixels are), or None."""
+    if width < 1 or height < 1:
+        return f"{width}x{height} pixels: no image"
+    if width * height > MAX_PIXELS:
+        return f"{width}x{height} pixels, more than {MAX_PIXELS:,}: resize it first"
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return f"{width}x{height} pixels: its sides differ more than {MAX_ASPECT}-fold; crop it first"
+    return None
+
+
+def file_problem(path: Path, image: Image.Image) -> str | None:
+    """Why an opened image file is not read, from its header and its last bytes (no pixels decoded): its
+    size, several frames (an animation), or an end missing (a truncated file), or None."""
+    problem = size_problem(*image.size)
+    if problem:
+        return problem
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        return f"animated, {frames} frames: only still images are read; save one frame of it"
+    ending = _ENDINGS.get(image.format)
+    if ending is not None:
+        with open(path, "rb") as file:
+            file.seek(max(file.seek(0, 2) - 4096, 0))
+            if ending not in file.read():
+                return f"truncated: the {image.format} file has no end; replace it with a complete copy"
+    return None
 
 
 def input_files(paths) -> list[Path]:
@@ -103,6 +144,8 @@ def input_files(paths) -> list[Path]:
             files += image_files(p)
         elif p.is_file():
             files.append(p)
+        elif p.exists():
+            raise ValueError(f"inputs: {p} is not a regular file or a folder (a pipe, a device?): not read")
         else:
             raise FileNotFoundError(f"inputs: {p} does not exist")
     if not files:
@@ -116,14 +159,19 @@ def check_headers(files: list[Path], shown: int = 5) -> Counter:
     there are of each mode (`mode_key`)."""
     bad, modes = [], Counter()
     for path in files:
+        if not path.is_file():  # a pipe named x.png would block the run for ever
+            bad.append(f"{path} (not a regular file: a pipe, a device or a broken link)")
+            continue
         try:
             with Image.open(path) as image:
-                key = mode_key(image)
-        except (OSError, ValueError) as error:
+                key, problem = mode_key(image), file_problem(path, image)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
             bad.append(f"{path} ({type(error).__name__})")
             continue
         modes[key] += 1
-        if key not in SOURCES:
+        if problem:
+            bad.append(f"{path} ({problem})")
+        elif key not in SOURCES:
             bad.append(f"{path} (mode {key}: not read; convert it to 8-bit RGB or grey)")
     if bad:
         more = f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else ""
@@ -171,10 +219,13 @@ class FolderImages(torch.utils.data.Dataset):
         path = self.files[i]
         try:
             with Image.open(path) as file:
+                problem = size_problem(*file.size)  # checked at set-up; the file may have changed since
+                if problem:
+                    raise UnsupportedImage(f"{path}: {problem}")
                 array = pixels(file, self.mode, path)
         except UnsupportedImage:
             raise
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"cannot decode image {path} (corrupt or not an image): {error}") from error
         image = torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
         if image.shape[-2:] != (self.image_size, self.image_size):
@@ -221,7 +272,7 @@ class ImageFolderDataModule(ImageDataModule):
         val_dir, test_dir = self._split_dir("valid", "val"), self._split_dir("test")
         test = self._dataset(test_dir) if test_dir else None
         if test is None and self.test_size:
-            train, test = hold_out(train, self.test_size, self.split_seed + 1)
+            train, test = hold_out(train, self.test_size, self.split_seed + 1, "test_size")
         val = self._dataset(val_dir) if val_dir else None
         if val is None:
             train, val = hold_out(train, self.val_size, self.split_seed)

@@ -34,6 +34,10 @@ class BlockSpec:
     reuses_skip: bool = False
 
 
+# Far deeper than any preset (the deepest has a few hundred blocks): a longer string is a mistake or hostile.
+MAX_BLOCKS = 10_000
+
+
 def parse_block_string(blocks: str, kind: str) -> list[BlockSpec]:
     """Expand a block string into one BlockSpec per block; `kind` is "encoder" or "decoder"."""
     allowed = {"encoder": "xd", "decoder": "xmr"}[kind]
@@ -55,6 +59,8 @@ def parse_block_string(blocks: str, kind: str) -> list[BlockSpec]:
             )
         if res < 1 or (arg is not None and arg < 1):
             raise ValueError(f"{kind} block string {blocks!r}: token {token!r} needs positive integers")
+        if arg is not None and arg > MAX_BLOCKS:
+            raise ValueError(f"{kind} block string names more than {MAX_BLOCKS:,} blocks: no model here is that deep")
         if op == "x":
             specs += [BlockSpec(res)] * arg
         elif op == "d":
@@ -65,6 +71,8 @@ def parse_block_string(blocks: str, kind: str) -> list[BlockSpec]:
             specs += [BlockSpec(res, reuses_skip=True)] * arg
         else:
             specs.append(BlockSpec(res))
+        if len(specs) > MAX_BLOCKS:
+            raise ValueError(f"{kind} block string names more than {MAX_BLOCKS:,} blocks: no model here is that deep")
     return specs
 
 

@@ -134,6 +134,13 @@ def decompress_file(cfg: DictConfig, out: Path) -> list[Path]:
     """`file` -> <out>/images/*.png. The file is read and its header checked (names included) before the
     checkpoint is loaded; the PNGs appear as images/ only when all are written."""
     header, words = read_file(read_compressed(str(cfg.file)))
+    most = cfg.get("batch_size") or CodingOptions().batch_size
+    if max(header["chunks"]) > most:  # a pass's memory: the file's chunks are decoded whole
+        raise CompressedFileError(
+            f"{cfg.file}: its images are coded in chunks of up to {max(header['chunks']):,} images, each decoded "
+            f"in one pass, more than batch_size={most} allows: pass batch_size={max(header['chunks'])} where the "
+            f"machine has the memory for it"
+        )
     codec, _ = codec_from_checkpoint(cfg.ckpt_path, cfg.use_ema, cfg.get("data"))
     images, names = codec.decode(header, words)
     names = [png_name(n) for n in names] if names else [f"{i:05d}.png" for i in range(len(images))]

@@ -1,0 +1,202 @@
+"""A run touches only what is its own, as the user types the commands: a run writes only into a new (or
+empty) folder or its own, whatever path names it (`..`, a link's `..`); nothing of a user's is deleted or
+replaced; a sweep starts in a new folder and gives each job its own; a finished run resumes whatever step
+it ended on; a checkpoint's counters are checked against its step before anything is written."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from tests.run_helpers import TINY_RUN, run, run_dirs
+
+pytestmark = pytest.mark.slow  # subprocesses
+
+# Two whole epochs of 26 updates (1,300 training images of digits in batches of 50): the run ends on an
+# epoch's last step, where the final validation replaces the best checkpoint after that step was saved.
+TWO_EPOCHS = [*TINY_RUN, "trainer.max_steps=52", "test=false"]
+
+
+def tree(folder) -> dict:
+    """Every file under `folder` with its bytes."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_refusal(result, *words):
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("finished")
+    result = run("train.py", cwd, *TWO_EPOCHS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(cwd)
+    return run_dir
+
+
+@pytest.fixture
+def users_folder(tmp_path):
+    """A folder of the user's: notes named as a run's log, photos, a folder of their own."""
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "sub").mkdir()
+    (mine / "train.log").write_text("my notes")
+    (mine / "images" / "photo1.jpg").write_bytes(b"\xff\xd8 my photo")
+    (mine / "sub" / "data.txt").write_text("keep")
+    return mine
+
+
+def test_a_run_never_writes_into_a_users_folder_through_dot_dot(tmp_path, users_folder, finished):
+    before = tree(users_folder)
+    # A run that would fail anyway (a batch larger than the data), into `<user folder>/nope/..`.
+    args = ["model=tiny", "data=digits", "trainer=cpu", "logger=csv", "data.batch_size=100000"]
+    result = run("train.py", tmp_path, *args, f"hydra.run.dir={users_folder}/nope/..")
+    one_line_refusal(result, f"hydra.run.dir={users_folder} ", "not this run's")
+    assert tree(users_folder) == before and not (users_folder / "nope").exists()
+    # eval, sample and compress alike; and an earlier run's folder, named through `..` too.
+    last = finished / "checkpoints" / "last.ckpt"
+    earlier = tree(finished)
+    for script in ("eval.py", "sample.py", "compress.py"):
+        result = run(script, tmp_path, f"ckpt_path={last}", f"hydra.run.dir={users_folder}/nope/..")
+        one_line_refusal(result, "not this run's")
+        result = run(script, tmp_path, f"ckpt_path={last}", f"hydra.run.dir={finished}/nope/..")
+        one_line_refusal(result, "holds an earlier run")
+    assert tree(users_folder) == before and tree(finished) == earlier
+    # Through a link's `..`: Hydra writes where the path's text points (the link's folder), not the kernel.
+    (tmp_path / "to_run").symlink_to(finished / "checkpoints")
+    result = run("train.py", tmp_path, *TWO_EPOCHS, "model.lr=1e-3", f"hydra.run.dir={tmp_path}/to_run/..")
+    one_line_refusal(result, f"hydra.run.dir={tmp_path} ")
+    assert tree(finished) == earlier and tree(users_folder) == before
+
+
+def test_decompressing_into_a_users_folder_is_refused_and_keeps_their_images(tmp_path, users_folder, finished):
+    result = run("compress.py", tmp_path, f"ckpt_path={finished / 'checkpoints' / 'last.ckpt'}", "n_images=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (compressed,) = (tmp_path / "logs" / "compress" / "runs").glob("*/images.vdvae")
+    before = tree(users_folder)
+    args = [f"ckpt_path={finished / 'checkpoints' / 'last.ckpt'}", "mode=decompress", f"file={compressed}"]
+    result = run("compress.py", tmp_path, *args, f"hydra.run.dir={users_folder}")
+    one_line_refusal(result, "not this run's")
+    assert tree(users_folder) == before
+    # Into an empty folder of the user's it writes, and the folder stays theirs (not removed on failure).
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run("compress.py", tmp_path, *args, f"hydra.run.dir={empty}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (empty / "images").iterdir()) == ["00000.png", "00001.png"]
+
+
+def test_a_second_run_into_a_fixed_folder_without_hydras_config_is_refused_not_resumed(tmp_path):
+    fixed = [*TINY_RUN, "trainer.max_steps=2", "test=false", f"hydra.run.dir={tmp_path}/fixed"]
+    fixed += ["hydra.output_subdir=null"]
+    assert run("train.py", tmp_path, *fixed).returncode == 0
+    last = (tmp_path / "fixed" / "checkpoints" / "last.ckpt").read_bytes()
+    result = run("train.py", tmp_path, *fixed, "model.lr=1e-3")
+    one_line_refusal(result, "not this run's")
+    assert (tmp_path / "fixed" / "checkpoints" / "last.ckpt").read_bytes() == last
+
+
+def test_a_sweep_needs_a_new_folder_and_a_folder_per_job(tmp_path, users_folder):
+    sweep = ["-m", *TINY_RUN, "trainer.max_steps=2", "test=false", "model.lr=1e-3,2e-3"]
+    result = run("train.py", tmp_path, *sweep, "hydra.sweep.subdir=.")
+    one_line_refusal(result, "hydra.sweep.subdir=.", "the same folder")
+    assert not (tmp_path / "logs").exists()
+    before = tree(users_folder)
+    result = run("train.py", tmp_path, *sweep, f"hydra.sweep.dir={users_folder}")
+    one_line_refusal(result, "already exists", "new folder")
+    assert tree(users_folder) == before
+    # Ten million jobs are refused before Hydra lists them (minutes and gigabytes).
+    result = run("train.py", tmp_path, "-m", *TINY_RUN, "model.lr=range(0,10000000)")
+    one_line_refusal(result, "the sweep has 10,000,000 jobs")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_before_hydra_writes(tmp_path, monkeypatch):
+    # (Tests run as root, whom permissions do not stop: the check asks the system as a user's run would.)
+    from vdvae.errors import ConfigError
+    from vdvae.lifecycle import check_writable
+
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))
+    with pytest.raises(ConfigError, match=f"hydra.run.dir={tmp_path}/a/b cannot be written .{tmp_path} is read-only"):
+        check_writable(tmp_path / "a" / "b", "hydra.run.dir")
+
+
+def test_a_finished_run_resumes_and_tests_its_best_checkpoint(tmp_path, finished):
+    # The run ended on an epoch's last step: last.ckpt must name the best checkpoint that exists.
+    resumed = run("train.py", tmp_path, *TWO_EPOCHS, f"ckpt_path={finished / 'checkpoints' / 'last.ckpt'}", "test=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (best,) = (finished / "checkpoints").glob("best-*.ckpt")
+    assert f"checkpoint {best}" in resumed.stdout + resumed.stderr
+    assert "no longer exists" not in resumed.stdout + resumed.stderr
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda c: c.update(global_step=-40), "global_step=-40"),
+        (lambda c: c["lr_schedulers"][0].update(last_epoch=-40), "learning-rate schedule's step -40"),
+        (
+            lambda c: c["loops"]["fit_loop"]["epoch_loop.manual_optimization.optim_step_progress"]["total"].update(
+                completed=-40
+            ),
+            "not a count",
+        ),
+        (lambda c: [s.update(step=torch.tensor(-40.0)) for s in c["optimizer_states"][0]["state"].values()], "-40"),
+    ],
+)
+def test_a_checkpoints_counters_are_checked_against_its_step_before_the_run(tmp_path, finished, damage, named):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    damage(checkpoint)
+    torch.save(checkpoint, last)
+    before = tree(run_dir)
+    result = run("train.py", tmp_path, *TWO_EPOCHS, "trainer.max_steps=60", f"ckpt_path={last}")
+    one_line_refusal(result, "step counters disagree", named)
+    assert tree(run_dir) == before
+
+
+def test_a_requeued_job_resumes_only_a_checkpoint_its_own_run_wrote(tmp_path, finished):
+    # A SLURM job's folder is `slurm-<job id>`; its requeued self (same job id) resumes from last.ckpt there.
+    env = {"SLURM_JOB_ID": "77"}
+    first = run("train.py", tmp_path, *TINY_RUN, "trainer.max_steps=2", "test=false", env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    folder = tmp_path / "logs" / "train" / "runs" / "slurm-77"
+    requeued = run("train.py", tmp_path, *TINY_RUN, "trainer.max_steps=4", "test=false", env=env)
+    assert requeued.returncode == 0 and "resuming from it" in requeued.stdout, requeued.stderr[-2000:]
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    # A last.ckpt that another run wrote, put there: never resumed from, never replaced.
+    shutil.copy(finished / "checkpoints" / "last.ckpt", folder / "checkpoints" / "last.ckpt")
+    before = tree(folder)
+    result = run("train.py", tmp_path, *TINY_RUN, "trainer.max_steps=60", "test=false", env=env)
+    one_line_refusal(result, "was not written by this run")
+    assert tree(folder) == before
+    # Another SLURM job never writes into it.
+    other = run("train.py", tmp_path, *TINY_RUN, f"hydra.run.dir={folder}", env={"SLURM_JOB_ID": "78"})
+    one_line_refusal(other, "holds an earlier run")
+    assert tree(folder) == before
+
+
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        ({"width": 4096}, "its weights do not fit the model its hyperparameters describe"),
+        ({"dec_blocks": "1x1," * 100_000 + "1x1"}, "more than 10,000 blocks"),
+        ({"enc_blocks": "8x100000000"}, "more than 10,000 blocks"),
+    ],
+)
+def test_a_checkpoints_hyperparameters_are_checked_against_its_weights_before_a_model_is_built(
+    tmp_path, finished, change, said
+):
+    checkpoint = torch.load(finished / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["vae"].update(change)
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, crafted)
+    result = run("eval.py", tmp_path, f"ckpt_path={crafted}", timeout=60)  # sample.py and compress.py alike
+    one_line_refusal(result, said)
