@@ -263,9 +263,9 @@ class RunDirGuard(Callback):
         run_dir = run_folder.normalised(config.hydra.run.dir)
         self.run_dir_existed = run_dir.exists()
         # Hydra turns a callback's exception into a warning and goes on: stop the run with its message instead.
-        try:
-            self.check(config)
+        try:  # the folder first: a cheap check, before the config's imports torch
             self.identity = None if is_worker_process() else self._identity_in(run_dir, config)
+            self.check(config)
         except Exception as error:
             refuse(error)
         except KeyboardInterrupt:  # Ctrl-C while the checks import torch: nothing was written
