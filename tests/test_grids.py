@@ -125,3 +125,35 @@ def test_many_images_without_row_labels_wrap_into_rows_of_at_most_16(tmp_path):
     assert wrapped.width == one_row.width and wrapped.height > 60 * 64
     labelled = Image.open(save_grid(images[:40], tmp_path / "labelled.png", 20, rows=["a", "b"]))
     assert labelled.width > one_row.width  # labelled rows keep their columns
+
+
+def test_summary_cells_stay_in_their_cells_and_never_run_as_formulas(tmp_path):
+    import csv
+    import re
+
+    from vdvae.sweeps import write_summary
+
+    records = [
+        {
+            "job": "0",
+            "overrides": ["a=x|y", "b=1\n| forged | row |"],
+            "status": "crashed",
+            "error": "=cmd|' /C calc'!A0",
+        },
+        {"job": "1", "overrides": ["a=2", "b=2"], "status": "completed", "objective": -1.5},
+    ]
+    text = write_summary(tmp_path, records).read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and all(len(re.findall(r"(?<!\\)\|", line)) == 8 for line in table), text
+    with open(tmp_path / "summary.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert rows[0]["error"] == "'=cmd|' /C calc'!A0" and rows[1]["objective"] == "-1.5"
+
+
+def test_a_refusal_quoting_a_megabyte_prints_one_bounded_line(capsys):
+    from vdvae.errors import refuse
+
+    with pytest.raises(SystemExit):
+        refuse(ValueError("field: " + "x" * 1_000_000))
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and len(said) < 2100 and "(1,000,007 characters)" in said

@@ -5,11 +5,14 @@ it ended on; a checkpoint's counters are checked against its step before anythin
 
 import os
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
 
-from tests.run_helpers import TINY_RUN, run, run_dirs
+from tests.run_helpers import TINY_RUN, run, run_dirs, start
 
 pytestmark = pytest.mark.slow  # subprocesses
 
@@ -200,3 +203,46 @@ def test_a_checkpoints_hyperparameters_are_checked_against_its_weights_before_a_
     torch.save(checkpoint, crafted)
     result = run("eval.py", tmp_path, f"ckpt_path={crafted}", timeout=60)  # sample.py and compress.py alike
     one_line_refusal(result, said)
+
+
+# Option values that ended in tracebacks, inside training, or were accepted: each refused in one line, with
+# nothing written, before the run folder exists.
+BAD_OPTIONS = [
+    ("train.py", "model.betas=abc", "model.betas='abc' is not valid"),
+    ("train.py", "trainer.val_check_interval=0", "trainer.val_check_interval=0 is not valid"),
+    ("train.py", "model.weight_decay=-1", "model.weight_decay=-1 is not valid"),
+    ("train.py", "model.weight_decay=inf", "model.weight_decay=inf is not valid"),
+    ("train.py", "model.eps=-1", "model.eps=-1 is not valid"),
+    ("train.py", "model.eps=0", "model.eps=0 is not valid"),
+    ("train.py", "model.lr_min=-1", "model.lr_min=-1 is not valid"),
+    ("train.py", "model.decay_steps=-1", "model.decay_steps=-1 is not valid"),
+    ("train.py", "model.vae.zdim=0", "model.vae.zdim=0 is not valid"),
+    ("train.py", "callbacks.image_grids.temperatures=[-1]", "each temperature must be a finite number >= 0"),
+    ("train.py", "data.test_size=5000", "data.test_size=5000 must be between 1 and 1796"),
+    ("eval.py", "iw_samples=nan", "iw_samples=nan is not valid"),
+    ("sample.py", "temperatures=[nan]", "temperatures=[nan] is not valid"),
+    ("compress.py", "n_images=-1", "n_images=-1 is not valid"),
+]
+
+
+def test_bad_option_values_are_refused_in_one_line_before_the_run_folder_exists(tmp_path, finished):
+    last = finished / "checkpoints" / "last.ckpt"
+    for script, option, said in BAD_OPTIONS:
+        args = [*TINY_RUN] if script == "train.py" else [f"ckpt_path={last}"]
+        result = run(script, tmp_path, *args, option)
+        one_line_refusal(result, said)
+    result = run("train.py", tmp_path, "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=0", *TINY_RUN)
+    one_line_refusal(result, "hydra.sweeper.n_trials=0 is not valid")
+    assert all(run_dirs(tmp_path, task) == [] for task in ("train", "eval", "sample", "compress"))
+
+
+def test_ctrl_c_while_a_run_starts_ends_it_in_one_line_and_leaves_no_folder(tmp_path):
+    proc = start("train.py", tmp_path, *TINY_RUN, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not run_dirs(tmp_path):  # Hydra made the folder: the run is starting
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode in (130, -signal.SIGINT), err[-2000:]  # -2: ended by the signal, as its default does
+    assert "Traceback" not in out + err and "stopped by Ctrl-C" in out + err, (out + err)[-2000:]
+    assert run_dirs(tmp_path) == []

@@ -259,7 +259,7 @@ class RunDirGuard(Callback):
         self.run_dir_existed = False
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        global _checked_run_dir
+        global _checked_run_dir, _created_run_dir
         run_dir = run_folder.normalised(config.hydra.run.dir)
         self.run_dir_existed = run_dir.exists()
         # Hydra turns a callback's exception into a warning and goes on: stop the run with its message instead.
@@ -272,6 +272,11 @@ class RunDirGuard(Callback):
             print(f"stopped by Ctrl-C before the run started; exit status {EXIT_STATUS[Interrupted]}", file=sys.stderr)
             raise SystemExit(EXIT_STATUS[Interrupted]) from None
         _checked_run_dir = run_dir
+        if not is_worker_process():
+            # From here until the command's own handlers (Hydra makes the folder and writes its config): a stop
+            # removes the folder Hydra made for this run, if that is all there is, and ends in one line.
+            _created_run_dir = None if self.run_dir_existed else run_dir
+            StopController(at_step=True, requeue=False).__enter__()  # never left: the process ends first
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if is_worker_process():
