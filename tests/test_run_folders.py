@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,10 +78,19 @@ def test_a_run_never_writes_into_a_users_folder_through_dot_dot(tmp_path, users_
     assert tree(finished) == earlier and tree(users_folder) == before
 
 
-def test_decompressing_into_a_users_folder_is_refused_and_keeps_their_images(tmp_path, users_folder, finished):
-    result = run("compress.py", tmp_path, f"ckpt_path={finished / 'checkpoints' / 'last.ckpt'}", "n_images=2")
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, finished) -> Path:
+    """A file of 2 test images, compressed with the finished run's checkpoint."""
+    cwd = tmp_path_factory.mktemp("compressed")
+    result = run("compress.py", cwd, f"ckpt_path={finished / 'checkpoints' / 'last.ckpt'}", "n_images=2")
     assert result.returncode == 0, result.stderr[-2000:]
-    (compressed,) = (tmp_path / "logs" / "compress" / "runs").glob("*/images.vdvae")
+    (file,) = (cwd / "logs" / "compress" / "runs").glob("*/images.vdvae")
+    return file
+
+
+def test_decompressing_into_a_users_folder_is_refused_and_keeps_their_images(
+    tmp_path, users_folder, finished, compressed
+):
     before = tree(users_folder)
     args = [f"ckpt_path={finished / 'checkpoints' / 'last.ckpt'}", "mode=decompress", f"file={compressed}"]
     result = run("compress.py", tmp_path, *args, f"hydra.run.dir={users_folder}")
@@ -245,4 +255,49 @@ def test_ctrl_c_while_a_run_starts_ends_it_in_one_line_and_leaves_no_folder(tmp_
     out, err = proc.communicate(timeout=60)
     assert proc.returncode in (130, -signal.SIGINT), err[-2000:]  # -2: ended by the signal, as its default does
     assert "Traceback" not in out + err and "stopped by Ctrl-C" in out + err, (out + err)[-2000:]
+    assert run_dirs(tmp_path) == []
+
+
+def test_a_compressed_file_of_noise_under_a_genuine_header_costs_one_chunk(tmp_path, finished, compressed):
+    # 41,000 images declared over 41,000 words of noise (164 KB): it passes every check of its header.
+    from vdvae.compression import read_compressed, read_file, write_file
+
+    header, _ = read_file(read_compressed(compressed))
+    n = 41_000
+    header.update(count=n, chunks=[64] * (n // 64) + [n % 64], seed_words=1)
+    header["chunks_sha256"] = ["0" * 64] * len(header["chunks"])
+    noise = tmp_path / "noise.vdvae"
+    noise.write_bytes(write_file(header, torch.randint(0, 2**31, (n,), dtype=torch.int64).numpy().astype("uint32")))
+    args = [f"ckpt_path={finished / 'checkpoints' / 'last.ckpt'}", "mode=decompress", f"file={noise}"]
+    result = run("compress.py", tmp_path, *args, timeout=120)
+    one_line_refusal(result, f"chunk {len(header['chunks'])} of {len(header['chunks'])} decoded do not match")
+    assert run_dirs(tmp_path, "compress") == []
+
+
+def test_image_folders_that_would_hang_or_cost_more_than_they_hold_are_refused_as_typed(tmp_path):
+    import zlib
+
+    from PIL import Image
+
+    from tests.fixtures import write_pngs
+
+    folder = tmp_path / "pictures"
+    write_pngs(folder, 8, 8)
+    os.mkfifo(folder / "pipe.png")
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = (20_000_000).to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    wide = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(20_000_001), 9)) + chunk(b"IEND", b"")
+    (folder / "wide.png").write_bytes(b"\x89PNG\r\n\x1a\n" + wide)  # 19.5 KB: 1 x 20,000,000 pixels
+    whole = (folder / "00000.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[:-20])
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue")]
+    frames[0].save(folder / "animated.png", save_all=True, append_images=frames[1:])
+    data = ["data=image_folder", f"data.root={folder}", "data.image_size=8", "data.channels=1", "data.val_size=2"]
+    result = run("train.py", tmp_path, *[o for o in TINY_RUN if o != "data=digits"], *data, timeout=60)
+    one_line_refusal(result, "4 of 12 image files cannot be read", "pipe.png (not a regular file")
+    for said in ("wide.png (20000000x1 pixels", "truncated.png (truncated", "animated.png (animated, 2 frames"):
+        assert said in result.stderr, result.stderr
     assert run_dirs(tmp_path) == []
