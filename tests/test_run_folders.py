@@ -148,30 +148,37 @@ def test_a_finished_run_resumes_and_tests_its_best_checkpoint(tmp_path, finished
     assert "no longer exists" not in resumed.stdout + resumed.stderr
 
 
-@pytest.mark.parametrize(
-    "damage, named",
-    [
-        (lambda c: c.update(global_step=-40), "global_step=-40"),
-        (lambda c: c["lr_schedulers"][0].update(last_epoch=-40), "learning-rate schedule's step -40"),
-        (
-            lambda c: c["loops"]["fit_loop"]["epoch_loop.manual_optimization.optim_step_progress"]["total"].update(
-                completed=-40
-            ),
-            "not a count",
+COUNTER_DAMAGE = [
+    (lambda c: c.update(global_step=-40), "global_step=-40"),
+    (lambda c: c["lr_schedulers"][0].update(last_epoch=-40), "learning-rate schedule's step -40"),
+    (
+        lambda c: c["loops"]["fit_loop"]["epoch_loop.manual_optimization.optim_step_progress"]["total"].update(
+            completed=-40
         ),
-        (lambda c: [s.update(step=torch.tensor(-40.0)) for s in c["optimizer_states"][0]["state"].values()], "-40"),
-    ],
-)
-def test_a_checkpoints_counters_are_checked_against_its_step_before_the_run(tmp_path, finished, damage, named):
+        "not a count",
+    ),
+    (lambda c: [s.update(step=torch.tensor(-40.0)) for s in c["optimizer_states"][0]["state"].values()], "-40"),
+]
+
+
+def test_a_checkpoints_counters_are_checked_against_its_step_before_the_run(tmp_path, finished):
+    from vdvae.resume import counter_mismatch
+
+    for damage, named in COUNTER_DAMAGE:  # each counter a resume restores
+        checkpoint = torch.load(finished / "checkpoints" / "last.ckpt", weights_only=True)
+        assert counter_mismatch(checkpoint) == ""
+        damage(checkpoint)
+        assert named in counter_mismatch(checkpoint)
+    # As typed: resuming the run from a last.ckpt whose step is -40 is refused and leaves the run as it was.
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
-    damage(checkpoint)
+    COUNTER_DAMAGE[0][0](checkpoint)
     torch.save(checkpoint, last)
     before = tree(run_dir)
     result = run("train.py", tmp_path, *TWO_EPOCHS, "trainer.max_steps=60", f"ckpt_path={last}")
-    one_line_refusal(result, "step counters disagree", named)
+    one_line_refusal(result, "step counters disagree", "global_step=-40")
     assert tree(run_dir) == before
 
 
@@ -196,23 +203,21 @@ def test_a_requeued_job_resumes_only_a_checkpoint_its_own_run_wrote(tmp_path, fi
     assert tree(folder) == before
 
 
-@pytest.mark.parametrize(
-    "change, said",
-    [
-        ({"width": 4096}, "its weights do not fit the model its hyperparameters describe"),
-        ({"dec_blocks": "1x1," * 100_000 + "1x1"}, "more than 10,000 blocks"),
-        ({"enc_blocks": "8x100000000"}, "more than 10,000 blocks"),
-    ],
-)
-def test_a_checkpoints_hyperparameters_are_checked_against_its_weights_before_a_model_is_built(
-    tmp_path, finished, change, said
-):
+def test_a_checkpoints_hyperparameters_are_checked_against_its_weights_before_a_model_is_built(tmp_path, finished):
+    from vdvae.checkpoints import CheckpointError, module_from_checkpoint
+
+    for change in ({"dec_blocks": "1x1," * 100_000 + "1x1"}, {"dec_blocks": "1x1,4m1,4x1,8m4,8x100000000"}):
+        checkpoint = torch.load(finished / "checkpoints" / "last.ckpt", weights_only=True)
+        checkpoint["hyper_parameters"]["vae"].update(change)
+        with pytest.raises(CheckpointError, match="more than 10,000 blocks"):
+            module_from_checkpoint(checkpoint, "crafted.ckpt")
+    # As typed: a checkpoint of kilobytes saying width=4096 (a model of gigabytes) is refused on the meta device.
     checkpoint = torch.load(finished / "checkpoints" / "last.ckpt", weights_only=True)
-    checkpoint["hyper_parameters"]["vae"].update(change)
+    checkpoint["hyper_parameters"]["vae"]["width"] = 4096
     crafted = tmp_path / "crafted.ckpt"
     torch.save(checkpoint, crafted)
     result = run("eval.py", tmp_path, f"ckpt_path={crafted}", timeout=60)  # sample.py and compress.py alike
-    one_line_refusal(result, said)
+    one_line_refusal(result, "its weights do not fit the model its hyperparameters describe")
 
 
 # Option values that ended in tracebacks, inside training, or were accepted: each refused in one line, with
