@@ -77,6 +77,14 @@ def run(script: str, cwd: Path, *args: str, timeout=300, env=None) -> subprocess
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def trained(cwd: Path, *args: str) -> Path:
+    """`python train.py *args` run to its end in `cwd`: its run directory."""
+    result = run("train.py", cwd, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(cwd)
+    return run_dir
+
+
 def run_dirs(cwd: Path, task: str = "train") -> list[Path]:
     """The run directories the commands of `task` (train, eval, sample) made under `cwd`, oldest first."""
     return sorted((cwd / "logs" / task / "runs").glob("*"))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.run_helpers import TINY_RUN, run, run_dirs, start
+from tests.run_helpers import TINY_RUN, run, run_dirs, start, trained
 
 pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
 
@@ -66,11 +66,7 @@ def wait_for_step(last: Path, step: int, proc: subprocess.Popen, timeout=240):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The uninterrupted run: its final state and metrics."""
-    cwd = tmp_path_factory.mktemp("straight")
-    result = run("train.py", cwd, *RUN)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = run_dirs(cwd)
-    return run_dir
+    return trained(tmp_path_factory.mktemp("straight"), *RUN)
 
 
 def test_kill_9_mid_epoch_then_resume_in_place_continues_bit_for_bit(tmp_path, straight):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.run_helpers import TINY_RUN, run, run_dirs, start
+from tests.run_helpers import TINY_RUN, run, run_dirs, start, trained
 
 pytestmark = pytest.mark.slow  # subprocesses
 
@@ -36,11 +36,7 @@ def one_line_refusal(result, *words):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("finished")
-    result = run("train.py", cwd, *TWO_EPOCHS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = run_dirs(cwd)
-    return run_dir
+    return trained(tmp_path_factory.mktemp("finished"), *TWO_EPOCHS)
 
 
 @pytest.fixture

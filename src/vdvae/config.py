@@ -25,17 +25,13 @@ import time
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from vdvae.errors import ConfigError
-from vdvae.run_folder import holds_a_run, run_of_checkpoint
+from vdvae.errors import ConfigError, one_line
+from vdvae.run_folder import holds_a_run, run_of_checkpoint, slurm_job_name
 
 
 def _run_name() -> str:
     # Under SLURM every task of a job (several nodes) must find one directory: the job's id names it.
-    job = os.environ.get("SLURM_JOB_ID")
-    if job:
-        array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{job}" + (f"_{array_task}" if array_task else "")
-    return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+    return slurm_job_name() or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
 
 
 def is_worker_process() -> bool:
@@ -94,7 +90,7 @@ def _require(cfg, key, kind, low=None, high=None, **allowed):
     value = OmegaConf.select(cfg, key, default=None)
     wanted = wanted_value(value, kind, low, high, **allowed)
     if wanted is not None:
-        raise ConfigError(f"{key}={one_line_value(value)} is not valid: it must be {wanted}")
+        raise ConfigError(f"{key}={one_line(repr(value), 100)} is not valid: it must be {wanted}")
 
 
 def device_count(devices) -> int | None:
@@ -243,7 +239,9 @@ def check_config(cfg: DictConfig):
     betas = OmegaConf.select(cfg, "model.betas", default=None)
     betas = list(betas) if isinstance(betas, (ListConfig, list, tuple)) else betas
     if not isinstance(betas, list) or len(betas) != 2 or any(wanted_value(b, "number", 0, 1) or b == 1 for b in betas):
-        raise ConfigError(f"model.betas={betas!r} is not valid: it must be two numbers in [0, 1), e.g. [0.9,0.9]")
+        raise ConfigError(
+            f"model.betas={one_line(repr(betas), 100)} is not valid: it must be two numbers in [0, 1), e.g. [0.9,0.9]"
+        )
     for key in ("zdim", "width", "num_mixtures"):
         _require(cfg, f"model.vae.{key}", "int", 1, nullable=key == "num_mixtures")
     interval = OmegaConf.select(cfg, "trainer.val_check_interval", default=None)
@@ -253,8 +251,8 @@ def check_config(cfg: DictConfig):
         and wanted_value(interval, "number", 0, 1, open_low=True)
     ):
         raise ConfigError(
-            f"trainer.val_check_interval={interval!r} is not valid: it must be a number of updates (>= 1), a "
-            f"share of an epoch (> 0 and <= 1), or null"
+            f"trainer.val_check_interval={one_line(repr(interval), 100)} is not valid: it must be a number of "
+            f"updates (>= 1), a share of an epoch (> 0 and <= 1), or null"
         )
     grids = OmegaConf.select(cfg, "callbacks.image_grids", default=None)
     if grids is not None and grids.get("temperatures") is not None:
@@ -330,14 +328,9 @@ def check_temperatures(key: str, temperatures):
     bad = [t for t in flat if wanted_value(t, "number", 0)]
     if bad or not flat:
         raise ConfigError(
-            f"{key}={one_line_value(temperatures)} is not valid: each temperature must be a finite number >= 0 "
+            f"{key}={one_line(repr(temperatures), 100)} is not valid: each temperature must be a finite number >= 0 "
             f"(or a list of such, one per latent group)"
         )
-
-
-def one_line_value(value, limit: int = 100) -> str:
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_mode(cfg: DictConfig):

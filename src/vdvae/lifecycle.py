@@ -359,16 +359,14 @@ class RunDirGuard(Callback):
         resumed = config.get("model") is not None and run_folder.run_of_checkpoint(config.get("ckpt_path")) == run_dir
         if resumed:
             return written or identity  # a run made before runs had identities takes one now
-        if run_folder.holds_a_run(run_dir):
-            also = (
-                f"Resume that run with ckpt_path={run_folder.last_checkpoint(run_dir)}, or l"
-                if config.get("model")
-                else "L"
-            )
+        earlier = f"hydra.run.dir={run_dir} holds an earlier run: a new run never writes into it"
+        if run_folder.holds_a_run(run_dir) and config.get("model") is not None:
             raise ConfigError(
-                f"hydra.run.dir={run_dir} holds an earlier run: a new run never writes into it. {also}eave "
+                f"{earlier}. Resume that run with ckpt_path={run_folder.last_checkpoint(run_dir)}, or leave "
                 f"hydra.run.dir unset for a new directory"
             )
+        if run_folder.holds_a_run(run_dir):
+            raise ConfigError(f"{earlier}. Leave hydra.run.dir unset for a new directory")
         raise ConfigError(
             f"hydra.run.dir={run_dir} already exists and holds files that are not this run's: a run writes only "
             f"into a new or empty folder; name a new one, or leave hydra.run.dir unset for a new directory"

@@ -64,8 +64,9 @@ class ResumeState(Callback):
 
     def on_save_checkpoint(self, trainer, module, checkpoint):
         checkpoint["rng_states"] = _rng_states_of_every_rank()
-        if run_folder.own_identity() is not None:  # what a requeued job resumes from (previous_last_checkpoint)
-            checkpoint["run_id"] = run_folder.own_identity()
+        identity = run_folder.own_identity()
+        if identity is not None:  # what a requeued job resumes from (previous_last_checkpoint)
+            checkpoint["run_id"] = identity
         if module.hparams.lr_schedule == "cosine":  # its length may follow trainer.max_steps
             checkpoint["cosine_length"] = cosine_length(module.hparams, trainer.max_steps)
         if self.data_config is not None:

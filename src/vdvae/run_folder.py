@@ -28,14 +28,19 @@ def normalised(path) -> Path:
     return Path(os.path.abspath(str(path)))
 
 
-def new_identity() -> str:
-    """A run's identity: `slurm-<job>[_<array task>]` inside a SLURM job (its requeued self is the same
-    run), else random."""
+def slurm_job_name() -> str | None:
+    """`slurm-<job>[_<array task>]` inside a SLURM job (the same for its every task and its requeued self),
+    else None."""
     job = os.environ.get("SLURM_JOB_ID")
-    if job:
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{job}" + (f"_{task}" if task else "")
-    return secrets.token_hex(8)
+    if not job:
+        return None
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"slurm-{job}" + (f"_{task}" if task else "")
+
+
+def new_identity() -> str:
+    """A run's identity: the SLURM job's name inside one (its requeued self is the same run), else random."""
+    return slurm_job_name() or secrets.token_hex(8)
 
 
 def identity_of(folder) -> str | None:
