@@ -83,7 +83,7 @@ def test_kill_9_mid_epoch_then_resume_in_place_continues_bit_for_bit(tmp_path, s
     killed_at = load(last)["global_step"]
     assert 8 <= killed_at < 20
 
-    resumed = run("train.py", tmp_path, *WITH_WANDB, f"ckpt_path={last}")
+    resumed = run("train.py", tmp_path, f"ckpt_path={last}")  # as the README types it: the run's own overrides
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert run_dirs(tmp_path) == [run_dir]  # resumed in place: same directory
     assert sorted(p.name.startswith("resume_") for p in (run_dir / ".hydra").iterdir()).count(True) == 1
@@ -98,7 +98,7 @@ def test_kill_9_mid_epoch_then_resume_in_place_continues_bit_for_bit(tmp_path, s
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
 def test_sigterm_or_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(tmp_path, straight, signum, status):
-    proc = start("train.py", tmp_path, *RUN, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start("train.py", tmp_path, *RUN, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 60
     while not run_dirs(tmp_path) and time.time() < deadline:
         time.sleep(0.2)
@@ -106,11 +106,12 @@ def test_sigterm_or_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(tmp_path
     last = run_dir / "checkpoints" / "last.ckpt"
     wait_for_step(last, 4, proc)
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == status, stderr[-2000:]
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == status, output[-2000:]
     stopped_at = load(last)["global_step"]
     assert 4 <= stopped_at < 20
-    resumed = run("train.py", tmp_path, *RUN, f"ckpt_path={last}")
+    (hint,) = re.findall(r"resume with (ckpt_path=\S+)", output)  # the command it prints, as printed
+    resumed = run("train.py", tmp_path, hint)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_state(load(straight / "checkpoints" / "last.ckpt"), load(last))
 
@@ -126,7 +127,11 @@ def test_sigterm_at_an_epochs_last_step_resumes_into_the_next_epoch_exactly(tmp_
     (run_dir,) = run_dirs(tmp_path)
     last = run_dir / "checkpoints" / "last.ckpt"
     assert load(last)["global_step"] == 13
-    resumed = run("train.py", tmp_path, *RUN, f"ckpt_path={last}", env=env)
+    # The run's recorded overrides come back with ckpt_path alone, except one that names code: typed again.
+    refused = run("train.py", tmp_path, f"ckpt_path={last}", env=env)
+    assert refused.returncode == 1 and "names code to run" in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.count("\n") == 1 and load(last)["global_step"] == 13
+    resumed = run("train.py", tmp_path, f"ckpt_path={last}", probe[0], env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_state(load(straight / "checkpoints" / "last.ckpt"), load(last))
 

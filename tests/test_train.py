@@ -461,3 +461,44 @@ def test_a_resume_that_changes_the_cosines_length_says_so_and_how_to_keep_it(tmp
     run_in_process(tmp_path / "longer", *cosine, "trainer.max_steps=12", f"ckpt_path={last}")
     assert "the cosine schedule's length is 7 now, 5 when the checkpoint was saved" in caplog.text
     assert "model.decay_steps=5 keeps the saved schedule" in caplog.text
+
+
+def test_ckpt_path_alone_brings_back_the_runs_overrides_with_the_typed_ones_winning(tmp_path):
+    from vdvae import resume
+
+    path = tmp_path / "last.ckpt"
+    recorded = ["model=tiny", "data=digits", "trainer.max_steps=20", "+callbacks.extra.step=3"]
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "overrides": recorded}, path)
+    argv = ["train.py", "trainer.max_steps=40", f"ckpt_path={path}", "data.batch_size=8"]
+    assert resume.with_recorded_overrides(argv) == [
+        "train.py", "trainer.max_steps=40", f"ckpt_path={path}",
+        "model=tiny", "data=digits", "+callbacks.extra.step=3", "data.batch_size=8",
+    ]  # fmt: skip
+    sweep = ["train.py", "-m", f"ckpt_path={path}"]
+    assert resume.with_recorded_overrides(sweep) == sweep
+    missing = ["train.py", f"ckpt_path={tmp_path / 'none.ckpt'}"]
+    assert resume.with_recorded_overrides(missing) == missing  # the run's own checks explain it
+
+
+@pytest.mark.parametrize(
+    "recorded, why",
+    [
+        (["hydra.run.dir=/"], "Hydra's own settings"),
+        (["hydra/launcher=slurm"], "Hydra's own settings"),
+        (["+callbacks.x._target_=os.system"], "names code to run"),
+        (["model.vae={_target_: os.system, command: ls}"], "names code to run"),
+        (["model=tiny", "data=digits data.x=1 ]["], "does not parse"),
+        ("model=tiny", "not a list of strings"),
+        ([["model=tiny"]], "not a list of strings"),
+    ],
+)
+def test_recorded_overrides_that_name_code_or_hydra_are_refused_in_one_line(tmp_path, capsys, recorded, why):
+    from vdvae import resume
+
+    path = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "overrides": recorded}, path)
+    with pytest.raises(SystemExit) as stop:
+        resume.with_recorded_overrides(["train.py", f"ckpt_path={path}"])
+    assert stop.value.code == 1
+    error = capsys.readouterr().err
+    assert why in error and error.count("\n") == 1 and str(path) in error

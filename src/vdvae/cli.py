@@ -9,11 +9,13 @@ path with Hydra's `--config-dir`: `vdvae-train --config-dir my_conf model=my_mod
 
 import importlib
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from vdvae.lifecycle import command
+from vdvae.resume import with_recorded_overrides
 
 CONFIGS = "pkg://vdvae.conf"
 log = logging.getLogger(__name__)
@@ -56,9 +58,16 @@ def _command(recipe: str, cfg: DictConfig, writes_files: bool = False, interrupt
 
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
-def train(cfg: DictConfig) -> float | None:
+def _train(cfg: DictConfig) -> float | None:
     """Train a VDVAE; returns the metric a sweep optimizes."""
     return _command("train:train", cfg, interruptible=False)  # it stops at a step boundary itself
+
+
+def train():
+    """Train a VDVAE. `ckpt_path=<checkpoint>` alone resumes its run as that run's command configured it
+    (vdvae.resume.with_recorded_overrides), with the overrides typed now on top."""
+    sys.argv = with_recorded_overrides(sys.argv)
+    _train()
 
 
 @hydra.main(config_path=CONFIGS, config_name="eval", version_base="1.3")

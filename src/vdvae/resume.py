@@ -4,18 +4,21 @@ that a requeued job resumes from.
 
 `ResumeState`, a callback that training always has, writes into every checkpoint every rank's generator
 states (torch, numpy, Python, this process's GPU), the cosine's length (it may follow trainer.max_steps),
-the data config (evaluation and sampling read the data from it), the run's identity and the W&B run id (a resumed run
-continues its W&B run), and records a save between two epochs as the next epoch's start. As training
+the data config (evaluation and sampling read the data from it), the run's identity, the W&B run id (a resumed run
+continues its W&B run) and the overrides of the command that made the run (`ckpt_path=` alone resumes it with
+them: `with_recorded_overrides`), and records a save between two epochs as the next epoch's start. As training
 starts it restores the generators, applies this run's optimizer settings over the restored ones (with a
 warning where they differ: resuming with a lower model.lr rescues a diverging run) and warns where the
 cosine's length changed.
 """
 
 import logging
+import os
 import random
 
 import numpy as np
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning import Callback
@@ -24,7 +27,7 @@ from omegaconf import DictConfig
 
 from vdvae import run_folder
 from vdvae.checkpoints import CheckpointError, load_checkpoint, state_mismatch
-from vdvae.errors import ConfigError, one_line
+from vdvae.errors import ConfigError, one_line, refuse
 from vdvae.schedule import cosine_length, lr_factor
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,72 @@ def check_last_is_own(folder, identity: str | None) -> str | None:
     return str(last)
 
 
+# The checkpoint's key for the overrides of the command that made the run (Hydra's task overrides).
+OVERRIDES = "overrides"
+# What an override read from a file may not mention: the keys that make Hydra's instantiate run code, and
+# Hydra's own settings (launchers, callbacks, the run's folder).
+_CODE = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+# The overrides a resume took from its checkpoint (logged by the training task).
+recorded: list[str] = []
+
+
+def _key(override: str) -> tuple | None:
+    """An override's key and package (`model`, `trainer.max_steps`, ...), or None if it does not parse."""
+    try:
+        (parsed,) = OverridesParser.create().parse_overrides([override])
+    except Exception:
+        return None
+    return parsed.key_or_group.lstrip("~+"), parsed.package
+
+
+def with_recorded_overrides(argv: list[str]) -> list[str]:
+    """`argv` of `train.py ... ckpt_path=<checkpoint> ...` with the overrides of the command that made that
+    checkpoint's run added after `ckpt_path` (those whose key is not typed now): resuming needs `ckpt_path`
+    alone, plus what changes (`trainer.max_steps=...`). The recorded overrides are data: any that names code
+    or Hydra's own settings is refused in one line. Unchanged for a sweep (-m), a checkpoint that is not a
+    local file or records no overrides (the run's checks then say what does not fit)."""
+    global recorded
+    typed = [(i, arg) for i, arg in enumerate(argv) if i > 0 and "=" in arg and not arg.startswith("-")]
+    keys = {_key(arg): i for i, arg in typed}
+    at = keys.get(("ckpt_path", None))
+    if at is None or {"-m", "--multirun"} & set(argv):
+        return argv
+    (value,) = (o.value() for o in OverridesParser.create().parse_overrides([argv[at]]))
+    if not isinstance(value, str) or not os.path.isfile(value):
+        return argv
+    try:
+        overrides = load_checkpoint(value).get(OVERRIDES)
+    except (CheckpointError, OSError):
+        return argv  # the run's own checks explain it
+    if overrides is None:
+        return argv
+    if not isinstance(overrides, list) or len(overrides) > 1000 or not all(isinstance(o, str) for o in overrides):
+        refuse(f"{value}: its recorded overrides are not a list of strings; the file is damaged or crafted")
+    recorded = [o for o in overrides if _key(o) not in keys]
+    _check_recorded(recorded, value)
+    return argv[: at + 1] + recorded + argv[at + 1 :]
+
+
+def _check_recorded(overrides: list[str], path):
+    """Refuse, in one line, recorded overrides that are not plain settings (see _CODE)."""
+    for override in overrides:
+        key = _key(override)
+        why = (
+            "it does not parse"
+            if key is None
+            else "it sets Hydra's own settings"
+            if key[0].startswith("hydra") or key[0] == "ckpt_path"
+            else "it names code to run"
+            if any(word in override for word in _CODE)
+            else None
+        )
+        if why:
+            refuse(
+                f"{path}: its recorded override {one_line(repr(override), 100)} is refused ({why}); a checkpoint "
+                f"is data, never code: type that override yourself to keep it (or one of the same key to replace it)"
+            )
+
+
 class ResumeState(Callback):
     """Writes and restores what an exact resume needs beyond Lightning's state (see the module's docstring).
     `data_config`: the data module's config as plain values."""
@@ -74,6 +143,7 @@ class ResumeState(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 checkpoint["wandb_run_id"] = logger.version
+        checkpoint[OVERRIDES] = [o for o in run_folder.overrides() if _key(o) != ("ckpt_path", None)]
         _start_the_next_epoch_if_this_one_ended(checkpoint)
 
     def on_load_checkpoint(self, trainer, module, checkpoint):

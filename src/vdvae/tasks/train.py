@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from vdvae import run_folder, sweeps
+from vdvae import resume, run_folder, sweeps
 from vdvae.checkpoints import check_writable, load_checkpoint, resolve
 from vdvae.config import check_config
 from vdvae.errors import RunDiverged
@@ -31,6 +31,8 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = cfg.get("ckpt_path") or previous_last_checkpoint()
     if ckpt_path and not cfg.get("ckpt_path"):
         log.warning("this run directory already holds %s: resuming from it", ckpt_path)
+    if resume.recorded:
+        log.info("resuming with the overrides of the run's command: %s", " ".join(resume.recorded))
     # The config and the checkpoint it names, checked before the run started (not a requeued job's last.ckpt).
     checked = checked_before_start()
     with no_run_dir_on_failure():
