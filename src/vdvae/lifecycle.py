@@ -465,5 +465,5 @@ def _raise_unless_requeued():
     if requeued is False:
         raise JobEnded(
             f"SLURM stopped job {os.environ['SLURM_JOB_ID']} without requeueing it ({state}: scancel, or its "
-            f"time limit); {resume_hint(run_folder.current())}"
+            f"time limit); {resume_hint(run_folder.current(), run_folder.overrides())}"
         )

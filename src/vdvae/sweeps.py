@@ -40,15 +40,15 @@ RECORD = "job.json"
 REPORTED: dict = {}
 
 
-def resume_hint(run_dir: Path | None) -> str:
-    """The command that resumes the run in `run_dir` from its last.ckpt, in place (with the overrides its
-    checkpoint records), or that it saved none yet."""
+def resume_hint(run_dir: Path | None, overrides=()) -> str:
+    """The command that resumes the run in `run_dir` (made with `overrides`) from its last.ckpt, in
+    place, or that it saved none yet."""
     if run_dir is None:
         return "its last.ckpt resumes it"
     last = run_folder.last_checkpoint(run_dir)
     if not last.is_file():
         return f"no checkpoint yet in {last.parent}"
-    return "resume it: " + shlex.join(["python", "train.py", f"ckpt_path={last}"])
+    return "resume it: " + shlex.join(["python", "train.py", *overrides, f"ckpt_path={last}"])
 
 
 def report(**values):
@@ -141,7 +141,7 @@ def sweep_records(sweep_dir: Path) -> list[dict]:
         if record is None:
             continue
         if record["status"] == "running":
-            hint = resume_hint(folder)
+            hint = resume_hint(folder, record["overrides"])
             record.update(status="crashed", error=f"the job ended without a record of its end (killed?); {hint}")
         records.append(record)
     return sorted(records, key=lambda r: (r.get("num") is None, r.get("num") or 0, r["job"]))

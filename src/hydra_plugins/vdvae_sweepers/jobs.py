@@ -23,7 +23,7 @@ def died(launcher, overrides, number: int, job_id: str, what: str, output=None) 
     """Record that job `number` left no result (`what` happened; how to resume it; its output), and its
     JobReturn: completed, without a value."""
     folder = run_dir(launcher, overrides, number, job_id)
-    message = f"{what}; {sweeps.resume_hint(folder)}" + (f"; its output: {output}" if output else "")
+    message = f"{what}; {sweeps.resume_hint(folder, overrides)}" + (f"; its output: {output}" if output else "")
     sweeps.write_record(folder, sweeps.make_record(folder.name, overrides, JobDied(message), num=number))
     return JobReturn(
         overrides=list(overrides),
