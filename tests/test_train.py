@@ -502,3 +502,17 @@ def test_recorded_overrides_that_name_code_or_hydra_are_refused_in_one_line(tmp_
     assert stop.value.code == 1
     error = capsys.readouterr().err
     assert why in error and error.count("\n") == 1 and str(path) in error
+
+
+def test_logger_none_trains_and_evaluates_with_no_logger_and_still_saves_the_grids(tmp_path):
+    from tests.run_helpers import job_config
+    from vdvae.tasks.eval import evaluate
+
+    quiet = [o for o in TINY_RUN if o != "logger=csv"] + ["logger=none", "trainer.max_steps=3", "test=false"]
+    run_in_process(tmp_path / "run", *quiet)
+    made = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"checkpoints", "images"} <= made and not made & {"csv", "wandb", "tensorboard"}, made
+    assert list((tmp_path / "run" / "images").glob("val_samples_t1_*.png"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    evaluate(job_config(tmp_path / "eval", "eval", f"ckpt_path={ckpt}", "logger=none", "trainer=cpu"))
+    assert {p.name for p in (tmp_path / "eval").iterdir()} == {"eval.json"}

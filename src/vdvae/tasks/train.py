@@ -10,6 +10,7 @@ import os
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -61,6 +62,8 @@ def train(cfg: DictConfig) -> float | None:
             check_fits(resumed, ckpt_path, module)
         check_writable(run_folder.checkpoints(cfg.paths.output_dir))
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        if not any(c is not None for c in (cfg.get("logger") or {}).values()):  # logger=none: no rate to log
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         callbacks.append(ResumeState(data_config))
         # The trainer before the loggers, which write into the run directory: a trainer option Lightning
         # refuses (an accelerator the machine lacks, a misspelt strategy) leaves nothing behind.
