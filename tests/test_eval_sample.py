@@ -6,6 +6,7 @@ labelled, and the commands write no progress bar where stderr is not a terminal 
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -164,6 +165,13 @@ def test_overview_is_one_labelled_figure(trained, tmp_path, monkeypatch):
     assert "samples: rows: t=1, t=0.8, t=0.6, t=0;" in text["Description"]
     assert text["Description"].endswith("rows: input, k=0, k=1, k=2, k=4, k=5 (all)")
     assert_legible(path, rows=4 + 6, columns=4)  # 4 temperatures, the inputs and 5 values of k
+
+
+@pytest.mark.parametrize("ks, error", [("[0,1,9]", "has 5 latent groups; k=9 is more"), ("[0,-1]", "each 0 or more")])
+def test_ks_beyond_the_models_groups_or_negative_is_refused(trained, tmp_path, ks, error):
+    with pytest.raises(ValueError, match=re.escape(error)):
+        sample_in_process(tmp_path, f"ckpt_path={trained}", "mode=reconstruct", f"ks={ks}")
+    assert not list(tmp_path.glob("*.png"))
 
 
 @pytest.mark.slow  # the command as typed, in a process of its own

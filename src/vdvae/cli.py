@@ -8,12 +8,14 @@ path with Hydra's `--config-dir`: `vdvae-train --config-dir my_conf model=my_mod
 """
 
 import importlib
+import importlib.util
 import logging
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from vdvae.errors import refuse
 from vdvae.lifecycle import command
 from vdvae.resume import with_recorded_overrides
 
@@ -25,6 +27,7 @@ def register_plugins():
     """This package's sweepers and launchers (hydra_plugins.vdvae_sweepers), for Hydra: its plugin scan
     cannot list a package installed in editable mode."""
     from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
     from hydra.plugins.sweeper import Sweeper
 
     plugins = Plugins.instance()  # first: its scan runs the plugin modules again, making new classes
@@ -33,11 +36,26 @@ def register_plugins():
     plugins.register(local_launcher.LocalLauncher)
     if issubclass(sweepers.OptunaSweeper, Sweeper):  # where the optuna extra is installed
         plugins.register(sweepers.OptunaSweeper)
-    try:  # where the slurm extra is installed
-        from hydra_plugins.vdvae_sweepers.slurm_launcher import SlurmLauncher
-    except ImportError:
-        return
-    plugins.register(SlurmLauncher)
+    from hydra_plugins.vdvae_sweepers.slurm_launcher import SlurmLauncher
+
+    if issubclass(SlurmLauncher, Launcher):  # where the slurm extra is installed
+        plugins.register(SlurmLauncher)
+
+
+# The choices that need an extra, and the module each needs: chosen without it, a command says which extra
+# to install in one line, instead of Hydra's error that the config is missing.
+EXTRAS = {
+    "hydra/launcher=slurm": ("slurm", "hydra_plugins.hydra_submitit_launcher"),
+    "hparams_search=optuna": ("optuna", "hydra_plugins.hydra_optuna_sweeper"),
+    "hydra/sweeper=optuna": ("optuna", "hydra_plugins.hydra_optuna_sweeper"),
+}
+
+
+def check_extras(argv: list[str]):
+    """Refuse, in one line, a choice in `argv` whose extra is not installed (EXTRAS)."""
+    for choice, (extra, module) in EXTRAS.items():
+        if choice in argv and importlib.util.find_spec(module) is None:
+            refuse(f"{choice} needs the {extra} extra: pip install '.[{extra}]' (or 'vdvae[{extra}]' from an index)")
 
 
 register_plugins()
@@ -66,6 +84,7 @@ def _train(cfg: DictConfig) -> float | None:
 def train():
     """Train a VDVAE. `ckpt_path=<checkpoint>` alone resumes its run as that run's command configured it
     (vdvae.resume.with_recorded_overrides), with the overrides typed now on top."""
+    check_extras(sys.argv)
     sys.argv = with_recorded_overrides(sys.argv)
     _train()
 

@@ -344,6 +344,11 @@ def check_mode(cfg: DictConfig):
     if task == "sample":
         if cfg.mode not in SAMPLE_MODES:
             raise ConfigError(f"mode={cfg.mode!r}: choose one of {', '.join(SAMPLE_MODES)}")
+        ks = cfg.get("ks")
+        if ks is not None and not (
+            isinstance(ks, ListConfig) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in ks)
+        ):
+            raise ConfigError(f"ks={one_line(repr(ks), 100)}: a list of group counts, each 0 or more (e.g. ks=[0,1,4])")
         if cfg.mode == "decode" and not cfg.latents:
             raise ConfigError("mode=decode needs latents=<file written by mode=encode>")
         if cfg.mode == "interpolate" and not cfg.inputs and cfg.n_images < 2:

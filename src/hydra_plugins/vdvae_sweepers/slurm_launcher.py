@@ -13,16 +13,20 @@ from pathlib import Path
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
+
+try:  # the slurm extra (pip install '.[slurm]'); Hydra imports this module for every command
+    from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+except ImportError:
+    submitit_launcher = None
 
 from hydra_plugins.vdvae_sweepers import jobs
 
 log = logging.getLogger(__name__)
 
 
-class SlurmLauncher(submitit_launcher.SlurmLauncher):
+class SlurmLauncher(submitit_launcher.SlurmLauncher if submitit_launcher else object):
     def launch(self, job_overrides, initial_job_idx) -> list[JobReturn]:
         import submitit  # here, as Hydra's launcher does: every command imports this module
 

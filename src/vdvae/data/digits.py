@@ -2,7 +2,7 @@
 
 import torch
 
-from vdvae.data.base import ImageDataModule, TensorImages, hold_out
+from vdvae.data.base import DataNotFoundError, ImageDataModule, TensorImages, hold_out
 
 
 class DigitsDataModule(ImageDataModule):
@@ -15,8 +15,10 @@ class DigitsDataModule(ImageDataModule):
     def load(self):
         try:
             from sklearn.datasets import load_digits
-        except ImportError as error:
-            raise ImportError("data=digits needs scikit-learn: pip install scikit-learn") from error
+        except ImportError as error:  # a refusal in one line, as for any other missing data
+            raise DataNotFoundError(
+                "data=digits: the digits ship with scikit-learn, which is not installed: pip install scikit-learn"
+            ) from error
         images = torch.from_numpy(load_digits().images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
         rest, test = hold_out(TensorImages(images), self.test_size, self.split_seed, "test_size")
         train, val = hold_out(rest, self.val_size, self.split_seed + 1)

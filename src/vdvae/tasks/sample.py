@@ -82,6 +82,9 @@ def sample(cfg: DictConfig) -> list[Path]:
         device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         vae = (module.ema if cfg.use_ema else module.vae).to(device)
         batch_size = cfg.batch_size or sampling.chunk_size(vae)
+        too_many = [k for k in cfg.ks or () if k > vae.n_groups]
+        if too_many:
+            raise ValueError(f"ks={list(cfg.ks)}: this model has {vae.n_groups} latent groups; k={too_many[0]} is more")
         images = inputs = targets = latents = None
         if cfg.mode == "decode":
             latents = sampling.load_latents(vae, Path(cfg.latents))  # checked whole, kept on the CPU
