@@ -80,7 +80,8 @@ def test_iw_bound_is_above_the_elbo_and_grows_with_k():
 
 @pytest.mark.slow  # the command as typed, in a process of its own
 def test_eval_script_scores_every_test_image_once(trained, tmp_path):
-    result = run("eval.py", tmp_path, f"ckpt_path={trained}", "iw_samples=4", "trainer=cpu")
+    lines_at_once = {"VDVAE_PROGRESS_SECONDS": "0"}  # a progress line at every batch, not every 30 s
+    result = run("eval.py", tmp_path, f"ckpt_path={trained}", "iw_samples=4", "trainer=cpu", env=lines_at_once)
     assert result.returncode == 0, result.stderr[-3000:]
     (out,) = run_dirs(tmp_path, "eval")
     report = json.loads((out / "eval.json").read_text())
@@ -91,6 +92,9 @@ def test_eval_script_scores_every_test_image_once(trained, tmp_path):
     assert len(report["kl_per_group_nats"]) == len(report["active_units_per_group"]) == 5
     assert "test/bpd" in result.stdout  # the table
     assert not shows_progress(result.stdout + result.stderr)  # no bar, Lightning's or ours, off a terminal
+    # but plain lines: 100-image batches, the IW bound included
+    done = re.findall(r"evaluating: ([\d,]+) of 297 images \(\d+%\), [\d.e+]+ images/s, \d+ s left", result.stdout)
+    assert done == ["100", "200", "297"], result.stdout[-3000:]
 
 
 @pytest.mark.slow  # the command as typed, in a process of its own

@@ -3,6 +3,7 @@ a run that skips forever stops with a message, options (bf16, debug presets) run
 
 import csv
 import math
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -516,3 +517,33 @@ def test_logger_none_trains_and_evaluates_with_no_logger_and_still_saves_the_gri
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     evaluate(job_config(tmp_path / "eval", "eval", f"ckpt_path={ckpt}", "logger=none", "trainer=cpu"))
     assert {p.name for p in (tmp_path / "eval").iterdir()} == {"eval.json"}
+
+
+def test_training_off_a_terminal_writes_a_progress_line_in_steps_of_max_steps(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VDVAE_PROGRESS_SECONDS", "0")  # a line at every step, not every 30 s
+    quiet = [o for o in TINY_RUN if "enable_" not in o] + ["trainer.max_steps=3", "test=false"]
+    with caplog.at_level("INFO", logger="vdvae"):
+        run_in_process(tmp_path, *quiet)
+    lines = [r.getMessage() for r in caplog.records if r.name == "vdvae.progress"]
+    assert [line.split(" (")[0] for line in lines] == [f"training: {n} of 3 steps" for n in (1, 2, 3)], lines
+    assert all(re.search(r"steps/s, \d+ s left; train/bpd \d+\.\d{4}$", line) for line in lines), lines
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the module's parts")]
+    assert summary and "FLOPs" not in summary[0] and "vae          VAE" in summary[0]
+
+
+def test_progress_lines_say_done_rate_and_time_left(monkeypatch, caplog):
+    from vdvae import progress
+
+    clock = iter([0.0, 10.0, 40.0, 41.0, 100.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    with caplog.at_level("INFO", logger="vdvae.progress"):
+        with progress.ProgressLines(1000, "compressing") as lines:  # started at 0
+            lines.update(100)  # 10 s: no line yet
+            lines.update(300)  # 40 s: 400 done at 10 images/s, 600 left
+            lines.update(500)  # 41 s: within 30 s of the last line
+        # closed at 100 s, with 900 done: a last line
+    assert [r.getMessage() for r in caplog.records] == [
+        "compressing: 400 of 1,000 images (40%), 10 images/s, 1 min 0 s left",
+        "compressing: 900 of 1,000 images (90%), 9 images/s, 11 s left",
+    ]
+    assert progress.duration(3 * 3600 + 12 * 60 + 5) == "3 h 12 min"

@@ -3,7 +3,8 @@ the bits/dim at that step; vdvae.grids), the rate-per-group plot, `last.ckpt` as
 SIGTERM and crashes), the best checkpoints (Lightning's ModelCheckpoint confined to the run's checkpoints
 folder). Images are saved in the run directory and sent, with their labels as captions, to the loggers
 that take images (W&B, TensorBoard). The trainer's checkpoint plugin: atomic saves, weights-only loads,
-removals of checkpoint files only. And eval.py's progress bar over the test images (vdvae.progress).
+removals of checkpoint files only. Progress over training's steps and eval.py's test images
+(vdvae.progress), and the model's summary without Lightning's FLOPs (0 without an example input).
 What a resume needs in a checkpoint is vdvae.resume's."""
 
 import logging
@@ -19,7 +20,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from lightning import Callback  # noqa: E402
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint  # noqa: E402
+from lightning.pytorch import callbacks  # noqa: E402
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, ProgressBar  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
@@ -356,3 +358,59 @@ class EvaluationProgress(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class TrainingProgress(ProgressBar):
+    """Training's progress in updates out of trainer.max_steps, with the last update's bits/dim (vdvae.progress:
+    a bar on a terminal, else a line every 30 s). Lightning's bar counts an epoch's batches (`Epoch 7/-2`
+    where a run is bounded by steps) and leaves its redraws in logs and pipes."""
+
+    def __init__(self):
+        super().__init__()
+        self.bar, self.enabled = None, True
+
+    def disable(self):
+        self.enabled = False
+
+    def enable(self):
+        self.enabled = True
+
+    def on_train_start(self, trainer, module):
+        if trainer.is_global_zero and self.enabled:
+            total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+            self.bar = progress(int(total), "training", unit="step", initial=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.bar is not None:
+            bpd = trainer.callback_metrics.get("train/bpd")
+            if bpd is not None:
+                self.bar.set_postfix_str(f"train/bpd {float(bpd):.4f}", refresh=False)
+            advance(self.bar, trainer.global_step - self.bar.n)
+
+    def on_train_end(self, trainer, module):
+        self.close()
+
+    def on_exception(self, trainer, module, exception):
+        self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class ModelSummary(callbacks.ModelSummary):
+    """Lightning's summary of the module's parts, without its FLOPs column and total (counted only for a model
+    with an example input, which a VAE has not: always 0)."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, *_, **__):
+        parts = zip(*(dict(summary_data)[column] for column in ("Name", "Type", "Params")), strict=True)
+        rows = [f"  {name:<12} {kind:<14} {params:>8}" for name, kind, params in parts]
+        log.info(
+            "the module's parts:\n%s\n  %s parameters (%s trainable), %.1f MB",
+            "\n".join(rows),
+            f"{total_parameters:,}",
+            f"{trainable_parameters:,}",
+            model_size,
+        )

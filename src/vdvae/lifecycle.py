@@ -98,6 +98,16 @@ def finish_wandb():
         sys.modules["wandb"].finish()
 
 
+class _NothingToActOn(logging.Filter):
+    """Lightning's messages that say nothing a user can act on: an advertisement, and that our model summary
+    replaces its own."""
+
+    NOISE = ("💡 Tip:", "Trainer already configured with model summary callbacks")
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.NOISE)
+
+
 def route_library_logs():
     """Lightning's messages and Python warnings go through Hydra's handlers, into the console and the run's
     log file once each: Lightning gives its loggers their own console handler when imported before Hydra
@@ -108,6 +118,9 @@ def route_library_logs():
             library.removeHandler(handler)
         library.propagate = True
     logging.captureWarnings(True)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NothingToActOn) for f in rank_zero.filters):
+        rank_zero.addFilter(_NothingToActOn())
     # ResumableSampler continues an epoch where the checkpoint left it (tests/test_reliability.py), which
     # Lightning cannot see: its warning that a mid-epoch resume is unreliable does not apply.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")

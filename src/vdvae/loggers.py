@@ -52,7 +52,7 @@ def wandb_logger(
     os.makedirs(save_dir, exist_ok=True)
     if mode != "online":
         log.info("W&B %s: runs are kept in %s/wandb; `wandb sync` uploads them later", mode, save_dir)
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         save_dir=save_dir,
         mode=mode,
@@ -60,6 +60,9 @@ def wandb_logger(
         **({"id": resume_id, "resume": "allow"} if resume_id else {}),
         **kwargs,
     )
+    # Lightning always passes wandb.init an `anonymous` setting, which current wandb warns has no effect.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 class _ContinuingWriter(ExperimentWriter):

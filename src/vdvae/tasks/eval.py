@@ -1,7 +1,7 @@
 """The evaluation recipe: load a checkpoint, score the test set (every image once, on any number of
 devices), print a table, write eval.json in the run directory and log to the configured loggers. On a
 terminal a bar shows the images scored, images/s and the time left (vdvae.progress; off with
-trainer.enable_progress_bar=false); logs and pipes get none."""
+trainer.enable_progress_bar=false); logs and pipes get a line every 30 s."""
 
 import json
 import logging

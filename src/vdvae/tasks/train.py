@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vdvae import resume, run_folder, sweeps
+from vdvae.callbacks import ModelSummary, TrainingProgress
 from vdvae.checkpoints import check_writable, load_checkpoint, resolve
 from vdvae.config import check_config
 from vdvae.errors import RunDiverged
@@ -65,6 +66,10 @@ def train(cfg: DictConfig) -> float | None:
         if not any(c is not None for c in (cfg.get("logger") or {}).values()):  # logger=none: no rate to log
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         callbacks.append(ResumeState(data_config))
+        if cfg.trainer.get("enable_progress_bar", True):
+            callbacks.append(TrainingProgress())
+        if cfg.trainer.get("enable_model_summary", True):
+            callbacks.append(ModelSummary())
         # The trainer before the loggers, which write into the run directory: a trainer option Lightning
         # refuses (an accelerator the machine lacks, a misspelt strategy) leaves nothing behind.
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, accumulate_grad_batches=1)
