@@ -280,7 +280,7 @@ def test_scontrol_requeue_mid_run_resumes_from_last_ckpt_and_ends_as_the_straigh
     print(f"requeued job finished {time.time() - requeued:.0f} s after `scontrol requeue`")
     assert proc.returncode == 0, (out + err)[-3000:]
     log = job_log(sweep / "0")
-    stopped = [int(s) for s in re.findall(r"SIGTERM at step (\d+): saved", log)]
+    stopped = [int(s) for s in re.findall(r"stopped at step (\d+): saved", log)]
     starts = (tmp_path / "starts").read_text().split()
     assert starts[:2] == ["0", "0"] and len(starts) == 4  # started from scratch once, then resumed once
     assert int(starts[2]) == stopped[0] >= before and starts[3] == "1"  # from what SIGTERM saved: nothing lost

@@ -75,7 +75,7 @@ def test_an_optuna_study_survives_diverged_and_short_trials_and_resumes_after_a_
     assert [(t["lr"], t["state"]) for t in before] == [(3e-3, "COMPLETE"), (1e5, "FAIL"), (3e-3, "RUNNING")]
 
     # ... the same command continues it: the two finished trials kept, the third asked again, to 3 in all.
-    result = run("train.py", tmp_path, *OPTUNA, timeout=600)
+    result = run("train.py", tmp_path, *OPTUNA, *slow, env=PROBES, timeout=600)
     after = rows_of_study(tmp_path)
     assert after[:2] == before[:2], result.stderr[-3000:]
     assert len(after) == 4, result.stderr[-3000:]
@@ -117,10 +117,66 @@ def test_two_processes_share_one_study_and_a_study_names_only_its_own_file(tmp_p
 
 
 def rows_of_study(cwd) -> list[dict]:
+    """The trials of the one study under `cwd` (its name and file are made from the command)."""
     import optuna
 
-    study = optuna.load_study(study_name="vdvae", storage=f"sqlite:///{cwd}/logs/train/optuna/vdvae.db")
+    (db,) = (cwd / "logs" / "train" / "optuna").glob("*.db")
+    study = optuna.load_study(study_name=db.stem, storage=f"sqlite:///{db}")
     return [{"state": t.state.name, "lr": t.params.get("model.lr"), "value": t.value} for t in study.trials]
+
+
+def test_a_study_is_tied_to_its_problem_and_a_continued_one_asks_new_parameters(tmp_path):
+    study = ["-m", "hparams_search=optuna", "model.lr=interval(1e-3,5e-3)", *SHORT, "trainer.max_steps=4"]
+    study = [o for o in study if o != "trainer.max_steps=30"]
+    first = run("train.py", tmp_path, *study, "hydra.sweeper.n_trials=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    continued = run("train.py", tmp_path, *study, "hydra.sweeper.n_trials=2")  # n_trials is no part of the problem
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    (db,) = (tmp_path / "logs" / "train" / "optuna").glob("*.db")
+    assert db.stem.startswith("val-bpd_callbacks.image_grids.n_samples-4_data.batch_size-32")  # cut, then a hash
+    lrs = [t["lr"] for t in rows_of_study(tmp_path)]
+    assert len(lrs) == 2 and lrs[0] != lrs[1]  # the continued sampler does not ask the first trial's again
+    # Another run length is another problem: a study of its own by default, refused under the first one's name.
+    other = [o if o != "trainer.max_steps=4" else "trainer.max_steps=6" for o in study]
+    sweeps_before = sweep_dirs(tmp_path)
+    refused = run("train.py", tmp_path, *other, "hydra.sweeper.n_trials=1", f"hydra.sweeper.study_name={db.stem}")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr[-3000:]
+    assert f"hydra.sweeper.study_name={db.stem}" in refused.stderr and "fixed overrides" in refused.stderr
+    assert "trainer.max_steps=4" in refused.stderr and "trainer.max_steps=6" in refused.stderr
+    assert sweep_dirs(tmp_path) == sweeps_before and len(rows_of_study(tmp_path)) == 2
+    own = run("train.py", tmp_path, *other, "hydra.sweeper.n_trials=1")
+    assert own.returncode == 0 and len(list(db.parent.glob("*.db"))) == 2, own.stderr[-3000:]
+
+
+def test_parameter_importances_work_with_the_pinned_stack_and_reach_the_summary(tmp_path):
+    import optuna
+
+    from hydra_plugins.vdvae_sweepers.sweepers import _study_summary
+    from vdvae import sweeps
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    def objective(trial):
+        return 100 * trial.suggest_float("model.lr", 1e-4, 1e-2, log=True) + trial.suggest_int("width", 1, 8) / 100
+
+    study.optimize(objective, n_trials=25)
+    text = _study_summary(study)
+    importances = re.search(r"parameter importances: model.lr ([\d.]+), width ([\d.]+)", text)
+    assert importances and float(importances.group(1)) > float(importances.group(2)), text
+    assert sweeps.SUMMARY_VALUES["importance/model.lr"] == pytest.approx(float(importances.group(1)), abs=0.01)
+
+
+def test_the_summary_gives_test_bpd_and_mean_and_std_over_seeds(tmp_path):
+    from vdvae.sweeps import write_summary
+
+    def job(n, lr, seed, bpd):
+        overrides = [f"model.lr={lr}", f"seed={seed}"]
+        return {"job": str(n), "overrides": overrides, "status": "completed", "objective": bpd, "test_bpd": bpd + 0.1}
+
+    records = [job(0, 1e-3, 0, 3.0), job(1, 1e-3, 1, 3.2), job(2, 2e-3, 0, 4.0), job(3, 2e-3, 1, 4.4)]
+    text = write_summary(tmp_path, records).read_text()
+    assert "| test_bpd |" in text and "| 3.1000 |" in text
+    assert "- model.lr=0.001, 2 seeds: objective 3.1000 ± 0.1414, test_bpd 3.2000 ± 0.1414" in text
+    assert "- model.lr=0.002, 2 seeds: objective 4.2000 ± 0.2828, test_bpd 4.3000 ± 0.2828" in text
 
 
 def test_an_objective_that_training_never_logs_is_refused_before_the_first_job(tmp_path):
@@ -203,5 +259,7 @@ def test_sigterm_to_a_local_parallel_sweep_stops_every_running_job_at_a_step_wit
     assert "stopped by SIGTERM: stopping 2 running jobs" in out + err
     assert len(jobs) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in jobs)  # none left running
     for job in ("0", "1"):
-        saved = re.search(r"SIGTERM at step (\d+): saved", (sweep / job / "train.log").read_text())
+        text = (sweep / job / "train.log").read_text()
+        assert f"; {max(1, len(os.sched_getaffinity(0)) // 2)} torch threads" in text  # the cores shared
+        saved = re.search(r"stopped at step (\d+): saved", text)
         assert saved and load(sweep / job / "checkpoints" / "last.ckpt")["global_step"] == int(saved.group(1))

@@ -291,7 +291,7 @@ class LastCheckpoint(Checkpoint):
         # last.ckpt as it was: it already holds the latest state, which a save now could only spoil.
         if trainer.state.fn != "fit" or trainer.global_step == 0 or not self._stepped:
             return
-        what = "SIGTERM" if isinstance(exception, SIGTERMException) else type(exception).__name__
+        what = "stopped" if isinstance(exception, SIGTERMException) else type(exception).__name__  # (the signal: said)
         kept = f"{self.path} keeps the state last saved"
         if module.applying_update:  # a second Ctrl-C, a crash inside the optimizer's step
             log.error(

@@ -16,6 +16,7 @@ Resolvers (registered on import, before Hydra composes anything):
                            (`launcher_default`; conf/hydra/launcher/slurm.yaml).
 """
 
+import hashlib
 import math
 import numbers
 import os
@@ -53,6 +54,19 @@ def _hydra_subdir(output_dir) -> str | None:
     return ".hydra"
 
 
+def _study_name(objective, overrides) -> str:
+    """An Optuna study's default name: what it optimises and the command's fixed overrides (not the searched
+    ones), e.g. `val-bpd_trainer.max_steps-20`; past 100 characters, cut and ended by a hash of the whole."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides or []])
+    fixed = sorted(o.input_line for o in parsed if not o.is_sweep_override() and o.key_or_group != "hparams_search")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join([str(objective), *fixed])).strip("-_.") or "study"
+    if len(name) > 100:
+        name = f"{name[:91]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return name
+
+
 def register_resolvers():
     # use_cache: a job resolves its names once (Hydra copies the cache into every sweep job's config).
     OmegaConf.register_new_resolver("vdvae.cwd", os.getcwd, use_cache=True, replace=True)
@@ -60,6 +74,7 @@ def register_resolvers():
     OmegaConf.register_new_resolver("vdvae.run_dir", _run_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("vdvae.hydra_subdir", _hydra_subdir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("vdvae.slurm", launcher_default, replace=True)
+    OmegaConf.register_new_resolver("vdvae.study_name", _study_name, replace=True)
 
 
 def wanted_value(value, kind, low=None, high=None, *, nullable=False, open_low=False, infinite=False, nonzero=False):

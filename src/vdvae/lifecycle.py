@@ -99,13 +99,14 @@ def finish_wandb():
 
 
 class _NothingToActOn(logging.Filter):
-    """Lightning's messages that say nothing a user can act on: an advertisement, and that our model summary
-    replaces its own."""
+    """Lightning's messages that say nothing a user can act on (an advertisement; that our model summary
+    replaces its own), or that ours say better (its "Received SIGTERM" is also said after a Ctrl-C)."""
 
-    NOISE = ("💡 Tip:", "Trainer already configured with model summary callbacks")
+    LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.trainer.connectors.signal_connector")
+    NOISE = ("💡 Tip:", "Trainer already configured with model summary callbacks", "Received SIGTERM")
 
     def filter(self, record):
-        return not str(record.msg).startswith(self.NOISE)
+        return not any(noise in str(record.msg) for noise in self.NOISE)
 
 
 def route_library_logs():
@@ -118,9 +119,10 @@ def route_library_logs():
             library.removeHandler(handler)
         library.propagate = True
     logging.captureWarnings(True)
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _NothingToActOn) for f in rank_zero.filters):
-        rank_zero.addFilter(_NothingToActOn())
+    for name in _NothingToActOn.LOGGERS:
+        library = logging.getLogger(name)
+        if not any(isinstance(f, _NothingToActOn) for f in library.filters):
+            library.addFilter(_NothingToActOn())
     # ResumableSampler continues an epoch where the checkpoint left it (tests/test_reliability.py), which
     # Lightning cannot see: its warning that a mid-epoch resume is unreliable does not apply.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -128,6 +130,8 @@ def route_library_logs():
     warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     # Lightning 2.6's own use of torch's pytree API, deprecated by torch 2.14: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # optuna 2.10's storage on SQLAlchemy 1.4 (the optuna extra pins both): nothing a user can act on either.
+    warnings.filterwarnings("ignore", message="Deprecated API features detected")
 
 
 # The run directory this process's job created (set by RunDirGuard as the job starts), or None: one that
@@ -427,6 +431,8 @@ class StopController:
             raise Terminated()
         if not self._lightning_listens():
             self._end_as_the_signal_does(signum)
+        if not self.caught:  # (after Ctrl-C or USR2, this SIGTERM is their stop, already said)
+            log.warning("SIGTERM: stopping after this step, saving last.ckpt")
         self.caught = self.caught or signal.SIGTERM  # Lightning stops at the step boundary
 
     def _on_sigint(self, signum, frame):

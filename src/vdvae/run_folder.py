@@ -58,6 +58,14 @@ def is_empty(folder) -> bool:
     return not (path.exists() or path.is_symlink()) or (path.is_dir() and not any(path.iterdir()))
 
 
+def unclaim(folder):
+    """Remove `folder` if all it holds is a run's identity (a sweep refused before its first job)."""
+    path = Path(str(folder))
+    if path.is_dir() and not path.is_symlink() and [p.name for p in path.iterdir()] == [IDENTITY]:
+        (path / IDENTITY).unlink()
+        path.rmdir()
+
+
 def claim(folder, identity: str) -> bool:
     """Write `identity` into `folder` unless it names a run already: whether the folder is now that run's
     (it named none, or this one). The write is exclusive: of two runs claiming one folder, one wins."""

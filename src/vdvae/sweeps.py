@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import shlex
+import statistics
 import time
 from pathlib import Path
 
@@ -111,6 +112,7 @@ class JobRecord(Callback):
             num=config.hydra.job.num,
             objective=_finite_or_none(REPORTED.get("objective")),
             best_val_bpd=_finite_or_none(REPORTED.get("best_val_bpd")),
+            test_bpd=_finite_or_none(REPORTED.get("test_bpd")),
             steps=REPORTED.get("steps"),
             seconds=round(time.monotonic() - self._started, 1),
         )
@@ -147,8 +149,10 @@ def sweep_records(sweep_dir: Path) -> list[dict]:
     return sorted(records, key=lambda r: (r.get("num") is None, r.get("num") or 0, r["job"]))
 
 
-# What a sweeper adds below the table of its sweep (an Optuna study: its best trial, the importances).
+# What a sweeper adds below the table of its sweep (an Optuna study: its best trial, the importances), and
+# the values it adds to the sweep's W&B summary run.
 NOTES: list[str] = []
+SUMMARY_VALUES: dict = {}
 
 
 class SweepSummary(Callback):
@@ -157,6 +161,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config, **kwargs):
         NOTES.clear()
+        SUMMARY_VALUES.clear()
 
     def on_multirun_end(self, config, **kwargs):
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -180,7 +185,9 @@ def read_record(job_dir: Path) -> dict | None:
         return None
 
 
-COLUMNS = ["job", "trial", "overrides", "status", "objective", "best_val_bpd", "steps", "seconds"]
+COLUMNS = ["job", "trial", "overrides", "status", "objective", "best_val_bpd", "test_bpd", "steps", "seconds"]
+# The columns of a sweep's values that seeds_summary averages over seeds.
+MEASURED = ["objective", "best_val_bpd", "test_bpd"]
 
 
 def _varying(records: list[dict]) -> set[str]:
@@ -218,7 +225,35 @@ def _spreadsheet(value):
 
 
 def _columns(records: list[dict]) -> list[str]:
-    return [c for c in COLUMNS if c != "trial" or any("trial" in r for r in records)]  # trials: Optuna's
+    """COLUMNS, less trial (Optuna's) and test_bpd where no job has one."""
+    return [c for c in COLUMNS if c not in ("trial", "test_bpd") or any(r.get(c) is not None for r in records)]
+
+
+def seeds_summary(records: list[dict]) -> str:
+    """Mean ± standard deviation (n - 1) of each measured value over the completed jobs whose overrides differ
+    only in `seed`, a line per such group of two jobs or more; "" where there is none."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        if record["status"] == "completed":
+            rest = tuple(sorted(o for o in record.get("overrides") or [] if o.partition("=")[0] != "seed"))
+            groups.setdefault(rest, []).append(record)
+    lines = []
+    for rest, group in groups.items():
+        if len(group) < 2 or len({_seed(r) for r in group}) < len(group):
+            continue
+        stats = []
+        for column in MEASURED:
+            values = [r[column] for r in group if r.get(column) is not None]
+            if len(values) == len(group):
+                stats.append(f"{column} {statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}")
+        if stats:
+            what = " ".join(o for o in rest if o.partition("=")[0] in _varying(records)) or "all jobs"
+            lines.append(f"- {_markdown(what)}, {len(group)} seeds: " + ", ".join(stats))
+    return "\n".join(["over seeds (mean ± std):", *lines]) if lines else ""
+
+
+def _seed(record) -> str | None:
+    return next((o.partition("=")[2] for o in record.get("overrides") or [] if o.partition("=")[0] == "seed"), None)
 
 
 def table(records: list[dict]) -> str:
@@ -238,7 +273,9 @@ def write_summary(sweep_dir, records: list[dict], extra: str = "", config=None) 
     """summary.md and summary.csv in the sweep's folder, the table in the log, and a W&B summary run."""
     sweep_dir = Path(sweep_dir)
     failed = [r for r in records if r["status"] != "completed"]
-    text = f"{table(records)}\n\n{len(records) - len(failed)} of {len(records)} jobs completed\n{extra}".rstrip() + "\n"
+    seeds = seeds_summary(records)
+    text = f"{table(records)}\n\n{len(records) - len(failed)} of {len(records)} jobs completed\n"
+    text = (text + (f"\n{seeds}\n" if seeds else "") + extra).rstrip() + "\n"
     write_atomically(sweep_dir / "summary.md", text)
     with io.StringIO() as buffer:
         writer = csv.DictWriter(buffer, [*_columns(records), "error"], extrasaction="ignore")
@@ -277,4 +314,8 @@ def _to_wandb(sweep_dir: Path, records: list[dict], config):
     )
     columns = [*_columns(records), "error"]
     run.log({"sweep/summary": wandb.Table(columns=columns, data=[[_cell(r, c) for c in columns] for r in records])})
+    run.summary.update(SUMMARY_VALUES)  # an Optuna study's best value and parameter importances
+    importances = [[k.partition("/")[2], v] for k, v in SUMMARY_VALUES.items() if k.startswith("importance/")]
+    if importances:
+        run.log({"sweep/importances": wandb.Table(columns=["parameter", "importance"], data=importances)})
     run.finish()

@@ -11,6 +11,7 @@ last.ckpt, and the sweep exits 143 or 130 once they have.
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import signal
 from pathlib import Path
@@ -46,8 +47,17 @@ class LocalLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info("Launching %d jobs, %d at a time, sweep output dir: %s", len(job_overrides), self.n_jobs, sweep_dir)
-        batch = [_Job(self, overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
+        at_once = min(self.n_jobs, len(job_overrides))
+        # The machine's cores shared among the jobs running at once (torch would give each job all of them).
+        threads = max(1, len(os.sched_getaffinity(0)) // max(at_once, 1))
+        log.info(
+            "Launching %d jobs, %d at a time (%d torch threads each), sweep output dir: %s",
+            len(job_overrides),
+            self.n_jobs,
+            threads,
+            sweep_dir,
+        )
+        batch = [_Job(self, overrides, initial_job_idx + i, threads) for i, overrides in enumerate(job_overrides)]
         for job in batch:
             log.info("\t#%d : %s", job.number, " ".join(filter_overrides(job.overrides)))
         try:
@@ -75,15 +85,15 @@ class LocalLauncher(Launcher):
 class _Job:
     """One sweep job in a process of its own; its JobReturn comes back through a pipe."""
 
-    def __init__(self, launcher: LocalLauncher, overrides, number: int):
-        self.launcher, self.overrides, self.number = launcher, list(overrides), number
+    def __init__(self, launcher: LocalLauncher, overrides, number: int, threads: int):
+        self.launcher, self.overrides, self.number, self.threads = launcher, list(overrides), number, threads
         self.process = self.reader = self.result = None
 
     def start(self) -> "_Job":
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited mid-state
         self.reader, writer = context.Pipe(duplex=False)
         # cloudpickle, as joblib and submitit send a job: the task function is not importable by name.
-        job = cloudpickle.dumps((self.launcher, self.overrides, self.number, Singleton.get_state()))
+        job = cloudpickle.dumps((self.launcher, self.overrides, self.number, self.threads, Singleton.get_state()))
         self.process = context.Process(target=_run_job, args=(job, writer), name=f"sweep job {self.number}")
         self.process.start()
         writer.close()  # the job holds the only writer: its end reads as EOF here
@@ -124,7 +134,11 @@ def _job_id(launcher, number: int) -> str:
 
 def _run_job(job: bytes, writer):
     """In the job's process: run it as Hydra runs a sweep job, and send back its JobReturn."""
-    launcher, overrides, number, singleton_state = cloudpickle.loads(job)
+    launcher, overrides, number, threads, singleton_state = cloudpickle.loads(job)
+    if "OMP_NUM_THREADS" not in os.environ:  # the user's own setting wins
+        import torch
+
+        torch.set_num_threads(threads)
     setup_globals()
     Singleton.set_state(singleton_state)
     config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, overrides)

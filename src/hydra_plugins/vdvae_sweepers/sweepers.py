@@ -24,8 +24,8 @@ from pathlib import Path
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from vdvae import sweeps
-from vdvae.errors import one_line
+from vdvae import run_folder, sweeps
+from vdvae.errors import one_line, refuse
 
 try:  # the optuna extra (pip install -e '.[optuna]'); Hydra imports this module for every command
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as HydraOptunaSweeper
@@ -55,6 +55,9 @@ def _note_trial(job: JobReturn, trial: int, value):
 class OptunaSweeper(HydraOptunaSweeper or object):
     def sweep(self, arguments):
         import optuna
+
+        optuna.logging.disable_default_handler()  # its coloured handler: its messages go to the run's log instead
+        optuna.logging.enable_propagation()
         from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
         from optuna.trial import TrialState
 
@@ -75,6 +78,12 @@ class OptunaSweeper(HydraOptunaSweeper or object):
             directions=impl._get_directions(),
             load_if_exists=True,
         )
+        mismatch = _mismatch(study, _definition(self.sweeper.config, distributions, fixed), impl.storage)
+        if mismatch:
+            run_folder.unclaim(self.sweeper.config.hydra.sweep.dir)  # no job ran: no sweep folder left behind
+            refuse(mismatch)
+        if study.get_trials(deepcopy=False):  # continued: the sampler's seed would ask its first trials again
+            sampler.reseed_rng()
         # Trials whose sweep died (its process is gone from this machine, or it has not beaten for GRACE
         # seconds) are failed and asked again; live trials of other processes on this study are theirs.
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -110,6 +119,37 @@ class OptunaSweeper(HydraOptunaSweeper or object):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         _write_results(study, sweep_dir / "optimization_results.yaml")
         sweeps.NOTES.append(_study_summary(study))  # below the sweep's table (vdvae.sweeps.SweepSummary)
+
+
+def _definition(config, distributions: dict, fixed: dict) -> dict:
+    """What a study optimises: its objective and direction, its search space, and the fixed overrides."""
+    return {
+        "objective": str(config.get("optimized_metric")),
+        "direction": str(OmegaConf.to_container(config.hydra.sweeper).get("direction")),
+        "search space": {name: repr(d) for name, d in sorted(distributions.items())},
+        "fixed overrides": sorted(f"{k}={v}" for k, v in fixed.items()),
+    }
+
+
+def _mismatch(study, definition: dict, storage) -> str:
+    """A study continues only the same problem: why the study under this name optimises another ("" if it
+    does not). A new study, or one of an earlier version, records this one's definition."""
+    recorded = study.user_attrs.get("definition")
+    if recorded is None:
+        study.set_user_attr("definition", definition)
+        return ""
+    differences = [key for key in definition if recorded.get(key) != definition[key]]
+    if differences:
+        key = differences[0]
+        theirs, ours = recorded.get(key), definition[key]
+        if isinstance(ours, list):  # the overrides in one and not the other
+            theirs, ours = sorted(set(theirs or []) - set(ours)), sorted(set(ours) - set(theirs or []))
+        return (
+            f"hydra.sweeper.study_name={study.study_name} (in {storage}) is a study of another problem: its "
+            f"{key} {one_line(str(theirs), 300)}, this command's {one_line(str(ours), 300)}. Continue it with "
+            f"the command that made it, or name a new study (hydra.sweeper.study_name=...)"
+        )
+    return ""
 
 
 # Seconds between a running trial's heartbeats; a trial silent for GRACE seconds is failed and asked again.
@@ -218,9 +258,12 @@ def _study_summary(study) -> str:
     if complete:
         best = study.best_trial
         lines.append(f"best trial: #{best.number}, value {best.value:.4f}, parameters {best.params}")
-        try:
-            importances = optuna.importance.get_param_importances(study)
+        sweeps.SUMMARY_VALUES.update({"best/value": best.value, "best/trial": best.number})
+        try:  # (optuna 2.10's default, fANOVA, fails with scikit-learn >= 1.3: its trees' values changed shape)
+            evaluator = optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0)
+            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
             lines.append("parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
+            sweeps.SUMMARY_VALUES.update({f"importance/{k}": v for k, v in importances.items()})
         except Exception as error:  # needs two complete trials with varied parameters, and scikit-learn
             lines.append(f"parameter importances: not available ({one_line(error, 120)})")
     return "\n".join(lines)

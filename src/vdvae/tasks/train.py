@@ -80,11 +80,12 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     n_params = sum(p.numel() for p in module.vae.parameters())
     log.info(
-        "%s: %s parameters, %d latent groups; data %s",
+        "%s: %s parameters, %d latent groups; data %s; %d torch threads",
         cfg.model.get("_target_"),
         f"{n_params:,}",
         module.vae.n_groups,
         datamodule.name,
+        torch.get_num_threads(),
     )
 
     with StopController(at_step=True) as stop:  # also SLURM's pre-emption and time limits under submitit
@@ -104,6 +105,7 @@ def train(cfg: DictConfig) -> float | None:
                 sweeps.report(best_val_bpd=best_score(trainer, metrics.get("val/bpd")))
             if cfg.get("test"):
                 metrics.update(score_test_set(trainer, module, datamodule))
+                sweeps.report(test_bpd=metrics.get("test/bpd"))
         except SIGTERMException:  # Lightning's stop at a step boundary, in training or testing
             raise stop.stopped() from None
     value = metrics.get(objective)
