@@ -1,5 +1,7 @@
 """The run comparison reads the CSV log and train.log's clock of a run directory."""
 
+import pytest
+
 from vdvae import compare_runs
 
 
@@ -28,3 +30,16 @@ def test_minutes_curves_and_test_figure_of_a_run(tmp_path, capsys):
 def test_the_gap_between_two_curves_counts_the_steps_both_logged():
     # Steps 2 and 3 are shared: |4.0 - 4.5| and |3.0 - 2.0| average to 0.75; steps 1 and 4 are not counted.
     assert compare_runs.mean_gap([(1, 5.0), (2, 4.0), (3, 3.0)], [(2, 4.5), (3, 2.0), (4, 9.0)]) == 0.75
+
+
+def test_a_run_shorter_than_its_logging_interval_compares_and_a_wandb_only_run_is_refused(tmp_path, capsys):
+    short = fake_run(tmp_path / "short", 1, 4.1)
+    (short / "csv" / "version_0" / "metrics.csv").write_text("epoch,step,train/bpd,val/bpd\n0,19,,4.2\n")
+    compare_runs.main([str(short), "--out", str(tmp_path / "plot.png")])
+    assert "4.2000" in capsys.readouterr().out
+    wandb_only = tmp_path / "wandb_only"
+    (wandb_only / "wandb").mkdir(parents=True)
+    with pytest.raises(SystemExit) as stop:
+        compare_runs.main([str(short), str(wandb_only), "--out", str(tmp_path / "plot.png")])
+    error = capsys.readouterr().err
+    assert stop.value.code == 1 and error.count("\n") == 1 and "logger=csv" in error, error

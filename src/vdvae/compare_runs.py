@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vdvae.errors import refuse  # noqa: E402
+
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\]")
 
 
@@ -33,13 +35,22 @@ def training_minutes(run: Path) -> float:
 
 
 def curves(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) of train/bpd and val/bpd from the run's CSV log."""
-    (metrics,) = run.glob("csv/version_*/metrics.csv")
+    """(step, value) of train/bpd and val/bpd from the run's CSV log; refused in one line where the run has
+    none (a W&B-only run) or it holds no bits/dim yet."""
+    found = sorted(run.glob("csv/version_*/metrics.csv"))
+    if not found or not (run / "train.log").is_file():
+        refuse(
+            f"{run}: no CSV log and train.log (csv/version_*/metrics.csv): compare_runs reads run folders trained "
+            f"with logger=csv or logger=many; compare W&B-only runs in W&B (vdvae-dashboard)"
+        )
+    metrics = found[-1]
     out = {"train/bpd": [], "val/bpd": []}
     for row in csv.DictReader(metrics.open()):
         for key in out:
             if row.get(key):
                 out[key].append((int(row["step"]), float(row[key])))
+    if not out["train/bpd"] and not out["val/bpd"]:
+        refuse(f"{run}: its CSV log holds no bits/dim yet (training logs every trainer.log_every_n_steps steps)")
     return out
 
 
@@ -68,12 +79,12 @@ def main(argv=None):
     for run, label in zip(args.runs, labels, strict=True):
         data, minutes = curves(run), training_minutes(run)
         first = first or data["train/bpd"]
-        last_step = max(step for step, _ in data["train/bpd"])
-        per_step = minutes / last_step
-        train = data["train/bpd"]
+        last_step = max(step for step, _ in data["train/bpd"] + data["val/bpd"])
+        per_step = minutes / max(last_step, 1)
+        train = data["train/bpd"]  # none in a run shorter than its logging interval
         windows = [[v for _, v in train[max(0, i - 4) : i + 1]] for i in range(len(train))]  # 5 logged steps
         smooth = [sum(w) / len(w) for w in windows]
-        top = max(top, 1.1 * smooth[-1])
+        top = max(top, 1.1 * smooth[-1]) if smooth else top
         (line,) = ax.plot([s * per_step for s, _ in train], smooth, alpha=0.6, label=f"{label}: train (online)")
         ax.plot(
             [s * per_step for s, _ in data["val/bpd"]],
@@ -86,7 +97,7 @@ def main(argv=None):
         last_50 = [v for _, v in train[-50:]]
         print(
             f"{label:<24} {minutes:8.1f} {last_step:6d} {val:8.4f} {test_bpd(run) or float('nan'):8.4f} "
-            f"{sum(last_50) / len(last_50):8.4f} {mean_gap(train, first):8.4f}"
+            f"{sum(last_50) / len(last_50) if last_50 else float('nan'):8.4f} {mean_gap(train, first):8.4f}"
         )
     ax.set(xlabel="training minutes (side by side on one machine)", ylabel="bits per dim", ylim=(None, top))
     ax.legend(fontsize=7)
