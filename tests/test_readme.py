@@ -23,6 +23,7 @@ from tests.conftest import DATA, ROOT
 pytestmark = pytest.mark.slow  # subprocesses: a minute or more each module
 
 PROGRAMS = ("make", "python", "vdvae-train", "vdvae-eval", "vdvae-sample", "vdvae-compress", "vdvae-import")
+PROGRAMS += ("vdvae-dashboard",)
 SCRIPTS = {
     "train.py": "vdvae-train",
     "eval.py": "vdvae-eval",
@@ -35,6 +36,7 @@ SCRIPTS = {
 SMALL_DATA = ["data.val_size=4", "data.batch_size=2", "data.eval_batch_size=4", "data.num_workers=0"]
 SMALL_MODEL = ["model.vae.width=8", "callbacks.image_grids.n_samples=2", "callbacks.image_grids.n_recon=2"]
 SMALL_RUN = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null"]
+SMALL_RUN += ["trainer.log_every_n_steps=1"]  # (2 steps: every W&B panel gets its data)
 SMALL_TRAIN = [*SMALL_DATA, *SMALL_MODEL, *SMALL_RUN, "trainer.enable_progress_bar=false"]
 SMALL_SAMPLE = ["n=2", "n_images=2", "steps=3"]
 REFERENCE = json.loads((DATA / "expected.json").read_text())["models"]["tiny"]  # original-format weights
@@ -92,7 +94,7 @@ class User:
             return [str(self.bin_dir / "python"), str(self.bin_dir / script), *args]
         if command[0] == "python":
             return [sys.executable, str(ROOT / command[1]), *command[2:]]
-        if command[0] in SCRIPTS.values():
+        if command[0].startswith("vdvae-"):
             return [sys.executable, str(Path(sys.executable).parent / command[0]), *command[1:]]
         return command
 
@@ -263,8 +265,20 @@ def check_import(user, command):
     assert torch.load(user.cwd / out, weights_only=True)["state_dict"]
 
 
+def check_dashboard(user, command):
+    if "--check" in command:  # the quick start's run logs every key the panels name
+        command = [w.replace("logs/train/runs/<date>", str(user.quickstart.relative_to(user.cwd))) for w in command]
+        assert user.run(command).stdout.endswith("every panel's key is logged\n")
+        return
+    # Saving needs a W&B account; without one (as here), one line that says how to get one.
+    env = {**os.environ, "HOME": str(user.cwd), "WANDB_API_KEY": ""}
+    result = subprocess.run(user.program(command, env), cwd=user.cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "wandb login" in result.stderr, result.stderr
+
+
 CHECKS = {"make": check_make, "train.py": check_train, "vdvae-train": check_train, "eval.py": check_eval}
 CHECKS.update({"sample.py": check_sample, "compress.py": check_compress, "import_original.py": check_import})
+CHECKS["vdvae-dashboard"] = check_dashboard
 COMMANDS = readme_commands()
 
 

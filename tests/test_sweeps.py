@@ -57,6 +57,15 @@ def test_a_basic_sweep_runs_every_job_writes_its_table_and_exits_nonzero(tmp_pat
     assert "| 1 | model.lr=100000.0 | diverged |" in table and "model.lr=-1 is not valid" in table
     assert "sweep summary" in result.stdout  # the table in the log too
     assert len(list((sweep / "wandb").glob("offline-run-*"))) == 1  # and as a W&B run of its own
+    # One W&B group, the sweep's, for its jobs and its summary; each job named by its number and swept value.
+    from vdvae.dashboard import offline_records
+
+    runs = {(r.run.run_group, r.run.display_name, r.run.job_type) for r in offline_records(sweep) if r.HasField("run")}
+    assert runs == {
+        (sweep.name, "#0 model.lr=0.003", "train"),
+        (sweep.name, "#1 model.lr=100000.0", "train"),
+        (sweep.name, f"{sweep.name}-summary", "sweep-summary"),
+    }, runs  # (job 2, refused at its config check, started no W&B run)
 
 
 def test_an_optuna_study_survives_diverged_and_short_trials_and_resumes_after_a_stop(tmp_path):

@@ -1,13 +1,22 @@
 """Loggers: Weights & Biases online when the user has credentials, offline (synced later) otherwise, never
 prompting; and a CSV logger whose file a resumed run continues. A resumed run keeps its W&B run
-(its id travels in the checkpoint) and its CSV and TensorBoard directories (fixed version 0)."""
+(its id travels in the checkpoint) and its CSV and TensorBoard directories (fixed version 0).
+
+W&B runs are organised for a dashboard (vdvae.dashboard): a run's group is its folder's name, a sweep job's
+the sweep folder's (with the sweep's summary run), an eval's the group of the run it scores; a sweep job is
+named by its number and the overrides the sweep varies (SWEPT_KEYS), a run by its folder; the job type is
+the command (train, eval, ...). The step is every metric's x-axis and the summary keeps the best val/bpd.
+"""
 
 import csv
 import logging
 import netrc
 import os
 import re
+from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -36,18 +45,44 @@ def wandb_mode(mode: str | None = None) -> str:
     return mode
 
 
+# The environment variable by which a sweep tells its jobs (also in processes and on nodes of their own)
+# which override keys it varies: a job's W&B name is made of those.
+SWEPT_KEYS = "VDVAE_SWEPT_KEYS"
+
+
+def run_identity() -> dict:
+    """The W&B group, name and job type of this Hydra job (nothing outside one; see the module's docstring)."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.get()
+    folder = Path(str(hydra.runtime.output_dir))
+    if hydra.mode == RunMode.MULTIRUN:
+        swept = set(filter(None, os.environ.get(SWEPT_KEYS, "").split(",")))
+        varied = [o for o in hydra.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
+        group, name = Path(str(hydra.sweep.dir)).name, " ".join([f"#{hydra.job.num}", *varied])
+    else:
+        group = name = folder.name
+    return {"group": group, "name": name[:128], "job_type": hydra.job.name}
+
+
 def wandb_logger(
     save_dir: str,
     project: str = "vdvae",
     mode: str | None = None,
     log_model: bool | None = None,
     resume_id: str | None = None,
+    group: str | None = None,
+    name: str | None = None,
     **kwargs,
 ) -> WandbLogger:
     """A WandbLogger; `mode` (or WANDB_MODE) "online"/"offline", else online exactly when credentials exist.
 
     When online, checkpoints are uploaded as artifacts (`log_model`). `resume_id` continues that W&B run.
+    `group` and `name`: this job's (`run_identity`) where None.
     """
+    identity = run_identity()
+    kwargs = {"group": group or identity.get("group"), "name": name or identity.get("name"), **kwargs}
+    kwargs.setdefault("job_type", identity.get("job_type"))
     mode = wandb_mode(mode)
     os.makedirs(save_dir, exist_ok=True)
     if mode != "online":
@@ -63,6 +98,35 @@ def wandb_logger(
     # Lightning always passes wandb.init an `anonymous` setting, which current wandb warns has no effect.
     logger._wandb_init.pop("anonymous", None)
     return logger
+
+
+def request_loggers(configs, checkpoint: dict, ckpt_path: str) -> list:
+    """The configured loggers of a command that uses a checkpoint (eval): its W&B run joins the group of the
+    run that trained it, and (online, for a W&B artifact) uses the artifact, so that W&B draws the lineage."""
+    from vdvae.run_folder import run_of_checkpoint
+
+    trained = run_of_checkpoint(ckpt_path)
+    group = checkpoint.get("wandb_group") or (trained.name if trained else None)
+    loggers = []
+    for config in (configs or {}).values():
+        if config is None:
+            continue
+        if config.get("_target_") != f"{__name__}.wandb_logger":
+            loggers.append(instantiate(config))
+            continue
+        logger = instantiate(config, group=config.get("group") or group)
+        if str(ckpt_path).startswith("wandb:") and wandb_mode(config.get("mode")) == "online":
+            logger.experiment.use_artifact(str(ckpt_path)[len("wandb:") :])
+        loggers.append(logger)
+    return loggers
+
+
+def define_metrics(loggers: list):
+    """On each W&B logger: the best (lowest) val/bpd in the run's summary (Lightning already makes the step
+    every metric's x-axis)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.define_metric("val/bpd", step_metric="trainer/global_step", summary="min")
 
 
 class _ContinuingWriter(ExperimentWriter):

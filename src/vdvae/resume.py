@@ -143,6 +143,8 @@ class ResumeState(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 checkpoint["wandb_run_id"] = logger.version
+                if trainer.is_global_zero:  # (other ranks have no W&B run)
+                    checkpoint["wandb_group"] = logger.experiment.group  # eval's W&B run joins it
         checkpoint[OVERRIDES] = [o for o in run_folder.overrides() if _key(o) != ("ckpt_path", None)]
         _start_the_next_epoch_if_this_one_ended(checkpoint)
 

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import os
 import shlex
 import statistics
 import time
@@ -28,11 +29,13 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from vdvae import run_folder
 from vdvae.config import is_worker_process
 from vdvae.errors import RunDiverged, TrainingStalled, one_line, refuse
 from vdvae.files import write_atomically
+from vdvae.loggers import SWEPT_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,7 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config, **kwargs):
         NOTES.clear()
         SUMMARY_VALUES.clear()
+        os.environ[SWEPT_KEYS] = ",".join(swept_keys(config))  # the jobs' W&B names (vdvae.loggers)
 
     def on_multirun_end(self, config, **kwargs):
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -175,6 +179,16 @@ class SweepSummary(Callback):
                 f"{s}: {sum(r['status'] == s for r in failed)}" for s in sorted({r["status"] for r in failed})
             )
             refuse(f"{len(failed)} of {len(records)} jobs failed ({kinds}): see {summary}")
+
+
+def swept_keys(config) -> list[str]:
+    """The keys a sweep varies: its command's sweep overrides (`a=1,2`, `choice(...)`, ...) and its sweeper's
+    search space (`hydra.sweeper.params`, Optuna's)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    return sorted({o.key_or_group for o in overrides if o.is_sweep_override()} | set(params))
 
 
 def read_record(job_dir: Path) -> dict | None:

@@ -8,7 +8,7 @@ import logging
 import math
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vdvae import run_folder
 from vdvae.checkpoints import data_module, load_module, module_from_checkpoint
@@ -16,6 +16,7 @@ from vdvae.config import check_model_and_data
 from vdvae.data.base import first_images
 from vdvae.files import write_atomically
 from vdvae.lifecycle import no_run_dir_on_failure, route_library_logs
+from vdvae.loggers import request_loggers
 from vdvae.metrics import format_table
 from vdvae.progress import advance, progress
 
@@ -58,7 +59,12 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.prune_quantile:  # the masks come from the model itself: then a module that keeps only them
         masks = pruned_variates(module, datamodule, cfg.prune_quantile, cfg.prune_images)
         module = module_from_checkpoint(checkpoint, cfg.ckpt_path, **extras, variate_masks=masks)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = request_loggers(cfg.get("logger"), checkpoint, cfg.ckpt_path)
+    request = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("logger", "paths")}
+    for logger in loggers:  # what was scored: the checkpoint, its step, the run that trained it, the options
+        logger.log_hyperparams(
+            {**request, "step": checkpoint.get("global_step"), "trained_wandb_run": checkpoint.get("wandb_run_id")}
+        )
     from vdvae.callbacks import EvaluationProgress
 
     # Lightning's bar counts batches and writes into logs and pipes: this one counts images, on a terminal only.

@@ -20,7 +20,7 @@ from vdvae.checkpoints import check_writable, load_checkpoint, resolve
 from vdvae.config import check_config
 from vdvae.errors import RunDiverged
 from vdvae.lifecycle import StopController, checked_before_start, no_run_dir_on_failure, route_library_logs
-from vdvae.loggers import loggers_from_config
+from vdvae.loggers import define_metrics, loggers_from_config
 from vdvae.metrics import format_table
 from vdvae.resume import ResumeState, check_fits, previous_last_checkpoint
 from vdvae.schedule import check_schedule
@@ -75,6 +75,7 @@ def train(cfg: DictConfig) -> float | None:
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, accumulate_grad_batches=1)
         check_schedule(module.hparams, trainer.max_steps)
     trainer.loggers = loggers_from_config(cfg.get("logger"), resumed)
+    define_metrics(trainer.loggers)
     del resumed
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
