@@ -90,3 +90,27 @@ def user(installed, tmp_path_factory) -> User:
 @pytest.mark.parametrize("command", INSTALLED)
 def test_readme_command_runs_from_the_installed_package(user, command):
     readme_check(user, command)
+
+
+def test_without_the_extras_the_plugins_load_quietly_and_a_choice_of_theirs_says_which_extra(monkeypatch, capsys):
+    # A plain `pip install .`: no submitit launcher, no Optuna sweeper.
+    import importlib
+
+    from vdvae import cli
+
+    for missing in ("hydra_plugins.hydra_submitit_launcher", "hydra_plugins.hydra_submitit_launcher.config"):
+        monkeypatch.setitem(sys.modules, missing, None)  # importing it raises ImportError
+    import hydra_plugins.vdvae_sweepers.slurm_launcher as slurm_launcher
+
+    importlib.reload(slurm_launcher)  # Hydra's plugin scan imports it in every command: no error, no plugin
+    from hydra.plugins.launcher import Launcher
+
+    assert not issubclass(slurm_launcher.SlurmLauncher, Launcher)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    for choice, extra in (("hydra/launcher=slurm", "slurm"), ("hparams_search=optuna", "optuna")):
+        with pytest.raises(SystemExit) as refused:
+            cli.check_extras(["train.py", "-m", choice])
+        error = capsys.readouterr().err
+        assert refused.value.code == 1 and error.count("\n") == 1 and f"pip install '.[{extra}]'" in error
+    monkeypatch.undo()
+    importlib.reload(slurm_launcher)
