@@ -17,7 +17,6 @@ from omegaconf import DictConfig
 
 from vdvae.errors import refuse
 from vdvae.lifecycle import command
-from vdvae.resume import with_recorded_overrides
 
 CONFIGS = "pkg://vdvae.conf"
 log = logging.getLogger(__name__)
@@ -84,6 +83,8 @@ def _train(cfg: DictConfig) -> float | None:
 def train():
     """Train a VDVAE. `ckpt_path=<checkpoint>` alone resumes its run as that run's command configured it
     (vdvae.resume.with_recorded_overrides), with the overrides typed now on top."""
+    from vdvae.resume import with_recorded_overrides  # here: the other commands start without Lightning
+
     check_extras(sys.argv)
     sys.argv = with_recorded_overrides(sys.argv)
     _train()

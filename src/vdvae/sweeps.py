@@ -35,7 +35,6 @@ from vdvae import run_folder
 from vdvae.config import is_worker_process
 from vdvae.errors import RunDiverged, TrainingStalled, one_line, refuse
 from vdvae.files import write_atomically
-from vdvae.loggers import SWEPT_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,9 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config, **kwargs):
         NOTES.clear()
         SUMMARY_VALUES.clear()
-        os.environ[SWEPT_KEYS] = ",".join(swept_keys(config))  # the jobs' W&B names (vdvae.loggers)
+        from vdvae.loggers import SWEPT_KEYS  # here: loggers import Lightning, which a refusal need not wait for
+
+        os.environ[SWEPT_KEYS] = ",".join(swept_keys(config))  # the jobs' W&B names
 
     def on_multirun_end(self, config, **kwargs):
         sweep_dir = Path(str(config.hydra.sweep.dir))

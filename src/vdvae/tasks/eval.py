@@ -60,11 +60,6 @@ def evaluate(cfg: DictConfig) -> dict:
         masks = pruned_variates(module, datamodule, cfg.prune_quantile, cfg.prune_images)
         module = module_from_checkpoint(checkpoint, cfg.ckpt_path, **extras, variate_masks=masks)
     loggers = request_loggers(cfg.get("logger"), checkpoint, cfg.ckpt_path)
-    request = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("logger", "paths")}
-    for logger in loggers:  # what was scored: the checkpoint, its step, the run that trained it, the options
-        logger.log_hyperparams(
-            {**request, "step": checkpoint.get("global_step"), "trained_wandb_run": checkpoint.get("wandb_run_id")}
-        )
     from vdvae.callbacks import EvaluationProgress
 
     # Lightning's bar counts batches and writes into logs and pipes: this one counts images, on a terminal only.
@@ -78,6 +73,11 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(
             f"{cfg.ckpt_path} scores {broken[0]}={metrics[broken[0]]} on the test set ({len(broken)} metrics not "
             f"finite): no eval.json written. The model is unstable on this data: try an earlier checkpoint"
+        )
+    request = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("logger", "paths")}
+    for logger in loggers:  # what was scored: the checkpoint, its step, the run that trained it, the options
+        logger.log_hyperparams(
+            {**request, "step": checkpoint.get("global_step"), "trained_wandb_run": checkpoint.get("wandb_run_id")}
         )
     if trainer.global_rank == 0:
         out = run_folder.current() / "eval.json"
