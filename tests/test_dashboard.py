@@ -33,6 +33,22 @@ def test_every_panel_key_is_one_a_real_run_logs_and_an_eval_joins_its_runs_group
     _, config = dashboard.logged_keys(tmp_path / "eval")
     assert {"ckpt_path", "iw_samples", "step", "trained_wandb_run"} <= config
 
+    # sample.py and compress.py log the same way, with what they made (a figure; compress's report).
+    from vdvae.loggers import log_request
+    from vdvae.tasks.compress import compress
+    from vdvae.tasks.sample import sample
+
+    ckpt = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    for task, recipe, options in (("sample", sample, ["mode=samples", "n=4"]), ("compress", compress, ["n_images=4"])):
+        cfg = job_config(tmp_path / task, task, ckpt, *options)
+        log_request(cfg, recipe(cfg))
+        wandb.finish()
+        (made,) = runs_of(tmp_path / task)
+        assert (made.run_group, made.job_type) == (run.name, task)
+        history, config = dashboard.logged_keys(tmp_path / task)
+        assert {"ckpt_path", "trained_wandb_run"} <= config
+        assert ("sample/samples_t1" if task == "sample" else "compress/net_bits_per_dim") in history, history
+
     with pytest.raises(SystemExit) as done:
         dashboard.main(["--check", str(run)])
     assert done.value.code == 0 and capsys.readouterr().out.endswith("every panel's key is logged\n")

@@ -67,8 +67,12 @@ def _command(recipe: str, cfg: DictConfig, writes_files: bool = False, interrupt
     def run(cfg):
         module, function = recipe.split(":")
         result = getattr(importlib.import_module(f"vdvae.tasks.{module}"), function)(cfg)
-        for path in result if writes_files else ():
-            log.info("wrote %s", path)
+        if writes_files:
+            for path in result:
+                log.info("wrote %s", path)
+            from vdvae.loggers import log_request
+
+            log_request(cfg, result)  # its W&B run, beside the training run's
         return result
 
     return command(run, cfg, interruptible)

@@ -121,6 +121,38 @@ def request_loggers(configs, checkpoint: dict, ckpt_path: str) -> list:
     return loggers
 
 
+# The most images of one command that its W&B run shows (a grid is one image; decompress writes a folder).
+MAX_LOGGED_IMAGES = 16
+
+
+def log_request(cfg, files: list) -> None:
+    """sample.py and compress.py: their run with the configured loggers (`logger`), in the group of the run
+    that trained the checkpoint, with the request's options and what it made (its PNG figures; compress's
+    report)."""
+    if not any(c is not None for c in (cfg.get("logger") or {}).values()):
+        return
+    import json
+
+    from omegaconf import OmegaConf
+
+    from vdvae.checkpoints import load_checkpoint
+
+    checkpoint = load_checkpoint(cfg.ckpt_path)  # read already: the command's own copy
+    request = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("logger", "paths")}
+    request.update(step=checkpoint.get("global_step"), trained_wandb_run=checkpoint.get("wandb_run_id"))
+    files = [Path(f) for f in files]
+    reports = [json.loads(f.read_text()) for f in files if f.name == "report.json"]
+    numbers = {f"{cfg.task_name}/{k}": v for r in reports for k, v in r.items() if isinstance(v, (int, float))}
+    for logger in request_loggers(cfg.logger, checkpoint, cfg.ckpt_path):
+        logger.log_hyperparams(request)
+        if numbers:
+            logger.log_metrics(numbers)
+        if isinstance(logger, WandbLogger):
+            for figure in [f for f in files if f.suffix == ".png"][:MAX_LOGGED_IMAGES]:
+                logger.log_image(key=f"{cfg.task_name}/{figure.stem}", images=[str(figure)])
+        logger.finalize("success")
+
+
 def define_metrics(loggers: list):
     """On each W&B logger: the best (lowest) val/bpd in the run's summary (Lightning already makes the step
     every metric's x-axis)."""
