@@ -4,6 +4,7 @@ replaced; a sweep starts in a new folder and gives each job its own; a finished 
 it ended on; a checkpoint's counters are checked against its step before anything is written."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -217,22 +218,25 @@ def test_a_checkpoints_hyperparameters_are_checked_against_its_weights_before_a_
 
 
 # Option values that ended in tracebacks, inside training, or were accepted: each refused in one line, with
-# nothing written, before the run folder exists.
+# nothing written, before the run folder exists. As typed, one of each command and of each way it is found
+# (the config's check, the data's set-up, a sweeper's option); the other training options by the same check.
 BAD_OPTIONS = [
     ("train.py", "model.betas=abc", "model.betas='abc' is not valid"),
-    ("train.py", "trainer.val_check_interval=0", "trainer.val_check_interval=0 is not valid"),
-    ("train.py", "model.weight_decay=-1", "model.weight_decay=-1 is not valid"),
-    ("train.py", "model.weight_decay=inf", "model.weight_decay=inf is not valid"),
-    ("train.py", "model.eps=-1", "model.eps=-1 is not valid"),
-    ("train.py", "model.eps=0", "model.eps=0 is not valid"),
-    ("train.py", "model.lr_min=-1", "model.lr_min=-1 is not valid"),
-    ("train.py", "model.decay_steps=-1", "model.decay_steps=-1 is not valid"),
-    ("train.py", "model.vae.zdim=0", "model.vae.zdim=0 is not valid"),
-    ("train.py", "callbacks.image_grids.temperatures=[-1]", "each temperature must be a finite number >= 0"),
     ("train.py", "data.test_size=5000", "data.test_size=5000 must be between 1 and 1796"),
     ("eval.py", "iw_samples=nan", "iw_samples=nan is not valid"),
     ("sample.py", "temperatures=[nan]", "temperatures=[nan] is not valid"),
     ("compress.py", "n_images=-1", "n_images=-1 is not valid"),
+]
+BAD_TRAINING_OPTIONS = [
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is not valid"),
+    ("model.weight_decay=-1", "model.weight_decay=-1 is not valid"),
+    ("model.weight_decay=inf", "model.weight_decay=inf is not valid"),
+    ("model.eps=-1", "model.eps=-1 is not valid"),
+    ("model.eps=0", "model.eps=0 is not valid"),
+    ("model.lr_min=-1", "model.lr_min=-1 is not valid"),
+    ("model.decay_steps=-1", "model.decay_steps=-1 is not valid"),
+    ("model.vae.zdim=0", "model.vae.zdim=0 is not valid"),
+    ("callbacks.image_grids.temperatures=[-1]", "each temperature must be a finite number >= 0"),
 ]
 
 
@@ -245,6 +249,15 @@ def test_bad_option_values_are_refused_in_one_line_before_the_run_folder_exists(
     result = run("train.py", tmp_path, "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=0", *TINY_RUN)
     one_line_refusal(result, "hydra.sweeper.n_trials=0 is not valid")
     assert all(run_dirs(tmp_path, task) == [] for task in ("train", "eval", "sample", "compress"))
+
+
+@pytest.mark.parametrize("option, said", BAD_TRAINING_OPTIONS)
+def test_bad_training_options_fail_the_check_that_runs_before_the_run_folder_exists(option, said):
+    from tests.conftest import compose_config
+    from vdvae.config import check_config
+
+    with pytest.raises(ValueError, match=re.escape(said)):
+        check_config(compose_config(*TINY_RUN, option, config_name="train"))
 
 
 def test_ctrl_c_while_a_run_starts_ends_it_in_one_line_and_leaves_no_folder(tmp_path):
