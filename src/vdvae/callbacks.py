@@ -322,12 +322,24 @@ class LastCheckpoint(Checkpoint):
         )
 
 
-class EvaluationProgress(Callback):
-    """A bar over the test images on rank 0 (vdvae.progress: images/s and the time left, on a terminal only).
-    eval.py uses it instead of Lightning's bar, which counts batches and also writes into logs and pipes."""
+class _Progress:
+    """Progress shown by a callback (vdvae.progress), closed as its stage ends or fails."""
 
-    def __init__(self):
-        self.bar = None
+    bar = None
+
+    def on_exception(self, trainer, module, exception):
+        self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class EvaluationProgress(_Progress, Callback):
+    """Progress over the test images on rank 0 (vdvae.progress: images/s and the time left; a bar on a
+    terminal, else lines). eval.py uses it instead of Lightning's bar, which counts batches and writes its
+    redraws into logs and pipes."""
 
     def on_test_start(self, trainer, module):
         if trainer.is_global_zero:
@@ -351,23 +363,15 @@ class EvaluationProgress(Callback):
     def on_test_end(self, trainer, module):
         self.close()
 
-    def on_exception(self, trainer, module, exception):
-        self.close()
 
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-class TrainingProgress(ProgressBar):
+class TrainingProgress(_Progress, ProgressBar):
     """Training's progress in updates out of trainer.max_steps, with the last update's bits/dim (vdvae.progress:
     a bar on a terminal, else a line every 30 s). Lightning's bar counts an epoch's batches (`Epoch 7/-2`
     where a run is bounded by steps) and leaves its redraws in logs and pipes."""
 
     def __init__(self):
         super().__init__()
-        self.bar, self.enabled = None, True
+        self.enabled = True
 
     def disable(self):
         self.enabled = False
@@ -389,14 +393,6 @@ class TrainingProgress(ProgressBar):
 
     def on_train_end(self, trainer, module):
         self.close()
-
-    def on_exception(self, trainer, module, exception):
-        self.close()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 class ModelSummary(callbacks.ModelSummary):
