@@ -139,6 +139,12 @@ def test_a_study_is_tied_to_its_problem_and_a_continued_one_asks_new_parameters(
     study = [o for o in study if o != "trainer.max_steps=30"]
     first = run("train.py", tmp_path, *study, "hydra.sweeper.n_trials=1")
     assert first.returncode == 0, first.stderr[-3000:]
+    # A trial's job resumes in its folder by ckpt_path alone, as a run (its checkpoint's overrides hold
+    # hparams_search=optuna, which is not taken: no study starts).
+    (job,) = [p for p in sweep_dirs(tmp_path)[0].iterdir() if p.name == "0"]
+    resumed = run("train.py", tmp_path, f"ckpt_path={job / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=6")
+    assert resumed.returncode == 0 and "resuming with the overrides of the run's command" in resumed.stdout
+    assert load(job / "checkpoints" / "last.ckpt")["global_step"] == 6 and not (tmp_path / "logs/train/runs").exists()
     continued = run("train.py", tmp_path, *study, "hydra.sweeper.n_trials=2")  # n_trials is no part of the problem
     assert continued.returncode == 0, continued.stderr[-3000:]
     (db,) = (tmp_path / "logs" / "train" / "optuna").glob("*.db")

@@ -468,13 +468,13 @@ def test_ckpt_path_alone_brings_back_the_runs_overrides_with_the_typed_ones_winn
     from vdvae import resume
 
     path = tmp_path / "last.ckpt"
-    recorded = ["model=tiny", "data=digits", "trainer.max_steps=20", "+callbacks.extra.step=3"]
+    recorded = ["model=tiny", "data=digits", "trainer.max_steps=20", "+callbacks.extra.step=3", "hparams_search=optuna"]
     torch.save({"state_dict": {}, "hyper_parameters": {}, "overrides": recorded}, path)
     argv = ["train.py", "trainer.max_steps=40", f"ckpt_path={path}", "data.batch_size=8"]
     assert resume.with_recorded_overrides(argv) == [
         "train.py", "trainer.max_steps=40", f"ckpt_path={path}",
         "model=tiny", "data=digits", "+callbacks.extra.step=3", "data.batch_size=8",
-    ]  # fmt: skip
+    ]  # fmt: skip  (an Optuna trial's checkpoint resumes as a run, not as a study)
     sweep = ["train.py", "-m", f"ckpt_path={path}"]
     assert resume.with_recorded_overrides(sweep) == sweep
     missing = ["train.py", f"ckpt_path={tmp_path / 'none.ckpt'}"]

@@ -62,6 +62,8 @@ OVERRIDES = "overrides"
 # What an override read from a file may not mention: the keys that make Hydra's instantiate run code, and
 # Hydra's own settings (launchers, callbacks, the run's folder).
 _CODE = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+# Config groups that make a command a sweep, not part of what its jobs ran: never taken from a checkpoint.
+SWEEP_CHOICES = ("hparams_search",)
 # The overrides a resume took from its checkpoint (logged by the training task).
 recorded: list[str] = []
 
@@ -98,7 +100,8 @@ def with_recorded_overrides(argv: list[str]) -> list[str]:
         return argv
     if not isinstance(overrides, list) or len(overrides) > 1000 or not all(isinstance(o, str) for o in overrides):
         refuse(f"{value}: its recorded overrides are not a list of strings; the file is damaged or crafted")
-    recorded = [o for o in overrides if _key(o) not in keys]
+    # A sweep's own choice (an Optuna trial records hparams_search=optuna) is no part of the run's config.
+    recorded = [o for o in overrides if _key(o) not in keys and o.partition("=")[0].lstrip("~+") not in SWEEP_CHOICES]
     _check_recorded(recorded, value)
     return argv[: at + 1] + recorded + argv[at + 1 :]
 
