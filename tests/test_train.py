@@ -475,8 +475,9 @@ def test_ckpt_path_alone_brings_back_the_runs_overrides_with_the_typed_ones_winn
         "train.py", "trainer.max_steps=40", f"ckpt_path={path}",
         "model=tiny", "data=digits", "+callbacks.extra.step=3", "data.batch_size=8",
     ]  # fmt: skip  (an Optuna trial's checkpoint resumes as a run, not as a study)
-    sweep = ["train.py", "-m", f"ckpt_path={path}"]
-    assert resume.with_recorded_overrides(sweep) == sweep
+    sweep = ["train.py", "-m", "hydra/launcher=slurm", f"ckpt_path={path}", "model.lr=1e-4,2e-4"]
+    recorded = ["model=tiny", "data=digits", "trainer.max_steps=20", "+callbacks.extra.step=3"]
+    assert resume.with_recorded_overrides(sweep) == [*sweep[:4], *recorded, sweep[4]]  # also for a sweep (SLURM)
     missing = ["train.py", f"ckpt_path={tmp_path / 'none.ckpt'}"]
     assert resume.with_recorded_overrides(missing) == missing  # the run's own checks explain it
 

@@ -81,13 +81,14 @@ def with_recorded_overrides(argv: list[str]) -> list[str]:
     """`argv` of `train.py ... ckpt_path=<checkpoint> ...` with the overrides of the command that made that
     checkpoint's run added after `ckpt_path` (those whose key is not typed now): resuming needs `ckpt_path`
     alone, plus what changes (`trainer.max_steps=...`). The recorded overrides are data: any that names code
-    or Hydra's own settings is refused in one line. Unchanged for a sweep (-m), a checkpoint that is not a
+    or Hydra's own settings is refused in one line. Also for a sweep (`-m ... ckpt_path=...`, e.g. on SLURM:
+    its jobs start from the checkpoint in folders of their own). Unchanged for a checkpoint that is not a
     local file or records no overrides (the run's checks then say what does not fit)."""
     global recorded
     typed = [(i, arg) for i, arg in enumerate(argv) if i > 0 and "=" in arg and not arg.startswith("-")]
     keys = {_key(arg): i for i, arg in typed}
     at = keys.get(("ckpt_path", None))
-    if at is None or {"-m", "--multirun"} & set(argv):
+    if at is None:
         return argv
     (value,) = (o.value() for o in OverridesParser.create().parse_overrides([argv[at]]))
     if not isinstance(value, str) or not os.path.isfile(value):
