@@ -272,6 +272,16 @@ def test_scancel_of_a_running_job_is_reported_and_its_last_ckpt_resumes_it(tmp_p
     assert proc.returncode != 0, err[-3000:]
     assert f"SLURM stopped job {job} without requeueing it" in out + err, (out + err)[-3000:]
     assert_resumes_as_told(out + err, tmp_path, last, 6)
+    # Or on the cluster by ckpt_path alone: its job starts from last.ckpt with the run's recorded overrides (the
+    # probe's _target_ typed again: a checkpoint never names code), in a sweep folder of its own.
+    step = load(last)["global_step"]
+    typed = [f"ckpt_path={last}", f"trainer.max_steps={step + 2}", slow(0, tmp_path / "again")[0]]
+    again = submit(tmp_path, *typed)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, (out + err)[-3000:]
+    (resumed,) = [p for p in sweep.parent.iterdir() if p != sweep]
+    assert "resuming with the overrides of the run's command" in job_log(resumed / "0")
+    assert load(resumed / "0" / "checkpoints" / "last.ckpt")["global_step"] == step + 2
 
 
 def test_scontrol_requeue_mid_run_resumes_from_last_ckpt_and_ends_as_the_straight_run(tmp_path, time_limited, straight):

@@ -64,8 +64,6 @@ OVERRIDES = "overrides"
 _CODE = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 # Config groups that make a command a sweep, not part of what its jobs ran: never taken from a checkpoint.
 SWEEP_CHOICES = ("hparams_search",)
-# The overrides a resume took from its checkpoint (logged by the training task).
-recorded: list[str] = []
 
 
 def _key(override: str) -> tuple | None:
@@ -84,7 +82,6 @@ def with_recorded_overrides(argv: list[str]) -> list[str]:
     or Hydra's own settings is refused in one line. Also for a sweep (`-m ... ckpt_path=...`, e.g. on SLURM:
     its jobs start from the checkpoint in folders of their own). Unchanged for a checkpoint that is not a
     local file or records no overrides (the run's checks then say what does not fit)."""
-    global recorded
     typed = [(i, arg) for i, arg in enumerate(argv) if i > 0 and "=" in arg and not arg.startswith("-")]
     keys = {_key(arg): i for i, arg in typed}
     at = keys.get(("ckpt_path", None))

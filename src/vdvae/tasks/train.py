@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from vdvae import resume, run_folder, sweeps
+from vdvae import run_folder, sweeps
 from vdvae.callbacks import ModelSummary, TrainingProgress
 from vdvae.checkpoints import check_writable, load_checkpoint, resolve
 from vdvae.config import check_config
@@ -22,7 +22,7 @@ from vdvae.errors import RunDiverged
 from vdvae.lifecycle import StopController, checked_before_start, no_run_dir_on_failure, route_library_logs
 from vdvae.loggers import define_metrics, loggers_from_config
 from vdvae.metrics import format_table
-from vdvae.resume import ResumeState, check_fits, previous_last_checkpoint
+from vdvae.resume import OVERRIDES, ResumeState, check_fits, previous_last_checkpoint
 from vdvae.schedule import check_schedule
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,6 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = cfg.get("ckpt_path") or previous_last_checkpoint()
     if ckpt_path and not cfg.get("ckpt_path"):
         log.warning("this run directory already holds %s: resuming from it", ckpt_path)
-    if resume.recorded:
-        log.info("resuming with the overrides of the run's command: %s", " ".join(resume.recorded))
     # The config and the checkpoint it names, checked before the run started (not a requeued job's last.ckpt).
     checked = checked_before_start()
     with no_run_dir_on_failure():
@@ -59,6 +57,10 @@ def train(cfg: DictConfig) -> float | None:
         if ckpt_path:  # a W&B artifact: downloaded once, and the local file is what training resumes from
             ckpt_path = str(resolve(ckpt_path))
         resumed = load_checkpoint(ckpt_path) if ckpt_path else None
+        recorded = (resumed or {}).get(OVERRIDES)
+        recorded = [o for o in recorded if o in run_folder.overrides()] if isinstance(recorded, list) else []
+        if recorded:  # (cli.train added those not typed: vdvae.resume.with_recorded_overrides)
+            log.info("resuming with the overrides of the run's command: %s", " ".join(recorded))
         if ckpt_path and not (checked and cfg.get("ckpt_path")):
             check_fits(resumed, ckpt_path, module)
         check_writable(run_folder.checkpoints(cfg.paths.output_dir))
