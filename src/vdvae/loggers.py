@@ -121,6 +121,15 @@ def request_loggers(configs, checkpoint: dict, ckpt_path: str) -> list:
     return loggers
 
 
+def request_config(cfg, checkpoint: dict) -> dict:
+    """What a command that uses a checkpoint logs as its config: its options, the checkpoint's step and the
+    W&B run that trained it."""
+    from omegaconf import OmegaConf
+
+    request = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("logger", "paths")}
+    return {**request, "step": checkpoint.get("global_step"), "trained_wandb_run": checkpoint.get("wandb_run_id")}
+
+
 # The most images of one command that its W&B run shows (a grid is one image; decompress writes a folder).
 MAX_LOGGED_IMAGES = 16
 
@@ -133,13 +142,10 @@ def log_request(cfg, files: list) -> None:
         return
     import json
 
-    from omegaconf import OmegaConf
-
     from vdvae.checkpoints import load_checkpoint
 
     checkpoint = load_checkpoint(cfg.ckpt_path)  # read already: the command's own copy
-    request = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("logger", "paths")}
-    request.update(step=checkpoint.get("global_step"), trained_wandb_run=checkpoint.get("wandb_run_id"))
+    request = request_config(cfg, checkpoint)
     files = [Path(f) for f in files]
     reports = [json.loads(f.read_text()) for f in files if f.name == "report.json"]
     numbers = {f"{cfg.task_name}/{k}": v for r in reports for k, v in r.items() if isinstance(v, (int, float))}

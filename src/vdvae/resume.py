@@ -59,8 +59,7 @@ def check_last_is_own(folder, identity: str | None) -> str | None:
 
 # The checkpoint's key for the overrides of the command that made the run (Hydra's task overrides).
 OVERRIDES = "overrides"
-# What an override read from a file may not mention: the keys that make Hydra's instantiate run code, and
-# Hydra's own settings (launchers, callbacks, the run's folder).
+# What an override read from a file may not mention: the keys that make Hydra's instantiate run code.
 _CODE = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 # Config groups that make a command a sweep, not part of what its jobs ran: never taken from a checkpoint.
 SWEEP_CHOICES = ("hparams_search",)
@@ -111,8 +110,10 @@ def _check_recorded(overrides: list[str], path):
         why = (
             "it does not parse"
             if key is None
-            else "it sets Hydra's own settings"
-            if key[0].startswith("hydra") or key[0] == "ckpt_path"
+            else "it sets Hydra's own settings (launchers, callbacks, the run's folder)"
+            if key[0].startswith("hydra")
+            else "it names another checkpoint"
+            if key[0] == "ckpt_path"
             else "it names code to run"
             if any(word in override for word in _CODE)
             else None

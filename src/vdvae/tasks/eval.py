@@ -8,7 +8,7 @@ import logging
 import math
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vdvae import run_folder
 from vdvae.checkpoints import data_module, load_module, module_from_checkpoint
@@ -16,7 +16,7 @@ from vdvae.config import check_model_and_data
 from vdvae.data.base import first_images
 from vdvae.files import write_atomically
 from vdvae.lifecycle import no_run_dir_on_failure, route_library_logs
-from vdvae.loggers import request_loggers
+from vdvae.loggers import request_config, request_loggers
 from vdvae.metrics import format_table
 from vdvae.progress import advance, progress
 
@@ -74,11 +74,8 @@ def evaluate(cfg: DictConfig) -> dict:
             f"{cfg.ckpt_path} scores {broken[0]}={metrics[broken[0]]} on the test set ({len(broken)} metrics not "
             f"finite): no eval.json written. The model is unstable on this data: try an earlier checkpoint"
         )
-    request = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("logger", "paths")}
     for logger in loggers:  # what was scored: the checkpoint, its step, the run that trained it, the options
-        logger.log_hyperparams(
-            {**request, "step": checkpoint.get("global_step"), "trained_wandb_run": checkpoint.get("wandb_run_id")}
-        )
+        logger.log_hyperparams(request_config(cfg, checkpoint))
     if trainer.global_rank == 0:
         out = run_folder.current() / "eval.json"
         kl = [metrics[k] for k in sorted(metrics) if k.startswith("test/kl/group_")]
