@@ -171,6 +171,16 @@ def test_overview_is_one_labelled_figure(trained, tmp_path, monkeypatch):
     assert_legible(path, rows=4 + 6, columns=4)  # 4 temperatures, the inputs and 5 values of k
 
 
+def test_a_reconstruction_of_many_images_wraps_into_labelled_blocks(trained, tmp_path):
+    from PIL import Image
+
+    (path,) = sample_in_process(tmp_path, f"ckpt_path={trained}", "mode=reconstruct", "n_images=20", "ks=[0,5]")
+    rows = "rows: input, k=0, k=5 (all)"
+    assert labels(path)["Description"].endswith(f"images 1 to 16 of 20: {rows}; images 17 to 20 of 20: {rows}")
+    with Image.open(path) as png:  # 16 columns of 64 px cells (and the labels), not 20; two blocks of 3 rows
+        assert 16 * (64 + PAD) <= png.width < 20 * (64 + PAD) and png.height > 6 * (64 + PAD)
+
+
 @pytest.mark.parametrize("ks, error", [("[0,1,9]", "has 5 latent groups; k=9 is more"), ("[0,-1]", "each 0 or more")])
 def test_ks_beyond_the_models_groups_or_negative_is_refused(trained, tmp_path, ks, error):
     with pytest.raises(ValueError, match=re.escape(error)):

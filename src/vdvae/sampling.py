@@ -45,10 +45,20 @@ MAX_COLUMNS = 16
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int, title=(), rows=()) -> Path:
     """uint8 images as one labelled PNG grid at `path` (vdvae.grids: scaled up if small, the `title`'s parts
-    above, a label per row), `nrow` to a row (at most MAX_COLUMNS where rows are not labelled), written
-    whole or not at all."""
-    nrow = nrow if rows else min(nrow, MAX_COLUMNS)
-    return save_figure(path, [Part(images, nrow, rows=list(rows))], list(title))
+    above, a label per row), `nrow` to a row, written whole or not at all. Rows wider than MAX_COLUMNS wrap:
+    unlabelled, into more rows; labelled (`rows`, one per row), into blocks of MAX_COLUMNS columns one under
+    the other, each headed by the images it holds and with the row labels again."""
+    if not rows:
+        return save_figure(path, [Part(images, min(nrow, MAX_COLUMNS))], list(title))
+    if nrow <= MAX_COLUMNS or len(images) != len(rows) * nrow:
+        return save_figure(path, [Part(images, nrow, rows=list(rows))], list(title))
+    grid = images.reshape(len(rows), nrow, *images.shape[1:])
+    parts = []
+    for start in range(0, nrow, MAX_COLUMNS):
+        block = grid[:, start : start + MAX_COLUMNS]
+        heading = f"images {start + 1} to {start + block.shape[1]} of {nrow}"
+        parts.append(Part(block.reshape(-1, *images.shape[1:]), block.shape[1], heading, list(rows)))
+    return save_figure(path, parts, list(title))
 
 
 def read_images(paths, image_size: int, channels: int) -> torch.Tensor:
