@@ -71,3 +71,16 @@ def test_the_command_refuses_in_one_line(argv, error, capsys, monkeypatch, tmp_p
     with pytest.raises(SystemExit) as done:
         dashboard.main(argv)
     assert done.value.code == 1 and error in capsys.readouterr().err
+
+
+def test_a_checkpoints_wandb_run_id_and_group_are_used_only_in_their_form(caplog):
+    from vdvae.loggers import recorded
+
+    assert recorded({"wandb_run_id": "5jxwfsr0"}, "wandb_run_id") == "5jxwfsr0"
+    assert recorded({"wandb_group": "lr sweep 2"}, "wandb_group") == "lr sweep 2"
+    assert recorded({}, "wandb_group") is None
+    crafted = [("wandb_run_id", "../x"), ("wandb_run_id", 5), ("wandb_group", "x" * 10_000), ("wandb_group", "a\nb")]
+    for key, value in crafted:
+        assert recorded({key: value}, key) is None
+    assert caplog.text.count("is not one;") == 4 and "a new W&B run is started" in caplog.text
+    assert len(caplog.text) < 4000  # a crafted value is quoted cut

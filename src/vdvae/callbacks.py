@@ -365,13 +365,16 @@ class EvaluationProgress(_Progress, Callback):
 
 
 class TrainingProgress(_Progress, ProgressBar):
-    """Training's progress in updates out of trainer.max_steps, with the last update's bits/dim (vdvae.progress:
+    """Training's progress in updates out of trainer.max_steps, with a recent update's bits/dim (vdvae.progress:
     a bar on a terminal, else a line every 30 s). Lightning's bar counts an epoch's batches (`Epoch 7/-2`
     where a run is bounded by steps) and leaves its redraws in logs and pipes."""
 
+    # Seconds between two reads of the bits/dim: a read waits for the device to finish the step.
+    READ_EVERY = 1.0
+
     def __init__(self):
         super().__init__()
-        self.enabled = True
+        self.enabled, self.read_at = True, -math.inf
 
     def disable(self):
         self.enabled = False
@@ -385,11 +388,13 @@ class TrainingProgress(_Progress, ProgressBar):
             self.bar = progress(int(total), "training", unit="step", initial=trainer.global_step)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self.bar is not None:
-            bpd = trainer.callback_metrics.get("train/bpd")
-            if bpd is not None:
-                self.bar.set_postfix_str(f"train/bpd {float(bpd):.4f}", refresh=False)
-            advance(self.bar, trainer.global_step - self.bar.n)
+        if self.bar is None:
+            return
+        bpd = trainer.callback_metrics.get("train/bpd")
+        if bpd is not None and time.monotonic() - self.read_at >= self.READ_EVERY:
+            self.read_at = time.monotonic()
+            self.bar.set_postfix_str(f"train/bpd {float(bpd):.4f}", refresh=False)
+        advance(self.bar, trainer.global_step - self.bar.n)
 
     def on_train_end(self, trainer, module):
         self.close()

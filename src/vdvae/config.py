@@ -54,13 +54,18 @@ def _hydra_subdir(output_dir) -> str | None:
     return ".hydra"
 
 
+# Config groups that make a command a sweep, no part of what its jobs run: left out of a study's name, and
+# never taken from a checkpoint's recorded overrides (vdvae.resume).
+SWEEP_CHOICES = ("hparams_search",)
+
+
 def _study_name(objective, overrides) -> str:
     """An Optuna study's default name: what it optimises and the command's fixed overrides (not the searched
     ones), e.g. `val-bpd_trainer.max_steps-20`; past 100 characters, cut and ended by a hash of the whole."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides or []])
-    fixed = sorted(o.input_line for o in parsed if not o.is_sweep_override() and o.key_or_group != "hparams_search")
+    fixed = sorted(o.input_line for o in parsed if not o.is_sweep_override() and o.key_or_group not in SWEEP_CHOICES)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join([str(objective), *fixed])).strip("-_.") or "study"
     if len(name) > 100:
         name = f"{name[:91]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
@@ -360,9 +365,7 @@ def check_mode(cfg: DictConfig):
         if cfg.mode not in SAMPLE_MODES:
             raise ConfigError(f"mode={cfg.mode!r}: choose one of {', '.join(SAMPLE_MODES)}")
         ks = cfg.get("ks")
-        if ks is not None and not (
-            isinstance(ks, ListConfig) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in ks)
-        ):
+        if ks is not None and (not isinstance(ks, ListConfig) or any(wanted_value(k, "int", 0) for k in ks)):
             raise ConfigError(f"ks={one_line(repr(ks), 100)}: a list of group counts, each 0 or more (e.g. ks=[0,1,4])")
         if cfg.mode == "decode" and not cfg.latents:
             raise ConfigError("mode=decode needs latents=<file written by mode=encode>")

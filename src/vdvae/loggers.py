@@ -22,6 +22,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from vdvae.errors import one_line
+
 log = logging.getLogger(__name__)
 
 
@@ -55,13 +57,12 @@ def run_identity() -> dict:
     if not HydraConfig.initialized():
         return {}
     hydra = HydraConfig.get()
-    folder = Path(str(hydra.runtime.output_dir))
     if hydra.mode == RunMode.MULTIRUN:
         swept = set(filter(None, os.environ.get(SWEPT_KEYS, "").split(",")))
         varied = [o for o in hydra.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
         group, name = Path(str(hydra.sweep.dir)).name, " ".join([f"#{hydra.job.num}", *varied])
     else:
-        group = name = folder.name
+        group = name = Path(str(hydra.runtime.output_dir)).name
     return {"group": group, "name": name[:128], "job_type": hydra.job.name}
 
 
@@ -101,23 +102,17 @@ def wandb_logger(
 
 
 def request_loggers(configs, checkpoint: dict, ckpt_path: str) -> list:
-    """The configured loggers of a command that uses a checkpoint (eval): its W&B run joins the group of the
-    run that trained it, and (online, for a W&B artifact) uses the artifact, so that W&B draws the lineage."""
+    """The configured loggers of a command that uses a checkpoint (eval, sample, compress): its W&B run joins
+    the group of the run that trained it, and (online, for a W&B artifact) uses the artifact, so that W&B
+    draws the lineage."""
     from vdvae.run_folder import run_of_checkpoint
 
     trained = run_of_checkpoint(ckpt_path)
-    group = checkpoint.get("wandb_group") or (trained.name if trained else None)
-    loggers = []
-    for config in (configs or {}).values():
-        if config is None:
-            continue
-        if config.get("_target_") != f"{__name__}.wandb_logger":
-            loggers.append(instantiate(config))
-            continue
-        logger = instantiate(config, group=config.get("group") or group)
-        if str(ckpt_path).startswith("wandb:") and wandb_mode(config.get("mode")) == "online":
+    group = recorded(checkpoint, "wandb_group") or (trained.name if trained else None)
+    loggers = loggers_from_config(configs, group=group)
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and str(ckpt_path).startswith("wandb:") and not logger.experiment.offline:
             logger.experiment.use_artifact(str(ckpt_path)[len("wandb:") :])
-        loggers.append(logger)
     return loggers
 
 
@@ -138,7 +133,7 @@ def log_request(cfg, files: list) -> None:
     """sample.py and compress.py: their run with the configured loggers (`logger`), in the group of the run
     that trained the checkpoint, with the request's options and what it made (its PNG figures; compress's
     report)."""
-    if not any(c is not None for c in (cfg.get("logger") or {}).values()):
+    if not configured(cfg.get("logger")):
         return
     import json
 
@@ -187,16 +182,36 @@ class ContinuingCSVLogger(CSVLogger):
         return self._experiment
 
 
-def loggers_from_config(configs, checkpoint: dict | None) -> list:
-    """The configured loggers; when resuming from `checkpoint`, W&B continues the run recorded in it."""
+def configured(configs) -> list:
+    """The logger configs chosen (none with logger=none)."""
+    return [config for config in (configs or {}).values() if config is not None]
+
+
+def loggers_from_config(configs, **wandb) -> list:
+    """The configured loggers; `wandb`: options of the W&B logger that its config leaves unset (`resume_id`:
+    the W&B run to continue, `group`)."""
     loggers = []
-    for config in (configs or {}).values():
-        if config is None:
-            continue
-        resume_id = (checkpoint or {}).get("wandb_run_id")
-        if resume_id is not None and not (isinstance(resume_id, str) and re.fullmatch(r"[\w-]{1,64}", resume_id)):
-            log.warning("the checkpoint's W&B run id %r is not one; a new W&B run is started", resume_id)
-            resume_id = None
-        is_wandb = config.get("_target_") == f"{__name__}.wandb_logger"
-        loggers.append(instantiate(config, resume_id=resume_id) if is_wandb and resume_id else instantiate(config))
+    for config in configured(configs):
+        if config.get("_target_") == f"{__name__}.wandb_logger":
+            loggers.append(instantiate(config, **{k: v for k, v in wandb.items() if v and config.get(k) is None}))
+        else:
+            loggers.append(instantiate(config))
     return loggers
+
+
+# What a checkpoint may say of its W&B run: the form each must have (a file is data from anywhere), what it
+# is, and what happens without it.
+RECORDED = {
+    "wandb_run_id": (r"[\w-]{1,64}", "W&B run id", "a new W&B run is started"),
+    "wandb_group": (r"[^\x00-\x1f\x7f]{1,128}", "W&B group", "the run folder's name is the group"),
+}
+
+
+def recorded(checkpoint: dict | None, key: str) -> str | None:
+    """The checkpoint's W&B run id or group (`key`, see RECORDED), where it has one of the right form."""
+    value = (checkpoint or {}).get(key)
+    pattern, what, otherwise = RECORDED[key]
+    if value is not None and not (isinstance(value, str) and re.fullmatch(pattern, value)):
+        log.warning("the checkpoint's %s %s is not one; %s", what, one_line(repr(value), 100), otherwise)
+        return None
+    return value

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from vdvae import run_folder
 from vdvae.checkpoints import CheckpointError, load_checkpoint, state_mismatch
+from vdvae.config import SWEEP_CHOICES
 from vdvae.errors import ConfigError, one_line, refuse
 from vdvae.schedule import cosine_length, lr_factor
 
@@ -61,8 +62,6 @@ def check_last_is_own(folder, identity: str | None) -> str | None:
 OVERRIDES = "overrides"
 # What an override read from a file may not mention: the keys that make Hydra's instantiate run code.
 _CODE = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
-# Config groups that make a command a sweep, not part of what its jobs ran: never taken from a checkpoint.
-SWEEP_CHOICES = ("hparams_search",)
 
 
 def _key(override: str) -> tuple | None:
@@ -71,7 +70,7 @@ def _key(override: str) -> tuple | None:
         (parsed,) = OverridesParser.create().parse_overrides([override])
     except Exception:
         return None
-    return parsed.key_or_group.lstrip("~+"), parsed.package
+    return parsed.key_or_group, parsed.package
 
 
 def with_recorded_overrides(argv: list[str]) -> list[str]:
@@ -97,8 +96,13 @@ def with_recorded_overrides(argv: list[str]) -> list[str]:
         return argv
     if not isinstance(overrides, list) or len(overrides) > 1000 or not all(isinstance(o, str) for o in overrides):
         refuse(f"{value}: its recorded overrides are not a list of strings; the file is damaged or crafted")
-    # A sweep's own choice (an Optuna trial records hparams_search=optuna) is no part of the run's config.
-    recorded = [o for o in overrides if _key(o) not in keys and o.partition("=")[0].lstrip("~+") not in SWEEP_CHOICES]
+    # Those typed now win; a sweep's own choice (an Optuna trial records hparams_search=optuna) is no part of
+    # the run's config.
+    recorded = []
+    for override in overrides:
+        key = _key(override)
+        if key not in keys and (key is None or key[0] not in SWEEP_CHOICES):
+            recorded.append(override)
     _check_recorded(recorded, value)
     return argv[: at + 1] + recorded + argv[at + 1 :]
 

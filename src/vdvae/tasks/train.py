@@ -20,7 +20,7 @@ from vdvae.checkpoints import check_writable, load_checkpoint, resolve
 from vdvae.config import check_config
 from vdvae.errors import RunDiverged
 from vdvae.lifecycle import StopController, checked_before_start, no_run_dir_on_failure, route_library_logs
-from vdvae.loggers import define_metrics, loggers_from_config
+from vdvae.loggers import configured, define_metrics, loggers_from_config, recorded
 from vdvae.metrics import format_table
 from vdvae.resume import OVERRIDES, ResumeState, check_fits, previous_last_checkpoint
 from vdvae.schedule import check_schedule
@@ -57,15 +57,15 @@ def train(cfg: DictConfig) -> float | None:
         if ckpt_path:  # a W&B artifact: downloaded once, and the local file is what training resumes from
             ckpt_path = str(resolve(ckpt_path))
         resumed = load_checkpoint(ckpt_path) if ckpt_path else None
-        recorded = (resumed or {}).get(OVERRIDES)
-        recorded = [o for o in recorded if o in run_folder.overrides()] if isinstance(recorded, list) else []
-        if recorded:  # (cli.train added those not typed: vdvae.resume.with_recorded_overrides)
-            log.info("resuming with the overrides of the run's command: %s", " ".join(recorded))
+        overrides = (resumed or {}).get(OVERRIDES)
+        overrides = [o for o in overrides if o in run_folder.overrides()] if isinstance(overrides, list) else []
+        if overrides:  # (cli.train added those not typed: vdvae.resume.with_recorded_overrides)
+            log.info("resuming with the overrides of the run's command: %s", " ".join(overrides))
         if ckpt_path and not (checked and cfg.get("ckpt_path")):
             check_fits(resumed, ckpt_path, module)
         check_writable(run_folder.checkpoints(cfg.paths.output_dir))
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-        if not any(c is not None for c in (cfg.get("logger") or {}).values()):  # logger=none: no rate to log
+        if not configured(cfg.get("logger")):  # logger=none: no learning rate to log
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         callbacks.append(ResumeState(data_config))
         if cfg.trainer.get("enable_progress_bar", True):
@@ -76,7 +76,8 @@ def train(cfg: DictConfig) -> float | None:
         # refuses (an accelerator the machine lacks, a misspelt strategy) leaves nothing behind.
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, accumulate_grad_batches=1)
         check_schedule(module.hparams, trainer.max_steps)
-    trainer.loggers = loggers_from_config(cfg.get("logger"), resumed)
+    # A resumed run continues the W&B run recorded in its checkpoint.
+    trainer.loggers = loggers_from_config(cfg.get("logger"), resume_id=recorded(resumed, "wandb_run_id"))
     define_metrics(trainer.loggers)
     del resumed
     for logger in trainer.loggers:
