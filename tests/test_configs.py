@@ -83,7 +83,9 @@ def test_data_options_instantiate(name):
 def test_trainer_options(name):
     cfg = compose(f"trainer={name}")
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
-        assert get_class(cfg.trainer._target_) and cfg.trainer.strategy in ("auto", "ddp")
+        assert get_class(cfg.trainer._target_) and (
+            cfg.trainer.strategy == "auto" or cfg.trainer.strategy._target_ == "vdvae.distributed.ddp_strategy"
+        )
         return
     trainer = instantiate(cfg.trainer, logger=False)
     assert trainer.num_devices >= 1
@@ -128,3 +130,36 @@ def test_sweep_launchers(launcher, target):
 def test_unknown_option_names_it():
     with pytest.raises(Exception, match="nonsense"):
         compose("model.nonsense=1")
+
+
+def test_ddp_waits_for_a_lost_process_as_long_as_its_timeout(monkeypatch):
+    from datetime import timedelta
+
+    from vdvae.config import ConfigError, check_trainer
+
+    cfg = compose("trainer=ddp", "trainer.strategy.timeout_s=90")
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.strategy._timeout == timedelta(seconds=90)  # what torch's process group is created with
+    for bad in ("0", "-5", "nan", "'soon'"):
+        with pytest.raises(ConfigError, match=r"trainer.strategy.timeout_s=.* the seconds a process waits"):
+            check_trainer(compose("trainer=ddp", f"trainer.strategy.timeout_s={bad}").trainer)
+    assert compose("trainer=ddp", "trainer.strategy=ddp_spawn").trainer.strategy == "ddp_spawn"  # a name still
+
+
+def test_every_process_of_a_launched_job_finds_one_folder_and_a_log_of_its_own(monkeypatch):
+    from vdvae.config import ConfigError, _log_name, _run_name, check_trainer
+
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "TORCHELASTIC_RUN_ID", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert _log_name("train") == "train" and _run_name() != _run_name()  # a run of its own: date, time, hex
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "digits 2/nodes")
+    monkeypatch.setenv("RANK", "1")
+    assert _run_name() == "torchrun-digits-2-nodes" and _log_name("train") == "train_rank1"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's id where none was given: each process its own
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="torchrun without --rdzv-id"):
+        check_trainer(compose("trainer=ddp").trainer)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # SLURM first: a requeued job, restarted, finds its folder again
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.delenv("RANK")
+    assert _run_name() == "slurm-77" and _log_name("eval") == "eval_rank3"

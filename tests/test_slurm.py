@@ -122,7 +122,8 @@ def test_2_task_ddp_job_is_one_run_that_equals_the_local_2_process_run(tmp_path)
     (only,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "wandb"]
     assert only.name == "0" and not (tmp_path / "slurm" / "logs" / "train" / "runs").exists()
     assert len(list((only / "wandb").glob("offline-run-*"))) == 1  # one W&B run for the two tasks
-    assert "SLURM job" in job_log(only) and "GLOBAL_RANK: 1, MEMBER: 2/2" in job_log(only)
+    assert "SLURM job" in job_log(only) and "GLOBAL_RANK: 1" not in job_log(only)  # rank 1 logs to its own file
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (only / "train_rank1.log").read_text()
     ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
     assert sorted(r["test_images_seen"] for r in ranks) == [148, 149] and ranks[0]["test_n_images"] == 297

@@ -5,8 +5,11 @@ Resolvers (registered on import, before Hydra composes anything):
 - `${vdvae.cwd:}`          the absolute working directory; unlike `${hydra:runtime.cwd}` it also
                            resolves where Hydra's own config is not set yet (the sweep directory).
 - `${vdvae.run_name:}`     `<date>_<time>_<6 hex>`: unique even for runs started in the same second,
-                           on different machines; `slurm-<job id>` inside a SLURM job (one name for all
-                           its tasks). Cached, so one job sees one name.
+                           on different machines; `slurm-<job id>` inside a SLURM job, `torchrun-<rdzv
+                           id>` under torchrun (one name for all its processes). Cached, so one job sees
+                           one name.
+- `${vdvae.log_name:task}` the log file's name: `task` (train.log), `task_rank<N>` in rank N > 0 of a job
+                           that srun or torchrun started (one writer a file).
 - `${vdvae.run_dir:ckpt,base}`  the run directory of `ckpt` when it is `<run>/checkpoints/*.ckpt` of
                            a run made by this framework (resume in place), else `base/<run name>`.
 - `${vdvae.hydra_subdir:dir}`   `.hydra` for a new run; `.hydra/resume_<run name>` when `dir` already
@@ -27,12 +30,19 @@ import time
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vdvae.errors import ConfigError, one_line
-from vdvae.run_folder import holds_a_run, run_of_checkpoint, slurm_job_name
+from vdvae.run_folder import holds_a_run, launcher_job_name, process_rank, run_of_checkpoint
 
 
 def _run_name() -> str:
-    # Under SLURM every task of a job (several nodes) must find one directory: the job's id names it.
-    return slurm_job_name() or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+    # Under SLURM or torchrun every process of a job (several nodes) must find one folder: the job names it.
+    return launcher_job_name() or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+
+
+def _log_name(task_name) -> str:
+    # One writer a file: a further rank started by srun or torchrun logs to `<task>_rank<N>.log` beside
+    # rank 0's `<task>.log` (Lightning names its own DDP processes' logs `<task>_ddp_process_<N>.log`).
+    rank = process_rank()
+    return str(task_name) if rank == 0 else f"{task_name}_rank{rank}"
 
 
 def is_worker_process() -> bool:
@@ -78,6 +88,7 @@ def register_resolvers():
     OmegaConf.register_new_resolver("vdvae.run_name", _run_name, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("vdvae.run_dir", _run_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("vdvae.hydra_subdir", _hydra_subdir, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("vdvae.log_name", _log_name, replace=True)
     OmegaConf.register_new_resolver("vdvae.slurm", launcher_default, replace=True)
     OmegaConf.register_new_resolver("vdvae.study_name", _study_name, replace=True)
 
@@ -294,7 +305,8 @@ def check_config(cfg: DictConfig):
 
 
 def check_trainer(trainer):
-    """The trainer's accelerator must exist on this machine, and its CPU processes fit the cores."""
+    """The trainer's accelerator must exist on this machine, its CPU processes fit the cores, its DDP timeout
+    be a time; under torchrun, the processes must share a run name (its rendezvous id)."""
     if str(trainer.get("accelerator", "auto")) in ("gpu", "cuda"):
         import torch  # only now: importing it takes seconds
 
@@ -302,6 +314,19 @@ def check_trainer(trainer):
             raise ConfigError(
                 f"trainer.accelerator={trainer.accelerator}, but torch finds no CUDA GPU on this machine: use "
                 f"trainer=cpu (or trainer=default: every device the machine has)"
+            )
+    if os.environ.get("TORCHELASTIC_RUN_ID") == "none" and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        raise ConfigError(
+            "torchrun without --rdzv-id: every process must find the run's folder by one name; give "
+            "`torchrun --rdzv-id <a name for this run> ...` (or --standalone on one machine)"
+        )
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, (DictConfig, dict)) and "timeout_s" in strategy:
+        wanted = wanted_value(strategy.get("timeout_s"), "number", 0, open_low=True)
+        if wanted:
+            raise ConfigError(
+                f"trainer.strategy.timeout_s={strategy.get('timeout_s')} is not valid: the seconds a process waits "
+                f"for the others in a collective before the run fails, {wanted}"
             )
     devices, cores = _cpu_devices(trainer), os.cpu_count() or 1
     if devices is not None and devices > cores:

@@ -394,17 +394,46 @@ class StopController:
     """Owns SIGINT, SIGTERM and SIGUSR2 while installed (`with`), and restores the handlers there before.
 
     At once (the default): SIGTERM raises `Terminated`, SIGINT `Interrupted`, wherever the command is.
-    `at_step` (training): while Lightning's SIGTERM handler is installed (during fit and test; it calls the
-    handler that was there before, this one), a SIGTERM stops at the next step boundary, where last.ckpt is
-    saved, and a first Ctrl-C is turned into such a SIGTERM (a second one stops at once), so that no stop
-    saves a half-done update. Under SLURM with submitit's USR2 handler (its time limit, pre-emption), USR2
-    is such a stop too, after which `stopped()` hands the job to submitit's handler, which requeues it.
-    Outside Lightning's fit and test, `at_step` ends the process as the signal's default does (an exception
-    raised from a handler can be lost, where the signal lands in a finalizer), after removing an empty run
-    folder this run made. `requeue=False`: SIGUSR2 is left to the handler there (an inner controller's)."""
+    `at_step` (training): while Lightning runs a loop (from its sanity check, training, validation or test
+    start to its teardown; `callback()`, which training adds to its trainer, says when), a SIGTERM stops at
+    the next step boundary, where last.ckpt is saved, and a first Ctrl-C is turned into such a SIGTERM (a
+    second one stops at once), so that no stop saves a half-done update. Under SLURM with submitit's USR2
+    handler (its time limit, pre-emption), USR2 is such a stop too, after which `stopped()` hands the job to
+    submitit's handler, which requeues it. Outside Lightning's loops, `at_step` ends the process as the
+    signal's default does (an exception raised from a handler can be lost, where the signal lands in a
+    finalizer), after removing an empty run folder this run made. `requeue=False`: SIGUSR2 is left to the
+    handler there (an inner controller's)."""
 
     def __init__(self, at_step: bool = False, requeue: bool = True):
         self.at_step, self.requeue, self.caught, self.previous = at_step, requeue, None, {}
+        self._trainer = None  # the trainer running a loop, which stops at its next step boundary
+
+    def callback(self):
+        """The Lightning callback that tells this controller when Lightning runs a loop."""
+        from lightning.pytorch import Callback as LightningCallback
+
+        listen = self._listen
+
+        class LoopsListen(LightningCallback):
+            def on_sanity_check_start(self, trainer, module):
+                listen(trainer)
+
+            on_train_start = on_validation_start = on_test_start = on_sanity_check_start
+
+            def teardown(self, trainer, module, stage):
+                listen(None)
+
+        return LoopsListen()
+
+    def _listen(self, trainer):
+        """From the start of a loop to Lightning's teardown, SIGTERM is this controller's, not Lightning's:
+        Lightning 2.6's handler broadcasts from rank 0 inside the signal handler, which deadlocks a rank
+        that the signal meets inside a collective (the gradients' all-reduce): a `scontrol requeue` of a DDP
+        job hung until SLURM killed it, unsaved. This one only raises Lightning's flag, which its loop
+        broadcasts from rank 0 at each step boundary, where every rank then stops."""
+        self._trainer = trainer
+        if trainer is not None:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def __enter__(self):
         handlers = {signal.SIGINT: self._on_sigint, signal.SIGTERM: self._on_sigterm}
@@ -424,7 +453,7 @@ class StopController:
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
     def _lightning_listens(self) -> bool:
-        return self.at_step and signal.getsignal(signal.SIGTERM) != self._on_sigterm
+        return self.at_step and self._trainer is not None
 
     def _on_sigterm(self, signum, frame):
         if not self.at_step:
@@ -433,7 +462,8 @@ class StopController:
             self._end_as_the_signal_does(signum)
         if not self.caught:  # (after Ctrl-C or USR2, this SIGTERM is their stop, already said)
             log.warning("SIGTERM: stopping after this step, saving last.ckpt")
-        self.caught = self.caught or signal.SIGTERM  # Lightning stops at the step boundary
+        self.caught = self.caught or signal.SIGTERM
+        self._trainer._signal_connector.received_sigterm = True  # Lightning stops at the step boundary
 
     def _on_sigint(self, signum, frame):
         if self.at_step and not self.caught and not self._lightning_listens():
@@ -477,12 +507,14 @@ class StopController:
 
 def _raise_unless_requeued():
     """After SLURM's SIGTERM: return where SLURM requeues the job (or cannot say), else raise `JobEnded`."""
-    from vdvae.slurm import slurm_requeues_this_job
+    from vdvae.slurm import on_the_cluster, slurm_requeues_this_job
     from vdvae.sweeps import resume_hint
 
     requeued, state = slurm_requeues_this_job()
     if requeued is False:
+        several = int(os.environ.get("SLURM_JOB_NUM_NODES") or 1) > 1 and HydraConfig.initialized()
+        cluster = on_the_cluster(HydraConfig.get().overrides.hydra) if several else []  # (resumes on nodes alike)
         raise JobEnded(
             f"SLURM stopped job {os.environ['SLURM_JOB_ID']} without requeueing it ({state}: scancel, or its "
-            f"time limit); {resume_hint(run_folder.current(), run_folder.overrides())}"
+            f"time limit); {resume_hint(run_folder.current(), run_folder.overrides(), cluster)}"
         )

@@ -10,6 +10,7 @@ made absolute and normalised by their text (`normalised`), so that `<folder>/nop
 """
 
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -28,19 +29,29 @@ def normalised(path) -> Path:
     return Path(os.path.abspath(str(path)))
 
 
-def slurm_job_name() -> str | None:
-    """`slurm-<job>[_<array task>]` inside a SLURM job (the same for its every task and its requeued self),
-    else None."""
+def launcher_job_name() -> str | None:
+    """The name every process of a multi-process job finds alike, and its restarted self again:
+    `slurm-<job>[_<array task>]` inside a SLURM job, `torchrun-<rendezvous id>` under torchrun; else None.
+    torchrun's rendezvous id is `none` unless given, which names no run."""
     job = os.environ.get("SLURM_JOB_ID")
-    if not job:
+    if job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}" + (f"_{task}" if task else "")
+    rendezvous = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not rendezvous or rendezvous == "none":  # (refused where processes must agree: config.check_trainer)
         return None
-    task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"slurm-{job}" + (f"_{task}" if task else "")
+    return "torchrun-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", rendezvous)[:100]
+
+
+def process_rank() -> int:
+    """This process's global rank in a multi-process job (torchrun's RANK, else srun's SLURM_PROCID), 0
+    in a job of one process; Lightning's own DDP processes are told theirs by Lightning."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 def new_identity() -> str:
-    """A run's identity: the SLURM job's name inside one (its requeued self is the same run), else random."""
-    return slurm_job_name() or secrets.token_hex(8)
+    """A run's identity: the launcher's job name (its requeued or restarted self is the same run), else random."""
+    return launcher_job_name() or secrets.token_hex(8)
 
 
 def identity_of(folder) -> str | None:

@@ -21,21 +21,43 @@ import os
 import re
 import subprocess
 
+# Why a pending job waits, where the partition lacks the nodes it needs (down or drained: a node failed).
+LACKING_NODES = ("ReqNodeNotAvail", "Nodes_required_for_job_are_DOWN")
+
+
+def shown_job(job: str) -> dict[str, str]:
+    """The fields `scontrol show job` gives for `job` ({} where it gives none)."""
+    try:
+        shown = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return dict(re.findall(r"\b(\w+)=(\S*)", shown.stdout)) if shown.returncode == 0 else {}
+
 
 def slurm_requeues_this_job() -> tuple[bool | None, str]:
     """Whether SLURM is requeueing this job (its restart count is past the one the job started with), from
     `scontrol show job`; None where scontrol does not say. Also the job's state, as scontrol gives it."""
-    job = os.environ.get("SLURM_JOB_ID", "")
-    try:
-        shown = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None, "unknown"
-    restarts = re.search(r"\bRestarts=(\d+)", shown.stdout)
-    state = re.search(r"\bJobState=(\S+)", shown.stdout)
-    state = f"JobState={state.group(1)}" if state else "unknown"
-    if shown.returncode != 0 or restarts is None:
+    fields = shown_job(os.environ.get("SLURM_JOB_ID", ""))
+    state = f"JobState={fields['JobState']}" if "JobState" in fields else "unknown"
+    if not fields.get("Restarts", "").isdigit():
         return None, state
-    return int(restarts.group(1)) > int(os.environ.get("SLURM_RESTART_COUNT") or 0), state
+    return int(fields["Restarts"]) > int(os.environ.get("SLURM_RESTART_COUNT") or 0), state
+
+
+def stranded(job: str) -> str | None:
+    """Where SLURM requeued `job` after it ran (a node failed under it) and it now waits for nodes that the
+    partition lacks: SLURM's reason, in words; else None."""
+    fields = shown_job(job)
+    reason = fields.get("Reason", "")
+    if fields.get("JobState") == "PENDING" and fields.get("Restarts", "0") != "0" and reason.startswith(LACKING_NODES):
+        return reason.replace("_", " ")
+    return None
+
+
+def on_the_cluster(hydra_overrides) -> list[str]:
+    """What makes a resume command a job of the cluster a sweep ran on: `-m` and the sweep's launcher
+    overrides (hydra/launcher=slurm, hydra.launcher.partition=...), from its Hydra overrides."""
+    return ["-m", *(str(o) for o in hydra_overrides if str(o).startswith(("hydra/launcher=", "hydra.launcher.")))]
 
 
 def cluster_environment():

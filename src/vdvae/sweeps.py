@@ -43,15 +43,16 @@ RECORD = "job.json"
 REPORTED: dict = {}
 
 
-def resume_hint(run_dir: Path | None, overrides=()) -> str:
-    """The command that resumes the run in `run_dir` (made with `overrides`) from its last.ckpt, in
-    place, or that it saved none yet."""
+def resume_hint(run_dir: Path | None, overrides=(), cluster=()) -> str:
+    """The command that resumes the run in `run_dir` (made with `overrides`) from its last.ckpt: in place,
+    or with `cluster` (`-m` and a launcher's overrides) as a job of that cluster, where the run needs one
+    (several nodes); or that it saved none yet."""
     if run_dir is None:
         return "its last.ckpt resumes it"
     last = run_folder.last_checkpoint(run_dir)
     if not last.is_file():
         return f"no checkpoint yet in {last.parent}"
-    return "resume it: " + shlex.join(["python", "train.py", *overrides, f"ckpt_path={last}"])
+    return "resume it: " + shlex.join(["python", "train.py", *cluster, *overrides, f"ckpt_path={last}"])
 
 
 def report(**values):
@@ -77,7 +78,7 @@ def make_record(job: str, overrides, error: BaseException | None, **measured) ->
         "overrides": list(overrides or []),
         "status": status_of(error),
         **measured,
-        "error": one_line(error, 1000) if error is not None else None,
+        "error": one_line(error, 4000) if error is not None else None,  # (room for a resume command)
     }
 
 

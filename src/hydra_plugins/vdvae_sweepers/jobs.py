@@ -19,11 +19,12 @@ def run_dir(launcher, overrides, number: int, job_id: str) -> Path:
     return Path(str(launcher.config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
 
 
-def died(launcher, overrides, number: int, job_id: str, what: str, output=None) -> JobReturn:
-    """Record that job `number` left no result (`what` happened; how to resume it; its output), and its
-    JobReturn: completed, without a value."""
+def died(launcher, overrides, number: int, job_id: str, what: str, output=None, cluster=()) -> JobReturn:
+    """Record that job `number` left no result (`what` happened; how to resume it, with the overrides of
+    the `cluster` it must run on; its output), and its JobReturn: completed, without a value."""
     folder = run_dir(launcher, overrides, number, job_id)
-    message = f"{what}; {sweeps.resume_hint(folder, overrides)}" + (f"; its output: {output}" if output else "")
+    message = f"{what}; {sweeps.resume_hint(folder, overrides, cluster)}"
+    message += f"; its output: {output}" if output else ""
     sweeps.write_record(folder, sweeps.make_record(folder.name, overrides, JobDied(message), num=number))
     return JobReturn(
         overrides=list(overrides),

@@ -6,9 +6,16 @@ of the whole batch, and the sweep ends with a traceback and no summary. This lau
 Hydra's does (the same options, each job run by Hydra's job function) and collects every result: a job
 that left none is recorded as crashed (`vdvae.errors.JobDied`) with its SLURM state, its output and the
 checkpoint that resumes it, and every other job comes back as it ended.
+
+A job whose node failed is requeued by SLURM (where the cluster requeues jobs) and runs again, resuming
+from its last.ckpt, as soon as the partition has the nodes; where it has not (the job waits `STRANDED_S`
+for nodes that are down or drained), the job is cancelled and recorded as crashed, with the command that
+resumes it on the cluster, and the sweep goes on.
 """
 
 import logging
+import subprocess
+import time
 from pathlib import Path
 
 from hydra.core.singleton import Singleton
@@ -22,8 +29,11 @@ except ImportError:
     submitit_launcher = None
 
 from hydra_plugins.vdvae_sweepers import jobs
+from vdvae.slurm import on_the_cluster, stranded
 
 log = logging.getLogger(__name__)
+
+STRANDED_S = 30  # how long a requeued job may wait for nodes the partition lacks before it is cancelled
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher if submitit_launcher else object):
@@ -54,12 +64,38 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher if submitit_launcher else ob
         """The job's JobReturn, or, where it left none, its death recorded (`jobs.died`)."""
         import submitit
 
+        reason = self._wait(job)
         try:
+            if reason:
+                what = f"was requeued after a node failed, and waited {STRANDED_S} s for nodes the partition lacks "
+                raise RuntimeError(what + f"({reason}): cancelled")
             return job.results()[0]
         except submitit.core.utils.UncompletedJobError:
             what = f"ended with no result (SLURM state {job.state}; killed outside Python: out of memory, "
             what += "SIGKILL or a failed node)"
         except submitit.core.utils.FailedJobError:
             what = "failed outside the run (see its output)"
+        except RuntimeError as error:
+            what = str(error)
         what = f"SLURM job {job.job_id} {what}"
-        return jobs.died(self, overrides, number, job.job_id, what, job.paths.stderr)
+        return jobs.died(self, overrides, number, job.job_id, what, job.paths.stderr, self._cluster())
+
+    @staticmethod
+    def _wait(job) -> str | None:
+        """Wait for the job to end; where it is stranded (`stranded`) for STRANDED_S, cancel it: SLURM's reason."""
+        since = None
+        while not job.done():
+            reason = stranded(job.job_id)
+            since = (since or time.monotonic()) if reason else None
+            if reason and time.monotonic() - since > STRANDED_S:
+                subprocess.run(["scancel", job.job_id], capture_output=True, timeout=60)
+                return reason
+            time.sleep(2)
+        return None
+
+    def _cluster(self) -> list[str]:
+        """The overrides that resume a job of several nodes on the cluster ([] for one node, which resumes
+        anywhere): this sweep's launcher."""
+        if int(self.params.get("nodes") or 1) <= 1:
+            return []
+        return on_the_cluster(self.config.hydra.overrides.hydra)

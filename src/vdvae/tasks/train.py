@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from vdvae import run_folder, sweeps
 from vdvae.callbacks import ModelSummary, TrainingProgress
 from vdvae.checkpoints import check_writable, load_checkpoint, resolve
-from vdvae.config import check_config
+from vdvae.config import check_config, is_worker_process
 from vdvae.errors import RunDiverged
 from vdvae.lifecycle import StopController, checked_before_start, no_run_dir_on_failure, route_library_logs
 from vdvae.loggers import configured, define_metrics, loggers_from_config, recorded
@@ -63,11 +63,14 @@ def train(cfg: DictConfig) -> float | None:
             log.info("resuming with the overrides of the run's command: %s", " ".join(overrides))
         if ckpt_path and not (checked and cfg.get("ckpt_path")):
             check_fits(resumed, ckpt_path, module)
-        check_writable(run_folder.checkpoints(cfg.paths.output_dir))
+        if not is_worker_process():  # (rank 0 alone writes the run folder)
+            check_writable(run_folder.checkpoints(cfg.paths.output_dir))
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         if not configured(cfg.get("logger")):  # logger=none: no learning rate to log
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         callbacks.append(ResumeState(data_config))
+        stop = StopController(at_step=True)  # also SLURM's pre-emption and time limits under submitit
+        callbacks.append(stop.callback())
         if cfg.trainer.get("enable_progress_bar", True):
             callbacks.append(TrainingProgress())
         if cfg.trainer.get("enable_model_summary", True):
@@ -92,7 +95,7 @@ def train(cfg: DictConfig) -> float | None:
         torch.get_num_threads(),
     )
 
-    with StopController(at_step=True) as stop:  # also SLURM's pre-emption and time limits under submitit
+    with stop:
         try:
             try:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
