@@ -21,13 +21,15 @@ import pytest
 from tests.conftest import ROOT
 from tests.run_helpers import run, run_dirs
 from tests.test_readme import assert_run, readme_commands, words
-from tests.test_reliability import assert_same_state, load, wait_for_step
-from tests.test_slurm import ENV, LONG, PROBES, cancel, job_ids, job_log, mid_run, output, scores_of, slow, submit
+from tests.test_reliability import RUN, assert_same_state, load, wait_for_step
+from tests.test_slurm import ENV, PROBES, cancel, job_ids, job_log, mid_run, output, scores_of, slow, submit
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 CLUSTER = ["bash", str(ROOT / "scripts" / "slurm-cluster")]
 TWO_NODES = ["trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1"]
+# 40 updates, last.ckpt every 2, validation every 10.
+LONG = [*RUN, "trainer.max_steps=40", "trainer.val_check_interval=10"]
 AUDITED = {**PROBES, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'write_audit'}"}
 
 
@@ -193,7 +195,7 @@ def test_a_lost_node_ends_the_job_in_bounded_time_and_its_resume_runs_on_both_no
     # node2 down (after its SlurmdTimeout, 20 s here) and requeues the job, which cannot run on one node:
     # the launcher cancels it after STRANDED_S (30 s) and records it as crashed, with the command that
     # resumes it on the cluster.
-    proc = submit(tmp_path, *LONG, *TWO_NODES, "trainer.strategy.timeout_s=15", *slow(0.2, tmp_path / "starts"))
+    proc = submit(tmp_path, *LONG, *TWO_NODES, "trainer.strategy.timeout_s=10", *slow(0.2, tmp_path / "starts"))
     try:
         sweep = the_sweep_of(tmp_path, proc)
         last = sweep / "0" / "checkpoints" / "last.ckpt"
@@ -209,7 +211,7 @@ def test_a_lost_node_ends_the_job_in_bounded_time_and_its_resume_runs_on_both_no
     assert proc.returncode == 1 and "Traceback" not in err, (out + err)[-3000:]
     log = job_log(sweep / "0")
     assert "Application timeout" in log and "not saved" in log  # rank 0 gave up on the dead rank
-    assert ended < 15 + 20 + 30 + 60
+    assert ended < 10 + 20 + 30 + 60
     (row,) = csv.DictReader((sweep / "summary.csv").open())
     assert row["status"] == "crashed" and "requeued after a node failed" in row["error"], row
     told = re.search(r"resume it: (python train\.py .*?)(;|$)", row["error"])

@@ -1,6 +1,7 @@
 """What the SLURM launcher asks for (conf/hydra/launcher/slurm.yaml), without a cluster: resources follow
 the trainer (GPUs only for a GPU trainer), and each choice is one override that reaches the sbatch script
-submitit writes (the jobs themselves: tests/test_slurm.py)."""
+submitit writes (the jobs themselves: tests/test_slurm.py); a job stranded on nodes the partition lacks,
+and a sweep that sbatch refuses, which ends in one line."""
 
 import os
 
@@ -85,3 +86,47 @@ def test_each_resource_choice_is_one_override_that_reaches_sbatch(tmp_path, srun
             assert not [x for x in lines if "gpus" in x], choice
         else:
             assert line in lines, (choice, lines)
+
+
+def fake(tmp_path, name: str, script: str):
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    (tmp_path / "bin" / name).write_text("#!/bin/sh\n" + script)
+    (tmp_path / "bin" / name).chmod(0o755)
+
+
+def test_a_job_requeued_onto_nodes_the_partition_lacks_is_stranded_and_only_that(tmp_path, monkeypatch):
+    from vdvae.slurm import stranded
+
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    lacking = "Reason=Nodes_required_for_job_are_DOWN,_DRAINED_or_reserved_for_jobs_in_higher_priority_partitions"
+    for state, restarts, reason, expected in [
+        ("PENDING", 1, lacking, "Nodes required for job are DOWN, DRAINED or reserved"),
+        ("PENDING", 1, "Reason=ReqNodeNotAvail,_UnavailableNodes:node2", "ReqNodeNotAvail, UnavailableNodes:node2"),
+        ("PENDING", 0, lacking, None),  # never ran: it waits as any new job does
+        ("PENDING", 2, "Reason=Resources", None),  # waits for busy nodes, which come free
+        ("RUNNING", 1, "Reason=None", None),
+    ]:
+        fake(
+            tmp_path,
+            "scontrol",
+            f"echo 'JobId=13 JobName=train JobState={state} {reason} Requeue=1 Restarts={restarts}'\n",
+        )
+        found = stranded("13")
+        assert (found is None) if expected is None else found.startswith(expected), (state, restarts, reason, found)
+
+
+def test_a_sweep_slurm_does_not_take_ends_in_one_line(tmp_path, srun):
+    from tests.run_helpers import run
+
+    fake(
+        tmp_path,
+        "sbatch",
+        "echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2\nexit 1\n",
+    )
+    env = {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    result = run(
+        "train.py", tmp_path, "-m", "hydra/launcher=slurm", "hydra.launcher.partition=nope", "model=tiny", env=env
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "Error: hydra/launcher=slurm: SLURM did not take the jobs: " in result.stderr
+    assert "Invalid partition name specified" in result.stderr.strip().splitlines()[-1]

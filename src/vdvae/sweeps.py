@@ -326,7 +326,7 @@ def _to_wandb(sweep_dir: Path, records: list[dict], config):
         name=f"{sweep_dir.name}-summary",
         group=sweep_dir.name,
         job_type="sweep-summary",
-        reinit=True,
+        reinit="finish_previous",  # (a run of this process still open is finished first)
     )
     columns = [*_columns(records), "error"]
     run.log({"sweep/summary": wandb.Table(columns=columns, data=[[_cell(r, c) for c in columns] for r in records])})

@@ -29,6 +29,7 @@ except ImportError:
     submitit_launcher = None
 
 from hydra_plugins.vdvae_sweepers import jobs
+from vdvae.errors import one_line, refuse
 from vdvae.slurm import on_the_cluster, stranded
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,10 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher if submitit_launcher else ob
             log.info("\t#%d : %s", number, " ".join(filter_overrides(job)))
         state, n = Singleton.get_state(), len(numbers)
         ids = [f"job_id_for_{number}" for number in numbers]
-        submitted = executor.map_array(self, overrides, ["hydra.sweep.dir"] * n, numbers, ids, [state] * n)
+        try:
+            submitted = executor.map_array(self, overrides, ["hydra.sweep.dir"] * n, numbers, ids, [state] * n)
+        except submitit.core.utils.FailedJobError as error:  # sbatch refused: no controller, a wrong partition
+            refuse(f"hydra/launcher=slurm: SLURM did not take the jobs: {one_line(error, 1000)}")
         return [self._result(*job) for job in zip(submitted, overrides, numbers, strict=True)]
 
     def _result(self, job, overrides: list, number: int) -> JobReturn:
