@@ -146,7 +146,7 @@ def test_ddp_waits_for_a_lost_process_as_long_as_its_timeout(monkeypatch):
     assert compose("trainer=ddp", "trainer.strategy=ddp_spawn").trainer.strategy == "ddp_spawn"  # a name still
 
 
-def test_every_process_of_a_launched_job_finds_one_folder_and_a_log_of_its_own(monkeypatch):
+def test_every_process_of_a_launched_job_finds_one_folder_and_a_log_of_its_own(monkeypatch, tmp_path):
     from vdvae.config import ConfigError, _log_name, _run_name, check_trainer
 
     for name in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "TORCHELASTIC_RUN_ID", "RANK"):
@@ -163,3 +163,12 @@ def test_every_process_of_a_launched_job_finds_one_folder_and_a_log_of_its_own(m
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.delenv("RANK")
     assert _run_name() == "slurm-77" and _log_name("eval") == "eval_rank3"
+    from vdvae.run_folder import holds_only_further_ranks_logs
+
+    folder = Path(str(tmp_path)) / "torchrun-x"  # rank 1 may write its log before rank 0 claims the folder
+    assert not holds_only_further_ranks_logs(folder)
+    folder.mkdir()
+    (folder / "train_rank1.log").write_text("")
+    assert holds_only_further_ranks_logs(folder)
+    (folder / "train.log").write_text("")
+    assert not holds_only_further_ranks_logs(folder)

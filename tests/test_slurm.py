@@ -5,8 +5,9 @@ skipped where it cannot start, except under CI=true, where that fails).
 Commands run as a user types them, each from a working directory of its own (tests/run_helpers.py),
 never with a hand-set run or sweep directory; the jobs get the tiny model on the CPU, and their CPUs and
 memory from the launcher's defaults for a CPU trainer (1 CPU and 4 GB a task). The cluster has two
-CPUs: the 2-task DDP job runs first, alone; then a job with a one-minute time limit runs beside the
-other cases (it mostly sleeps), which take the other CPU one after the other."""
+CPUs: a job with a one-minute time limit runs beside the other cases (it mostly sleeps), which take the
+other CPU one after the other. Jobs of several tasks on several nodes, DDP's equality with one machine and
+`scontrol requeue` of a running job: tests/test_slurm_2nodes.py."""
 
 import csv
 import json
@@ -99,37 +100,6 @@ def output(result) -> str:
 
 def job_log(run_dir: Path) -> str:
     return (run_dir / "train.log").read_text()
-
-
-def test_2_task_ddp_job_is_one_run_that_equals_the_local_2_process_run(tmp_path):
-    # trainer=ddp on the CPU: one job, 2 tasks (1 CPU each) started by srun, gloo between them.
-    args = [*RUN, "logger=many", "test=true", "trainer=ddp"]  # W&B offline, CSV and TensorBoard; the test set
-    probe = ["+callbacks.probe._target_=tests.ddp_probe.RankProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}"]
-    (tmp_path / "slurm").mkdir()
-    (tmp_path / "local").mkdir()
-    began = time.time()
-    job = submit(tmp_path / "slurm", *args, *probe)
-    try:
-        local = run("train.py", tmp_path / "local", *args, "trainer.devices=2", env=ENV)
-        out, err = job.communicate(timeout=400)
-    finally:
-        job.kill()
-        cancel(tmp_path / "slurm")
-    print(f"DDP job: {time.time() - began:.0f} s")
-    assert local.returncode == 0, local.stderr[-3000:]
-    assert job.returncode == 0, err[-3000:]
-    sweep = sweep_of(tmp_path / "slurm")
-    (only,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "wandb"]
-    assert only.name == "0" and not (tmp_path / "slurm" / "logs" / "train" / "runs").exists()
-    assert len(list((only / "wandb").glob("offline-run-*"))) == 1  # one W&B run for the two tasks
-    assert "SLURM job" in job_log(only) and "GLOBAL_RANK: 1" not in job_log(only)  # rank 1 logs to its own file
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (only / "train_rank1.log").read_text()
-    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
-    assert sorted(r["test_images_seen"] for r in ranks) == [148, 149] and ranks[0]["test_n_images"] == 297
-    (local_run,) = run_dirs(tmp_path / "local")
-    assert_same_state(load(local_run / "checkpoints" / "last.ckpt"), load(only / "checkpoints" / "last.ckpt"))
-    assert scores_of(only) == scores_of(local_run) and scores_of(only)["test/n_images"] == "297.0"
 
 
 def scores_of(run_dir: Path) -> dict:
@@ -283,20 +253,6 @@ def test_scancel_of_a_running_job_is_reported_and_its_last_ckpt_resumes_it(tmp_p
     (resumed,) = [p for p in sweep.parent.iterdir() if p != sweep]
     assert "resuming with the overrides of the run's command" in job_log(resumed / "0")
     assert load(resumed / "0" / "checkpoints" / "last.ckpt")["global_step"] == step + 2
-
-
-def test_scontrol_requeue_mid_run_resumes_from_last_ckpt_and_ends_as_the_straight_run(tmp_path, time_limited, straight):
-    proc = submit(tmp_path, *LONG, *slow(0.15, tmp_path / "starts"))
-    sweep, last, _, before, requeued, out, err = mid_run(tmp_path, proc, 10, ["scontrol", "requeue"], timeout=300)
-    print(f"requeued job finished {time.time() - requeued:.0f} s after `scontrol requeue`")
-    assert proc.returncode == 0, (out + err)[-3000:]
-    log = job_log(sweep / "0")
-    stopped = [int(s) for s in re.findall(r"stopped at step (\d+): saved", log)]
-    starts = (tmp_path / "starts").read_text().split()
-    assert starts[:2] == ["0", "0"] and len(starts) == 4  # started from scratch once, then resumed once
-    assert int(starts[2]) == stopped[0] >= before and starts[3] == "1"  # from what SIGTERM saved: nothing lost
-    assert "resuming from it" in log and "SLURM_RESTART_COUNT=1" in log
-    assert_same_state(straight, load(last))
 
 
 def test_a_time_limit_mid_run_saves_requeues_and_the_job_ends_as_the_straight_run(time_limited, straight):

@@ -7,6 +7,7 @@ Commands run as a user types them, each from a working directory of its own. Who
 Python's audit hooks (tests/write_audit/sitecustomize.py, on the jobs' PYTHONPATH)."""
 
 import csv
+import json
 import os
 import re
 import shlex
@@ -125,7 +126,8 @@ def test_a_2_node_job_equals_the_local_ddp_run_and_one_process_writes_its_folder
     env = {**AUDITED, "VDVAE_WRITE_AUDIT": str(audit)}
     (tmp_path / "job").mkdir()
     began = time.time()
-    job = submit(tmp_path / "job", *LONG, *TWO_NODES, "test=true", "logger=many", env=env)
+    probe = ["+callbacks.probe._target_=tests.ddp_probe.RankProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}"]
+    job = submit(tmp_path / "job", *LONG, *TWO_NODES, "test=true", "logger=many", *probe, env=env)
     try:
         out, err = job.communicate(timeout=400)
     finally:
@@ -140,6 +142,9 @@ def test_a_2_node_job_equals_the_local_ddp_run_and_one_process_writes_its_folder
     # Bit for bit: weights, EMA, optimizer moments, schedule, step; and the test set's metrics.
     assert_same_state(load(local_ddp / "checkpoints" / "last.ckpt"), load(run_dir / "checkpoints" / "last.ckpt"))
     assert scores_of(run_dir) == scores_of(local_ddp) and scores_of(run_dir)["test/n_images"] == "297.0"
+    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
+    assert sorted(r["test_images_seen"] for r in ranks) == [148, 149]  # each test image once, on one node
     # One writer: rank 0 writes everything in the run folder but rank 1's own log.
     seen = [(who, path) for who, _, path in writes(audit) if path.startswith(str(run_dir) + os.sep)]
     by_rank1 = {path for who, path in seen if who == "rank1"}

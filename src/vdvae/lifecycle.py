@@ -365,8 +365,10 @@ class RunDirGuard(Callback):
         the folder's own where this run resumes it or is its requeued self; else the run is refused."""
         check_writable(run_dir, "hydra.run.dir")
         identity, written = run_folder.new_identity(), run_folder.identity_of(run_dir)
-        if run_folder.is_empty(run_dir):
-            return identity
+        if run_folder.is_empty(run_dir) or (
+            run_folder.launcher_job_name() and run_folder.holds_only_further_ranks_logs(run_dir)
+        ):
+            return identity  # (a launched job's further ranks may have started first)
         if written == identity:  # its requeued self, which resumes its own last.ckpt only
             if config.get("model") is not None and not config.get("ckpt_path"):
                 from vdvae.resume import check_last_is_own

@@ -69,6 +69,14 @@ def is_empty(folder) -> bool:
     return not (path.exists() or path.is_symlink()) or (path.is_dir() and not any(path.iterdir()))
 
 
+def holds_only_further_ranks_logs(folder) -> bool:
+    """Whether all `folder` holds is the logs of a job's further ranks (`<task>_rank<N>.log`), which start
+    beside rank 0 and may write before rank 0 claims the folder."""
+    path = Path(str(folder))
+    names = [p.name for p in path.iterdir()] if path.is_dir() and not path.is_symlink() else []
+    return bool(names) and all(re.fullmatch(r"\w+_rank[1-9]\d*\.log", name) for name in names)
+
+
 def unclaim(folder):
     """Remove `folder` if all it holds is a run's identity (a sweep refused before its first job)."""
     path = Path(str(folder))
