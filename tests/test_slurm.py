@@ -48,18 +48,20 @@ def slow(seconds: float, record: Path) -> list[str]:
     return [target, f"+callbacks.slow.seconds={seconds}", f"+callbacks.slow.record={record}"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    """The cluster, ready for jobs; SLURM_CONF names its config for sbatch and squeue."""
-    was_ready = subprocess.run([*CLUSTER, "status"], capture_output=True).returncode == 0
+def slurm_cluster(*options: str):
+    """The cluster `scripts/slurm-cluster start *options` makes, ready for jobs while the generator is
+    suspended, with SLURM_CONF naming it for sbatch and squeue; stopped again if it started it. Skips where
+    it cannot start, except under CI=true, where that fails."""
+    name = " ".join(["SLURM cluster", *options])
+    was_ready = subprocess.run([*CLUSTER, "status", *options], capture_output=True).returncode == 0
     began = time.time()
-    started = subprocess.run([*CLUSTER, "start"], capture_output=True, text=True, timeout=900)
+    started = subprocess.run([*CLUSTER, "start", *options], capture_output=True, text=True, timeout=900)
     if started.returncode != 0:
         why = (started.stderr.strip() or started.stdout.strip() or "no output").splitlines()[-1]
         if os.environ.get("CI") == "true":
-            pytest.fail(f"the SLURM cluster did not start: {why}")
-        pytest.skip(f"no SLURM cluster on this machine: {why}")
-    print(f"SLURM cluster ready in {time.time() - began:.0f} s ({'running already' if was_ready else 'started'})")
+            pytest.fail(f"the {name} did not start: {why}")
+        pytest.skip(f"no {name} on this machine: {why}")
+    print(f"{name} ready in {time.time() - began:.0f} s ({'running already' if was_ready else 'started'})")
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = re.search(r"SLURM_CONF=(\S+)", started.stdout).group(1)
     yield
@@ -68,7 +70,13 @@ def cluster():
     else:
         os.environ["SLURM_CONF"] = previous
     if not was_ready:
-        subprocess.run([*CLUSTER, "stop"], capture_output=True, timeout=300)
+        subprocess.run([*CLUSTER, "stop", *options], capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    """This machine as a cluster of one node."""
+    yield from slurm_cluster()
 
 
 def sweep_of(cwd: Path, task="train", proc=None, timeout=120) -> Path:
@@ -129,26 +137,37 @@ def time_limited(tmp_path_factory):
     cancel(cwd)
 
 
-def test_the_readme_slurm_sweep_runs_its_two_jobs_on_the_cluster(tmp_path, time_limited):
-    # As typed, with the tiny model on the CPU: the CPU partition, the CPU trainer on one node.
+def readme_slurm_line(cwd: Path, *fitted: str) -> Path:
+    """The README's SLURM line as typed in `cwd`, with `fitted` (the cluster's partition, nodes and devices)
+    and the tiny model's short run on the CPU added; it must complete. Its sweep folder, after checking
+    each job's run folder (last.ckpt, best checkpoint, config, log, one offline W&B run) and learning rate."""
     (command,) = [c for c in readme_commands() if "hydra/launcher=slurm" in c]
-    small = ["hydra.launcher.partition=debug", "trainer=cpu", "trainer.num_nodes=1", "trainer.devices=1"]
-    small += ["model=tiny", "data=digits", "data.batch_size=50", "callbacks.image_grids.n_samples=2"]
+    small = ["model=tiny", "data=digits", "data.batch_size=50", "callbacks.image_grids.n_samples=2"]
     small += ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null"]
     began = time.time()
     try:
-        result = run("train.py", tmp_path, *words(command)[2:], *small, "trainer.enable_progress_bar=false")
+        result = run("train.py", cwd, *words(command)[2:], *fitted, *small, "trainer.enable_progress_bar=false")
     finally:
-        cancel(tmp_path)
-    print(f"README sweep: {time.time() - began:.0f} s")
+        cancel(cwd)
+    print(f"README SLURM sweep: {time.time() - began:.0f} s")
     assert result.returncode == 0, output(result)[-3000:]
-    (sweep,) = (tmp_path / "logs" / "imagenet32" / "multiruns").iterdir()
+    (sweep,) = (cwd / "logs" / "imagenet32" / "multiruns").iterdir()
     assert len(job_ids(sweep)) == 2
+    rows = {row["job"]: row for row in csv.DictReader((sweep / "summary.csv").open())}
+    assert [rows[j]["status"] for j in ("0", "1")] == ["completed", "completed"]
     for job, lr in (("0", 1e-4), ("1", 1.5e-4)):
-        assert_run(sweep / job)  # its run directory, last.ckpt, config, log, one offline W&B run
-        assert "SLURM job" in job_log(sweep / job)
+        assert_run(sweep / job)
+        assert "SLURM job" in job_log(sweep / job) and (sweep / job / "job.json").is_file()
         assert f"lr: {lr}" in (sweep / job / ".hydra" / "config.yaml").read_text()
         assert list((sweep / job / "checkpoints").glob("best-*.ckpt"))
+    return sweep
+
+
+def test_the_readme_slurm_sweep_runs_its_two_jobs_on_the_cluster(tmp_path, time_limited):
+    # On this cluster's partition, the CPU trainer on one node.
+    readme_slurm_line(
+        tmp_path, "hydra.launcher.partition=debug", "trainer=cpu", "trainer.num_nodes=1", "trainer.devices=1"
+    )
 
 
 def test_a_config_error_found_in_the_job_fails_the_sweep_in_seconds_with_its_message(tmp_path, time_limited):
