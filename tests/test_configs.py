@@ -163,6 +163,8 @@ def test_every_process_of_a_launched_job_finds_one_folder_and_a_log_of_its_own(m
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.delenv("RANK")
     assert _run_name() == "slurm-77" and _log_name("eval") == "eval_rank3"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "second")  # torchrun inside a SLURM job: its own run
+    assert _run_name() == "torchrun-second"
     from vdvae.run_folder import holds_only_further_ranks_logs
 
     folder = Path(str(tmp_path)) / "torchrun-x"  # rank 1 may write its log before rank 0 claims the folder

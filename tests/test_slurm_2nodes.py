@@ -195,10 +195,13 @@ def test_a_lost_node_ends_the_job_in_bounded_time_and_its_resume_runs_on_both_no
     print(f"sweep ended {ended:.0f} s after node2 died")
     assert proc.returncode == 1 and "Traceback" not in err, (out + err)[-3000:]
     log = job_log(sweep / "0")
-    assert "Application timeout" in log and "not saved" in log  # rank 0 gave up on the dead rank
+    # rank 0 gave up on the dead rank (gloo's words depend on where it waited: "Application timeout caused
+    # pair closure", "Timed out waiting 10000ms for recv operation")
+    assert re.search(r"RuntimeError at step \d+ in one of 2 processes: not saved", log)
+    assert re.search(r"(?i)time(d)? ?out", log.split("RuntimeError at step")[1])
     assert ended < 10 + 20 + 30 + 60
     (row,) = csv.DictReader((sweep / "summary.csv").open())
-    assert row["status"] == "crashed" and "requeued after a node failed" in row["error"], row
+    assert row["status"] == "crashed" and "was requeued (a node failed)" in row["error"], row
     told = re.search(r"resume it: (python train\.py .*?)(;|$)", row["error"])
     command = shlex.split(told.group(1))
     assert command[2:4] == ["-m", "hydra/launcher=slurm"] and command[-1] == f"ckpt_path={last}"

@@ -99,20 +99,21 @@ def test_a_job_requeued_onto_nodes_the_partition_lacks_is_stranded_and_only_that
 
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     lacking = "Reason=Nodes_required_for_job_are_DOWN,_DRAINED_or_reserved_for_jobs_in_higher_priority_partitions"
+    fake(tmp_path, "sinfo", "echo '1 idle'; echo '1 down*'\n")  # one of the partition's two nodes is down
     for state, restarts, reason, expected in [
         ("PENDING", 1, lacking, "Nodes required for job are DOWN, DRAINED or reserved"),
         ("PENDING", 1, "Reason=ReqNodeNotAvail,_UnavailableNodes:node2", "ReqNodeNotAvail, UnavailableNodes:node2"),
         ("PENDING", 0, lacking, None),  # never ran: it waits as any new job does
         ("PENDING", 2, "Reason=Resources", None),  # waits for busy nodes, which come free
         ("RUNNING", 1, "Reason=None", None),
+        ("PENDING", 1, "Reason=ReqNodeNotAvail,_Reserved_for_maintenance", None),  # comes back
     ]:
-        fake(
-            tmp_path,
-            "scontrol",
-            f"echo 'JobId=13 JobName=train JobState={state} {reason} Requeue=1 Restarts={restarts}'\n",
-        )
+        shown = f"JobId=13 JobState={state} {reason} Restarts={restarts} Partition=debug NumNodes=2"
+        fake(tmp_path, "scontrol", f"echo '{shown}'\n")
         found = stranded("13")
         assert (found is None) if expected is None else found.startswith(expected), (state, restarts, reason, found)
+    fake(tmp_path, "sinfo", "echo '2 mixed'\n")  # both up: it runs when they are free
+    assert stranded("13") is None
 
 
 def test_a_sweep_slurm_does_not_take_ends_in_one_line(tmp_path, srun):

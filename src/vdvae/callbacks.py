@@ -322,6 +322,35 @@ class LastCheckpoint(Checkpoint):
         )
 
 
+class LoopsListen(Callback):
+    """Tells a stop controller (vdvae.lifecycle.StopController) when Lightning sets up and runs a loop,
+    and lets the processes of a training run agree on a stop at the end of each step (`controller.agree`).
+    Not carried into processes Lightning spawns (ddp_spawn): they stop with the process that spawned them."""
+
+    def __init__(self, controller):
+        self.controller = controller
+
+    def __getstate__(self):
+        return {"controller": None}
+
+    def setup(self, trainer, module, stage):
+        if self.controller is not None:
+            self.controller.listen(trainer)
+
+    def on_sanity_check_start(self, trainer, module):
+        self.setup(trainer, module, None)
+
+    on_train_start = on_validation_start = on_test_start = on_sanity_check_start
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.controller is not None and trainer.world_size > 1:
+            self.controller.agree(trainer)
+
+    def teardown(self, trainer, module, stage):
+        if self.controller is not None:
+            self.controller.listen(None)
+
+
 class _Progress:
     """Progress shown by a callback (vdvae.progress), closed as its stage ends or fails."""
 

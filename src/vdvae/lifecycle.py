@@ -409,33 +409,32 @@ class StopController:
     def __init__(self, at_step: bool = False, requeue: bool = True):
         self.at_step, self.requeue, self.caught, self.previous = at_step, requeue, None, {}
         self._trainer = None  # the trainer running a loop, which stops at its next step boundary
+        self._pending = False  # told to stop, not yet agreed with the other processes (`agree`)
 
     def callback(self):
         """The Lightning callback that tells this controller when Lightning runs a loop."""
-        from lightning.pytorch import Callback as LightningCallback
+        from vdvae.callbacks import LoopsListen
 
-        listen = self._listen
+        return LoopsListen(self)
 
-        class LoopsListen(LightningCallback):
-            def on_sanity_check_start(self, trainer, module):
-                listen(trainer)
-
-            on_train_start = on_validation_start = on_test_start = on_sanity_check_start
-
-            def teardown(self, trainer, module, stage):
-                listen(None)
-
-        return LoopsListen()
-
-    def _listen(self, trainer):
-        """From the start of a loop to Lightning's teardown, SIGTERM is this controller's, not Lightning's:
-        Lightning 2.6's handler broadcasts from rank 0 inside the signal handler, which deadlocks a rank
-        that the signal meets inside a collective (the gradients' all-reduce): a `scontrol requeue` of a DDP
-        job hung until SLURM killed it, unsaved. This one only raises Lightning's flag, which its loop
-        broadcasts from rank 0 at each step boundary, where every rank then stops."""
+    def listen(self, trainer):
+        """From the trainer's setup and each loop's start to Lightning's teardown, SIGTERM is this
+        controller's, not Lightning's: Lightning 2.6's handler broadcasts from rank 0 inside the signal
+        handler, which deadlocks a rank that the signal meets inside a collective (the gradients'
+        all-reduce): a `scontrol requeue` of a DDP job hung until SLURM killed it, unsaved. This one raises
+        Lightning's flag; in training with several processes, only once every process has agreed to stop
+        (`agree`, at the end of each step), so that all of them stop at the same step boundary."""
         self._trainer = trainer
         if trainer is not None:
             signal.signal(signal.SIGTERM, self._on_sigterm)
+            if self._pending and trainer.state.fn != "fit":  # told during training's last step: stop the test
+                trainer._signal_connector.received_sigterm = True
+
+    def agree(self, trainer):
+        """At the end of a training step of several processes: whether any of them was told to stop (one
+        all-reduce); if so, every one raises Lightning's flag, and all stop at this step's boundary."""
+        if trainer.strategy.reduce_boolean_decision(self._pending, all=False):
+            trainer._signal_connector.received_sigterm = True
 
     def __enter__(self):
         handlers = {signal.SIGINT: self._on_sigint, signal.SIGTERM: self._on_sigterm}
@@ -465,7 +464,11 @@ class StopController:
         if not self.caught:  # (after Ctrl-C or USR2, this SIGTERM is their stop, already said)
             log.warning("SIGTERM: stopping after this step, saving last.ckpt")
         self.caught = self.caught or signal.SIGTERM
-        self._trainer._signal_connector.received_sigterm = True  # Lightning stops at the step boundary
+        trainer = self._trainer
+        if trainer.world_size > 1 and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._pending = True  # stops where all processes agree (`agree`)
+        else:
+            trainer._signal_connector.received_sigterm = True  # Lightning stops at the step (or test batch) boundary
 
     def _on_sigint(self, signum, frame):
         if self.at_step and not self.caught and not self._lightning_listens():

@@ -31,16 +31,16 @@ def normalised(path) -> Path:
 
 def launcher_job_name() -> str | None:
     """The name every process of a multi-process job finds alike, and its restarted self again:
-    `slurm-<job>[_<array task>]` inside a SLURM job, `torchrun-<rendezvous id>` under torchrun; else None.
+    `torchrun-<rendezvous id>` under torchrun, `slurm-<job>[_<array task>]` inside a SLURM job; else None.
     torchrun's rendezvous id is `none` unless given, which names no run."""
+    rendezvous = os.environ.get("TORCHELASTIC_RUN_ID")  # (first: two torchruns in one SLURM job are two runs)
+    if rendezvous and rendezvous != "none":  # (`none` is refused where processes must agree: config.check_trainer)
+        return "torchrun-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", rendezvous)[:100]
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
         return f"slurm-{job}" + (f"_{task}" if task else "")
-    rendezvous = os.environ.get("TORCHELASTIC_RUN_ID")
-    if not rendezvous or rendezvous == "none":  # (refused where processes must agree: config.check_trainer)
-        return None
-    return "torchrun-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", rendezvous)[:100]
+    return None
 
 
 def process_rank() -> int:

@@ -44,14 +44,34 @@ def slurm_requeues_this_job() -> tuple[bool | None, str]:
     return int(fields["Restarts"]) > int(os.environ.get("SLURM_RESTART_COUNT") or 0), state
 
 
+def usable_nodes(partition: str) -> int | None:
+    """How many nodes of `partition` can run jobs (not down, drained, failed or in maintenance), from
+    sinfo; None where sinfo does not say."""
+    try:
+        shown = ["sinfo", "-h", "-p", partition, "-o", "%D %T"]
+        shown = subprocess.run(shown, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if shown.returncode != 0:
+        return None
+    lines = [line.split() for line in shown.stdout.splitlines() if len(line.split()) == 2]
+    unusable = ("down", "drain", "fail", "maint", "future", "unknown", "not_responding", "inval")
+    return sum(int(n) for n, state in lines if n.isdigit() and not state.strip("*~#!%$@^-").startswith(unusable))
+
+
 def stranded(job: str) -> str | None:
-    """Where SLURM requeued `job` after it ran (a node failed under it) and it now waits for nodes that the
-    partition lacks: SLURM's reason, in words; else None."""
+    """Where SLURM requeued `job` after it ran and it now waits for more nodes than its partition has that
+    can run jobs (the others down or drained: a node failed): why, in words; else None."""
     fields = shown_job(job)
     reason = fields.get("Reason", "")
-    if fields.get("JobState") == "PENDING" and fields.get("Restarts", "0") != "0" and reason.startswith(LACKING_NODES):
-        return reason.replace("_", " ")
-    return None
+    if fields.get("JobState") != "PENDING" or fields.get("Restarts", "0") == "0" or "Reserved" in reason:
+        return None
+    if not reason.startswith(LACKING_NODES) or not fields.get("NumNodes", "").split("-")[0].isdigit():
+        return None
+    needed, usable = int(fields["NumNodes"].split("-")[0]), usable_nodes(fields.get("Partition", ""))
+    if usable is None or usable >= needed:
+        return None
+    return f"{reason.replace('_', ' ')}; it needs {needed} nodes, partition {fields.get('Partition')} has {usable} up"
 
 
 def on_the_cluster(hydra_overrides) -> list[str]:

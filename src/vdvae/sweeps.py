@@ -32,7 +32,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from vdvae import run_folder
-from vdvae.config import is_worker_process
+from vdvae.config import SWEEP_CHOICES, is_worker_process
 from vdvae.errors import RunDiverged, TrainingStalled, one_line, refuse
 from vdvae.files import write_atomically
 
@@ -52,6 +52,8 @@ def resume_hint(run_dir: Path | None, overrides=(), cluster=()) -> str:
     last = run_folder.last_checkpoint(run_dir)
     if not last.is_file():
         return f"no checkpoint yet in {last.parent}"
+    if cluster:  # a sweep command: not one that starts a study again (an Optuna trial's hparams_search)
+        overrides = [o for o in overrides if str(o).split("=")[0].lstrip("+~") not in SWEEP_CHOICES]
     return "resume it: " + shlex.join(["python", "train.py", *cluster, *overrides, f"ckpt_path={last}"])
 
 

@@ -71,7 +71,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher if submitit_launcher else ob
         reason = self._wait(job)
         try:
             if reason:
-                what = f"was requeued after a node failed, and waited {STRANDED_S} s for nodes the partition lacks "
+                what = f"was requeued (a node failed) and waited {STRANDED_S} s for nodes its partition lacks "
                 raise RuntimeError(what + f"({reason}): cancelled")
             return job.results()[0]
         except submitit.core.utils.UncompletedJobError:
@@ -92,8 +92,13 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher if submitit_launcher else ob
             reason = stranded(job.job_id)
             since = (since or time.monotonic()) if reason else None
             if reason and time.monotonic() - since > STRANDED_S:
-                subprocess.run(["scancel", job.job_id], capture_output=True, timeout=60)
-                return reason
+                try:  # (only while it still waits: one that started meanwhile runs on)
+                    subprocess.run(["scancel", "--state=PENDING", job.job_id], capture_output=True, timeout=60)
+                except (OSError, subprocess.SubprocessError) as error:
+                    log.warning("could not cancel SLURM job %s: %s", job.job_id, error)
+                    continue
+                if not job.done():
+                    return reason
             time.sleep(2)
         return None
 
