@@ -69,18 +69,17 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher if submitit_launcher else ob
         import submitit
 
         reason = self._wait(job)
-        try:
-            if reason:
-                what = f"was requeued (a node failed) and waited {STRANDED_S} s for nodes its partition lacks "
-                raise RuntimeError(what + f"({reason}): cancelled")
-            return job.results()[0]
-        except submitit.core.utils.UncompletedJobError:
-            what = f"ended with no result (SLURM state {job.state}; killed outside Python: out of memory, "
-            what += "SIGKILL or a failed node)"
-        except submitit.core.utils.FailedJobError:
-            what = "failed outside the run (see its output)"
-        except RuntimeError as error:
-            what = str(error)
+        if reason:
+            what = f"was requeued (a node failed) and waited {STRANDED_S} s for nodes its partition lacks "
+            what += f"({reason}): cancelled"
+        else:
+            try:
+                return job.results()[0]
+            except submitit.core.utils.UncompletedJobError:
+                what = f"ended with no result (SLURM state {job.state}; killed outside Python: out of memory, "
+                what += "SIGKILL or a failed node)"
+            except submitit.core.utils.FailedJobError:
+                what = "failed outside the run (see its output)"
         what = f"SLURM job {job.job_id} {what}"
         return jobs.died(self, overrides, number, job.job_id, what, job.paths.stderr, self._cluster())
 
